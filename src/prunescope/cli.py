@@ -87,9 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _configure_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if verbose < 2:  # transformers/datasets are chatty at INFO
+    if verbose < 2:  # transformers/datasets are chatty at INFO and draw a bar per weight load
         for name in ("transformers", "datasets", "huggingface_hub", "urllib3", "filelock"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
