@@ -690,6 +690,13 @@ def _global_targets(parameters: Any, importance_scores: Any) -> list[tuple[nn.Mo
     return targets
 
 
+def _global_where(targets: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]]) -> str:
+    """'global_unstructured over 210 tensors (Linear.weight (576, 576), ...)'."""
+    shown = ", ".join(f"{type(m).__name__}.{n} {tuple(t.shape)}" for m, n, t, _ in targets[:3])
+    more = ", ..." if len(targets) > 3 else ""
+    return f"global_unstructured over {len(targets)} tensors ({shown}{more})"
+
+
 def _current_weight(module: nn.Module, name: str, hook: BasePruningMethod) -> torch.Tensor:
     """The pruned tensor as a forward would see it, without touching the module.
 
@@ -733,7 +740,7 @@ def global_unstructured(parameters: Iterable[tuple[nn.Module, str]], pruning_met
     :class:`CustomFromMask` hook with its slice of the mask, as in torch.
     """
     targets = _global_targets(parameters, importance_scores)
-    where = f"global_unstructured over {len(targets)} tensors"
+    where = _global_where(targets)
     if not (isinstance(pruning_method, type) and issubclass(pruning_method, BasePruningMethod)):
         raise TypeError(f"{where}: pruning_method must be a prunescope.prune.BasePruningMethod subclass")
     method = _with_context(where, pruning_method, **kwargs)
