@@ -1,8 +1,28 @@
 import json
 
 import pytest
+import torch
 
 from prunescope import cli
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread (two threads on a busy shared CPU make each tiny matmul ~8 ms)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """A small text so tests do not tokenize the whole default text."""
+    from prunescope.data import default_text
+
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text(default_text()[:20_000])
+    return str(path)
 
 
 def test_help_lists_prune(capsys):
@@ -33,10 +53,21 @@ def test_prune_tiny_model_end_to_end(tiny_model_dir, tmp_path):
         (["--sparsity", "1.5"], "sparsity must be in (0, 1)"),
         (["--method", "bogus"], "unknown method 'bogus'"),
         (["--include", "nothing*"], "no Linear layer matches"),
+        (["--pattern", "3:2"], "N:M pattern needs integers 0 < N < M, got 3:2"),
+        (["--pattern", "0:4"], "N:M pattern needs integers 0 < N < M, got 0:4"),
+        (["--pattern", "2:x"], "bad N:M pattern '2:x'"),
+        (["--pattern", "2:4", "--sparsity", "0.7"], "contradicts pattern '2:4'"),
+        (["--method", "wanda", "--pattern", "3:5"], "model.layers.0.self_attn.q_proj.weight has shape (32, 32)"),
+        (["--method", "wanda", "--calib-samples", "5000"], "too short for 5000 samples of 512 tokens"),
+        (["--method", "magnitude", "--scope", "block"], "scope 'block' is not available for magnitude"),
+        (["--method", "wanda,sparsegpt"], "several methods need --sweep"),
     ],
 )
-def test_prune_bad_input(tiny_model_dir, tmp_path, capsys, argv, message):
-    rc = cli.main(["prune", str(tiny_model_dir), "--out", str(tmp_path / "o"), *argv])
+def test_prune_bad_input(tiny_model_dir, text_file, tmp_path, capsys, argv, message):
+    rc = cli.main([
+        "prune", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--calib-text", text_file,
+        "--eval-text", text_file, "--eval-tokens", "64", "--eval-seqlen", "16", *argv,
+    ])
     assert rc == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
@@ -48,3 +79,66 @@ def test_prune_refuses_existing_out(tiny_model_dir, tmp_path, capsys):
     (out / "x").write_text("keep me")
     assert cli.main(["prune", str(tiny_model_dir), "--out", str(out), "--no-eval"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_unknown_model_is_one_line(tmp_path, capsys):
+    assert cli.main(["prune", str(tmp_path / "missing-model"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a folder" in err and "Traceback" not in err
+
+
+def _run(tiny_model_dir, text_file, out, *argv):
+    return cli.main([
+        "prune", str(tiny_model_dir), "--calib-text", text_file, "--calib-samples", "4", "--calib-seqlen", "16",
+        "--eval-text", text_file, "--eval-tokens", "64", "--eval-seqlen", "16", "--out", str(out), *argv,
+    ])
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_calibrated_nm_end_to_end(tiny_model_dir, text_file, tmp_path, method):
+    out = tmp_path / "run"
+    assert _run(tiny_model_dir, text_file, out, "--method", method, "--pattern", "2:4") == 0
+    report = json.loads((out / "report.json").read_text())
+    for key in ("model", "method", "pattern", "sparsity_requested", "sparsity_actual", "dense_ppl",
+                "pruned_ppl", "prune_seconds", "layers"):
+        assert key in report
+    assert report["method"] == method and report["pattern"] == "2:4" and report["scope"] == "group"
+    assert report["sparsity_requested"] == 0.5 and report["sparsity_actual"] == pytest.approx(0.5)
+    assert report["calib_samples"] == 4 and report["calib_seqlen"] == 16
+    assert all(layer["sparsity"] == pytest.approx(0.5) for layer in report["layers"])
+    md = (out / "report.md").read_text()
+    assert f"{method} (group, 2:4)" in md and "4 x 16 tokens" in md
+
+
+def test_sweep_draws_one_figure(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "sweep"
+    rc = _run(tiny_model_dir, text_file, out, "--method", "magnitude,wanda", "--sweep", "0.3,0.6")
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [(p["method"], p["sparsity"]) for p in report["sweep"]] == [
+        ("magnitude", 0.3), ("magnitude", 0.6), ("wanda", 0.3), ("wanda", 0.6)
+    ]
+    assert report["method"] == "magnitude" and report["sparsity_actual"] == pytest.approx(0.5, abs=1e-3)
+    assert (out / "sweep.png").stat().st_size > 1000
+    assert "## Sweep" in (out / "report.md").read_text()
+
+
+def test_bad_sweep_value_is_rejected(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["prune", str(tiny_model_dir), "--sweep", "0.3,abc", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    assert "comma-separated fractions" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_bundled_wanda_2_4_on_two_layers(tmp_path):
+    out = tmp_path / "bundled"
+    rc = cli.main([
+        "prune", "--method", "wanda", "--pattern", "2:4", "--include", "model.layers.0.*",
+        "--include", "model.layers.1.*", "--calib-samples", "4", "--calib-seqlen", "64", "--no-eval",
+        "--out", str(out),
+    ])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["layers"]) == 14 and report["sparsity_actual"] == pytest.approx(0.5, abs=1e-3)  # a few zeros were already there
+    assert report["calib_activation_bytes"] == 2 * 4 * 64 * 576 * 4

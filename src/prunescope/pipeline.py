@@ -1,7 +1,20 @@
 """The prune job: choose layers, score weights, select masks, apply them, measure before/after.
 
 ``run_prune(config)`` is what ``prunescope prune`` calls; it returns a frozen
-:class:`PruneResult` from which JSON, Markdown and plots are rendered.
+:class:`PruneResult` from which JSON, Markdown and plots are rendered. ``prune_model`` is the
+pruning step alone (used by the job, the sweep and the benchmarks).
+
+Methods:
+
+- ``magnitude``: ``|w|``, compared over all pruned layers (``global``, the default), within each
+  layer (``layer``) or within each output row (``row``);
+- ``wanda`` (Sun et al. 2023): ``|w| * ||x_j||``, compared within each output row;
+- ``sparsegpt`` (Frantar & Alistarh 2023): OBS saliency compared within blocks of 128 columns,
+  kept weights updated to compensate (see :mod:`prunescope.sparsegpt`).
+
+N:M patterns compare within each group of M inputs for every method. The calibrated methods run
+sequentially, layer by layer (:mod:`prunescope.calib`): statistics of a layer are collected in one
+pass over the dense layer, the layer is pruned, and a second pass gives the next layer's inputs.
 """
 
 from __future__ import annotations
@@ -9,54 +22,113 @@ from __future__ import annotations
 import fnmatch
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunescope import data, evaluate, masks, models
-from prunescope.apply import apply_masks
+from prunescope import calib, data, evaluate, masks, models, scoring, sparsegpt
+from prunescope.apply import apply_masks, apply_weights
 from prunescope.errors import PrunescopeError
+from prunescope.patterns import SparsityPattern, parse_pattern
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
-METHODS = ("magnitude",)
+METHODS = ("magnitude", "wanda", "sparsegpt")
+CALIBRATED = ("wanda", "sparsegpt")
+# Comparison groups each method accepts for unstructured sparsity; the first is the default.
+SCOPES: dict[str, tuple[str, ...]] = {
+    "magnitude": ("global", "layer", "row"),
+    "wanda": ("row", "layer"),
+    "sparsegpt": ("block",),
+}
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise PrunescopeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """Everything the prune job needs; validated once, here, at the edge."""
+    """Everything the prune job needs; validated once, here, at the edge.
+
+    ``sparsity`` is the unstructured fraction (default 0.5); with an N:M ``pattern`` it may be
+    left out (it is N/M) or must agree. ``sweep`` lists extra sparsities at which each of
+    ``sweep_methods`` (default: ``method``) is pruned from the dense model and evaluated.
+    """
 
     model: str = models.DEFAULT_MODEL
     method: str = "magnitude"
-    sparsity: float = 0.5
+    sparsity: float | None = None
+    pattern: str = "unstructured"
+    scope: str | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    skip_incompatible: bool = False
+    calib_text: str = data.DEFAULT_TEXT
+    calib_samples: int = 32
+    calib_seqlen: int = 512
+    calib_batch_size: int = 8
     eval_text: str = data.DEFAULT_TEXT
     eval_tokens: int | None = 16384
     eval_seqlen: int = 512
     eval_batch_size: int = 4
     evaluate: bool = True
     seed: int = 0
+    sweep: tuple[float, ...] = ()
+    sweep_methods: tuple[str, ...] = ()
+    save_dir: Path | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
+        _check_method(self.method)
+        for method in self.sweep_methods:
+            _check_method(method)
+        pattern = self.sparsity_pattern  # validates sparsity and pattern
+        if self.scope is not None and self.scope not in SCOPES[self.method]:
             raise PrunescopeError(
-                f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}"
+                f"scope {self.scope!r} is not available for {self.method}; choose one of "
+                f"{', '.join(SCOPES[self.method])}"
             )
-        if not 0.0 < self.sparsity < 1.0:
-            raise PrunescopeError(f"sparsity must be in (0, 1), got {self.sparsity}")
+        if self.calib_samples < 1 or self.calib_seqlen < 2 or self.calib_batch_size < 1:
+            raise PrunescopeError(
+                f"calibration needs samples >= 1, seqlen >= 2 and batch size >= 1, got "
+                f"{self.calib_samples}, {self.calib_seqlen} and {self.calib_batch_size}"
+            )
         if self.eval_seqlen < 2:
             raise PrunescopeError(f"eval seqlen must be >= 2, got {self.eval_seqlen}")
         if self.eval_tokens is not None and self.eval_tokens < self.eval_seqlen:
             raise PrunescopeError(
                 f"eval tokens ({self.eval_tokens}) must be at least eval seqlen ({self.eval_seqlen})"
             )
+        if self.sweep and pattern.is_nm:
+            raise PrunescopeError("--sweep varies unstructured sparsity; it cannot be combined with an N:M pattern")
+        for s in self.sweep:
+            if not 0.0 < s < 1.0:
+                raise PrunescopeError(f"sweep sparsity must be in (0, 1), got {s}")
+        if self.sweep and not self.evaluate:
+            raise PrunescopeError("--sweep measures perplexity; it cannot be combined with --no-eval")
+        if len(self.sweep_methods) > 1 and not self.sweep:
+            raise PrunescopeError("several methods need --sweep (one method per plain prune run)")
+
+    @property
+    def sparsity_pattern(self) -> SparsityPattern:
+        """The parsed pattern (fraction or N:M)."""
+        return parse_pattern(self.pattern, self.sparsity)
+
+    @property
+    def effective_scope(self) -> str:
+        """The comparison group actually used: ``group`` for N:M, else the (default) scope."""
+        if self.sparsity_pattern.is_nm:
+            return "group"
+        return self.scope or SCOPES[self.method][0]
 
 
 @dataclass(frozen=True)
@@ -66,6 +138,17 @@ class LayerSparsity:
     name: str
     shape: tuple[int, ...]
     sparsity: float
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """Perplexity of one method at one sparsity, pruned from the dense model."""
+
+    method: str
+    sparsity: float
+    sparsity_actual: float
+    ppl: float | None
+    prune_seconds: float
 
 
 @dataclass(frozen=True)
@@ -88,6 +171,14 @@ class PruneResult:
     prune_seconds: float
     eval_seconds: float
     layers: tuple[LayerSparsity, ...] = field(default_factory=tuple)
+    skipped_layers: tuple[str, ...] = ()
+    calib_text: str | None = None
+    calib_samples: int = 0
+    calib_seqlen: int = 0
+    calib_activation_bytes: int = 0
+    seed: int = 0
+    sweep: tuple[SweepPoint, ...] = ()
+    checkpoint: Mapping[str, Any] | None = None
 
 
 def select_linear_layers(
@@ -116,6 +207,37 @@ def select_linear_layers(
     return chosen
 
 
+def split_incompatible(
+    layers: dict[str, nn.Linear], pattern: SparsityPattern, skip: bool
+) -> tuple[dict[str, nn.Linear], tuple[str, ...]]:
+    """Separate layers whose input size is not a multiple of M (N:M); error unless ``skip``."""
+    bad = [n for n, m in layers.items() if not pattern.compatible(m.weight.shape[1])]
+    if bad and not skip:
+        first = layers[bad[0]]
+        raise PrunescopeError(
+            f"N:M {pattern.label} needs an input size that is a multiple of {pattern.m}, but "
+            f"{bad[0]}.weight has shape {tuple(first.weight.shape)}"
+            + (f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else "")
+            + "; pass --skip-incompatible to leave such layers dense, or --exclude them"
+        )
+    if len(bad) == len(layers):
+        raise PrunescopeError(f"no selected layer has an input size that is a multiple of {pattern.m}")
+    for name in bad:
+        log.warning("skipping %s: input size %d is not a multiple of %d", name, layers[name].weight.shape[1], pattern.m)
+    return {n: m for n, m in layers.items() if n not in bad}, tuple(bad)
+
+
+def keep_mask(scores: torch.Tensor, pattern: SparsityPattern, scope: str) -> torch.Tensor:
+    """Keep-mask of one weight from its scores: N:M groups, or per row / per layer fraction."""
+    if pattern.is_nm:
+        return masks.nm_keep_mask(scores, pattern.n, pattern.m)
+    if scope == "row":
+        return masks.row_keep_masks(scores, pattern.sparsity)
+    if scope == "layer":
+        return masks.layer_keep_mask(scores, pattern.sparsity)
+    raise ValueError(f"keep_mask handles scopes row and layer, not {scope!r}")
+
+
 def magnitude_global_masks(layers: dict[str, nn.Linear], sparsity: float) -> dict[str, torch.Tensor]:
     """Global L1 magnitude: prune the ``sparsity`` fraction of smallest |w| over all layers."""
     names = list(layers)
@@ -125,12 +247,115 @@ def magnitude_global_masks(layers: dict[str, nn.Linear], sparsity: float) -> dic
     return dict(zip(names, keep))
 
 
+def magnitude_masks(
+    layers: dict[str, nn.Linear], pattern: SparsityPattern, scope: str
+) -> dict[str, torch.Tensor]:
+    """Magnitude keep-masks for every layer in the given scope (pure: reads weights only)."""
+    if scope == "global" and not pattern.is_nm:
+        return magnitude_global_masks(layers, pattern.sparsity)
+    return {n: keep_mask(scoring.magnitude(m.weight), pattern, scope) for n, m in layers.items()}
+
+
+def _group_by_decoder_layer(
+    model: nn.Module, layers: dict[str, nn.Linear]
+) -> dict[int, dict[str, nn.Linear]]:
+    """Map decoder-layer index -> the selected Linear modules inside it."""
+    prefix = models.adapter_for(model).layers_path + "."
+    grouped: dict[int, dict[str, nn.Linear]] = {}
+    for name, module in layers.items():
+        index, _, rest = name.removeprefix(prefix).partition(".")
+        if not name.startswith(prefix) or not index.isdigit() or not rest:
+            raise PrunescopeError(
+                f"calibrated methods prune Linear layers inside the decoder layers ({prefix}N.*); "
+                f"{name} is outside them: --exclude it or use --method magnitude"
+            )
+        grouped.setdefault(int(index), {})[name] = module
+    return grouped
+
+
+def _prune_decoder_layer(
+    model: nn.Module,
+    targets: dict[str, nn.Linear],
+    stats: Mapping[str, calib.InputStats],
+    method: str,
+    pattern: SparsityPattern,
+    scope: str,
+) -> None:
+    """Compute the new weights of one decoder layer's Linears (pure), then apply them."""
+    if method == "wanda":
+        keep = {
+            n: keep_mask(scoring.wanda(m.weight, stats[n].sq_sum), pattern, scope)
+            for n, m in targets.items()
+        }
+        apply_masks(model, keep)
+        return
+    hessians: dict[int, torch.Tensor] = {}  # shared inputs (q/k/v) share one Hessian
+    new_weights = {}
+    for name, module in targets.items():
+        h = hessians.setdefault(id(stats[name]), stats[name].hessian())  # [in, in]
+        new_weights[name], _keep = sparsegpt.prune(module.weight, h, pattern)
+    apply_weights(model, new_weights)
+
+
+def prune_sequential(
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    method: str,
+    pattern: SparsityPattern,
+    scope: str,
+    calib_blocks: torch.Tensor,
+    batch_size: int = 8,
+) -> int:
+    """Wanda or SparseGPT, layer by layer on calibration blocks; returns activation bytes held."""
+    adapter = models.adapter_for(model)
+    grouped = _group_by_decoder_layer(model, layers)
+    inputs = calib.capture_first_layer_inputs(model, adapter, calib_blocks, batch_size)
+    held = 2 * inputs.nbytes()  # this layer's inputs and outputs
+    log.info("calibration activations: %.1f MB per copy, two copies held", inputs.nbytes() / 2**20)
+    decoder = adapter.layers(model)
+    last = max(grouped)
+    for index in tqdm(range(last + 1), desc=f"{method} {pattern.label}", unit="layer", leave=False):
+        layer = decoder[index]
+        targets = grouped.get(index)
+        if targets:
+            stats = calib.collect_stats(layer, targets, inputs, hessian=method == "sparsegpt")
+            _prune_decoder_layer(model, targets, stats, method, pattern, scope)
+        if index < last:
+            inputs = calib.run_layer(layer, inputs)
+    return held
+
+
+@torch.no_grad()
+def prune_model(
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    method: str,
+    pattern: SparsityPattern,
+    scope: str,
+    calib_blocks: torch.Tensor | None = None,
+    batch_size: int = 8,
+) -> int:
+    """Prune ``layers`` of ``model`` in place; returns the calibration activation bytes held."""
+    if method == "magnitude":
+        apply_masks(model, magnitude_masks(layers, pattern, scope))
+        return 0
+    if calib_blocks is None:
+        raise ValueError(f"{method} needs calibration blocks")
+    return prune_sequential(model, layers, method, pattern, scope, calib_blocks, batch_size)
+
+
 def layer_sparsities(layers: dict[str, nn.Linear]) -> tuple[LayerSparsity, ...]:
     """Fraction of exact zeros in each layer's weight."""
     return tuple(
         LayerSparsity(name, tuple(m.weight.shape), (m.weight == 0).float().mean().item())
         for name, m in layers.items()
     )
+
+
+def actual_sparsity(layers: dict[str, nn.Linear]) -> tuple[int, int]:
+    """(zeros, total) over the weights of ``layers``."""
+    zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
+    return zeros, sum(m.weight.numel() for m in layers.values())
 
 
 def _eval(
@@ -148,6 +373,50 @@ def _eval_blocks(tokenizer: "PreTrainedTokenizerBase", config: PruneConfig) -> t
     return data.eval_blocks(tokens, config.eval_seqlen, config.eval_tokens)
 
 
+def _calib_blocks(tokenizer: "PreTrainedTokenizerBase", config: PruneConfig, methods: set[str]) -> torch.Tensor | None:
+    if not methods & set(CALIBRATED):
+        return None
+    tokens = data.tokenize(tokenizer, data.load_text(config.calib_text))
+    return data.calibration_blocks(tokens, config.calib_samples, config.calib_seqlen, config.seed)
+
+
+def _run_sweep(
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    config: PruneConfig,
+    calib_blocks: torch.Tensor | None,
+    eval_blocks: torch.Tensor | None,
+) -> tuple[SweepPoint, ...]:
+    """Prune from the dense weights at each sweep sparsity for each method; weights restored after."""
+    dense = {n: m.weight.detach().clone() for n, m in layers.items()}
+    points = []
+    for method in config.sweep_methods or (config.method,):
+        scope = config.scope if config.scope in SCOPES[method] else SCOPES[method][0]
+        for s in config.sweep:
+            log.info("sweep: %s at %.0f%%", method, 100 * s)
+            t0 = time.perf_counter()
+            prune_model(model, layers, method, SparsityPattern(s), scope, calib_blocks, config.calib_batch_size)
+            seconds = time.perf_counter() - t0
+            zeros, total = actual_sparsity(layers)
+            ppl = _eval(model, eval_blocks, config, f"{method} {s:g} perplexity")
+            points.append(SweepPoint(method, s, zeros / total, ppl, seconds))
+            apply_weights(model, dense)
+    return tuple(points)
+
+
+def _save(model: nn.Module, tokenizer: Any, folder: Path) -> Mapping[str, Any]:
+    """Write the pruned model as a compressed sparse checkpoint; returns what the writer reports."""
+    from prunescope import formats  # written alongside; imported only when --save is used
+    from prunescope.report import to_jsonable
+
+    info = formats.save_sparse(model, folder)
+    saved = to_jsonable(info) if info is not None else {}
+    if not isinstance(saved, dict):
+        saved = {"info": saved}
+    saved.setdefault("path", str(folder))
+    return saved
+
+
 def run_prune(
     config: PruneConfig, model: nn.Module | None = None, tokenizer: "PreTrainedTokenizerBase | None" = None
 ) -> tuple[PruneResult, nn.Module]:
@@ -155,33 +424,39 @@ def run_prune(
 
     Returns the result and the pruned model (so callers can save it).
     """
+    pattern, scope = config.sparsity_pattern, config.effective_scope
     if model is None or tokenizer is None:
         log.info("loading model %s", config.model)
         model, tokenizer = models.load(config.model)
+    layers, skipped = split_incompatible(
+        select_linear_layers(model, config.include, config.exclude), pattern, config.skip_incompatible
+    )
+    if config.method in CALIBRATED or set(config.sweep_methods) & set(CALIBRATED):
+        _group_by_decoder_layer(model, layers)  # fail early on layers outside the decoder
+    calib_blocks = _calib_blocks(tokenizer, config, {config.method, *config.sweep_methods})
     blocks = _eval_blocks(tokenizer, config)
     t0 = time.perf_counter()
     dense_ppl = _eval(model, blocks, config, "dense perplexity")
     eval_seconds = time.perf_counter() - t0
+    sweep = _run_sweep(model, layers, config, calib_blocks, blocks) if config.sweep else ()
 
-    layers = select_linear_layers(model, config.include, config.exclude)
-    log.info("pruning %d Linear layers by %s to %.0f%%", len(layers), config.method, 100 * config.sparsity)
+    log.info("pruning %d Linear layers: %s %s (%s) to %.0f%%", len(layers), config.method,
+             pattern.label, scope, 100 * pattern.sparsity)
     t0 = time.perf_counter()
-    keep = magnitude_global_masks(layers, config.sparsity)
-    apply_masks(model, keep)
+    held = prune_model(model, layers, config.method, pattern, scope, calib_blocks, config.calib_batch_size)
     prune_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     pruned_ppl = _eval(model, blocks, config, "pruned perplexity")
     eval_seconds += time.perf_counter() - t0
-    per_layer = layer_sparsities(layers)
-    n_total = sum(m.weight.numel() for m in layers.values())
-    n_zero = sum(round(ls.sparsity * m.weight.numel()) for ls, m in zip(per_layer, layers.values()))
+    n_zero, n_total = actual_sparsity(layers)
+    calibrated = calib_blocks is not None
     result = PruneResult(
         model=config.model,
         method=config.method,
-        pattern="unstructured",
-        scope="global",
-        sparsity_requested=config.sparsity,
+        pattern=pattern.label,
+        scope=scope,
+        sparsity_requested=pattern.sparsity,
         sparsity_actual=n_zero / n_total,
         pruned_parameters=n_zero,
         total_parameters=sum(p.numel() for p in model.parameters()),
@@ -192,6 +467,14 @@ def run_prune(
         eval_seqlen=config.eval_seqlen,
         prune_seconds=prune_seconds,
         eval_seconds=eval_seconds,
-        layers=per_layer,
+        layers=layer_sparsities(layers),
+        skipped_layers=skipped,
+        calib_text=config.calib_text if calibrated else None,
+        calib_samples=config.calib_samples if calibrated else 0,
+        calib_seqlen=config.calib_seqlen if calibrated else 0,
+        calib_activation_bytes=held,
+        seed=config.seed,
+        sweep=sweep,
+        checkpoint=_save(model, tokenizer, config.save_dir) if config.save_dir else None,
     )
     return result, model

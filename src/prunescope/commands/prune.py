@@ -6,24 +6,35 @@ import argparse
 import logging
 
 from prunescope import cli
+from prunescope.errors import PrunescopeError
 
 log = logging.getLogger(__name__)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``prune`` subcommand."""
-    parser = subparsers.add_parser(
-        "prune",
-        help="prune a model's Linear weights and measure perplexity before and after",
-        description="Prune the Linear weights of a causal LM (embeddings and lm_head stay dense), "
-        "evaluate perplexity before and after, and write report.json, report.md and "
-        "sparsity.png. With no arguments: global L1 magnitude pruning of the bundled "
-        "SmolLM2-135M-Instruct to 50%, evaluated on Python's bundled pydoc text.",
-    )
-    cli.add_model_argument(parser)
-    parser.add_argument("--method", default="magnitude", help="pruning method (default: magnitude)")
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions like 0.3,0.5,0.7, got {text!r}") from None
+
+
+def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--sparsity", type=float, default=0.5, help="fraction of weights to zero, in (0, 1) (default 0.5)"
+        "--method", default="magnitude",
+        help="magnitude (default), wanda or sparsegpt; with --sweep a comma-separated list, e.g. wanda,sparsegpt",
+    )
+    parser.add_argument(
+        "--sparsity", type=float, default=None,
+        help="fraction of weights to zero, in (0, 1) (default 0.5; N/M for an N:M pattern)",
+    )
+    parser.add_argument(
+        "--pattern", default="unstructured",
+        help="'unstructured' (default), or N:M such as 2:4 or 4:8 (N of every M inputs zeroed)",
+    )
+    parser.add_argument(
+        "--scope", default=None,
+        help="comparison group for unstructured magnitude: global (default), layer or row; "
+        "wanda: row (default) or layer; sparsegpt: block. N:M always compares within each group",
     )
     parser.add_argument(
         "--include", action="append", default=[], metavar="GLOB",
@@ -34,48 +45,100 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="never prune Linear modules whose name matches GLOB (repeatable)",
     )
     parser.add_argument(
-        "--eval-text", default="default",
-        help="evaluation text: 'default' (pydoc_data), a text file, or hf:NAME[:CONFIG][:SPLIT]",
+        "--skip-incompatible", action="store_true",
+        help="leave layers whose input size is not a multiple of M dense (N:M) instead of failing",
     )
+    parser.add_argument(
+        "--sweep", type=_floats, default=(), metavar="S1,S2,...",
+        help="also prune each method at these sparsities from the dense model and plot perplexity (sweep.png)",
+    )
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    text_help = "'default' (pydoc_data), a text file, or hf:NAME[:CONFIG][:SPLIT]"
+    parser.add_argument("--calib-text", default="default", help=f"calibration text: {text_help}")
+    parser.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
+    parser.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    parser.add_argument("--calib-batch", type=int, default=8, help="calibration windows per forward (default 8)")
+    parser.add_argument("--eval-text", default="default", help=f"evaluation text: {text_help}")
     parser.add_argument(
         "--eval-tokens", type=int, default=16384,
         help="evaluate on the first N tokens of the text (default 16384; 0 = all)",
     )
     parser.add_argument("--eval-seqlen", type=int, default=512, help="window length for perplexity (default 512)")
     parser.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
+    parser.add_argument(
+        "--save", action="store_true", help="write the pruned model as a compressed sparse checkpoint to OUT/model"
+    )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``prune`` subcommand."""
+    parser = subparsers.add_parser(
+        "prune",
+        help="prune a model's Linear weights and measure perplexity before and after",
+        description="Prune the Linear weights of a causal LM (embeddings and lm_head stay dense) by "
+        "magnitude, Wanda or SparseGPT, unstructured or N:M, evaluate perplexity before and after, "
+        "and write report.json, report.md and sparsity.png. With no arguments: global L1 magnitude "
+        "pruning of the bundled SmolLM2-135M-Instruct to 50%%, evaluated on Python's bundled pydoc text.",
+    )
+    cli.add_model_argument(parser)
+    _add_method_arguments(parser)
+    _add_data_arguments(parser)
     cli.add_output_arguments(parser)
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Validate the options, run the prune job, and write the report files."""
-    from prunescope.pipeline import PruneConfig, run_prune
-    from prunescope.report import write_json, write_text
-    from prunescope.report.prune import layer_table, plot_layer_sparsity, render_markdown
+def _config(args: argparse.Namespace, out) -> "PruneConfig":  # noqa: F821
+    from prunescope.pipeline import PruneConfig
 
-    config = PruneConfig(
+    methods = tuple(m.strip() for m in args.method.split(",") if m.strip())
+    if not methods:
+        raise PrunescopeError("--method is empty; choose magnitude, wanda or sparsegpt")
+    return PruneConfig(
         model=args.model,
-        method=args.method,
+        method=methods[0],
         sparsity=args.sparsity,
+        pattern=args.pattern,
+        scope=args.scope,
         include=tuple(args.include),
         exclude=tuple(args.exclude),
+        skip_incompatible=args.skip_incompatible,
+        calib_text=args.calib_text,
+        calib_samples=args.calib_samples,
+        calib_seqlen=args.calib_seqlen,
+        calib_batch_size=args.calib_batch,
         eval_text=args.eval_text,
         eval_tokens=args.eval_tokens or None,
         eval_seqlen=args.eval_seqlen,
         evaluate=not args.no_eval,
         seed=args.seed,
+        sweep=tuple(args.sweep),
+        sweep_methods=methods,
+        save_dir=(out / "model") if args.save and out is not None else None,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate the options, run the prune job, and write the report files."""
+    from prunescope.pipeline import run_prune
+    from prunescope.report import write_json, write_text
+    from prunescope.report.prune import layer_table, plot_layer_sparsity, plot_sweep, render_markdown
+
+    _config(args, None)  # validate every option before touching the output folder
     out = cli.prepare_output_dir(args.out, "prune", args.overwrite)
-    result, _model = run_prune(config)
+    result, _model = run_prune(_config(args, out))
     write_json(result, out / "report.json")
     write_text(render_markdown(result), out / "report.md")
     plot_layer_sparsity(result, out / "sparsity.png")
+    if result.sweep:
+        plot_sweep(result, out / "sweep.png")
     log.info("per-layer sparsity:\n%s", layer_table(result))
     log.info(
-        "%s: sparsity %.2f%%, perplexity %s -> %s; report in %s",
-        result.model, 100 * result.sparsity_actual,
+        "%s: %s %s sparsity %.2f%%, perplexity %s -> %s, pruned in %.1f s; report in %s",
+        result.model, result.method, result.pattern, 100 * result.sparsity_actual,
         f"{result.dense_ppl:.3f}" if result.dense_ppl else "n/a",
-        f"{result.pruned_ppl:.3f}" if result.pruned_ppl else "n/a", out,
+        f"{result.pruned_ppl:.3f}" if result.pruned_ppl else "n/a", result.prune_seconds, out,
     )
     return 0

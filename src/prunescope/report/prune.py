@@ -1,4 +1,5 @@
-"""Render a :class:`~prunescope.pipeline.PruneResult` as Markdown and a per-layer sparsity plot."""
+"""Render a :class:`~prunescope.pipeline.PruneResult` as Markdown, a per-layer sparsity plot and,
+for ``--sweep``, a plot of perplexity against sparsity."""
 
 from __future__ import annotations
 
@@ -19,26 +20,47 @@ def layer_table(result: PruneResult) -> str:
     return markdown_table(["layer", "shape", "sparsity"], rows)
 
 
+def sweep_table(result: PruneResult) -> str:
+    """Markdown table of the sweep: method, sparsity, perplexity, prune time."""
+    rows = [
+        (p.method, f"{100 * p.sparsity:.0f}%", f"{100 * p.sparsity_actual:.2f}%", _ppl(p.ppl), f"{p.prune_seconds:.1f} s")
+        for p in result.sweep
+    ]
+    return markdown_table(["method", "sparsity", "actual", "perplexity", "prune time"], rows)
+
+
+def _summary_rows(result: PruneResult) -> list[tuple[str, str]]:
+    rows = [
+        ("model", result.model),
+        ("method", f"{result.method} ({result.scope}, {result.pattern})"),
+        ("sparsity requested", f"{100 * result.sparsity_requested:.1f}%"),
+        ("sparsity actual (pruned layers)", f"{100 * result.sparsity_actual:.2f}%"),
+        ("zeroed weights", f"{result.pruned_parameters:,} of {result.total_parameters:,} parameters"),
+        ("dense perplexity", _ppl(result.dense_ppl)),
+        ("pruned perplexity", _ppl(result.pruned_ppl)),
+        ("evaluation", f"{result.eval_tokens:,} tokens of {result.eval_text!r} in {result.eval_seqlen}-token windows"),
+        ("prune time", f"{result.prune_seconds:.2f} s"),
+    ]
+    if result.calib_samples:
+        rows.append((
+            "calibration",
+            f"{result.calib_samples} x {result.calib_seqlen} tokens of {result.calib_text!r} (seed {result.seed}), "
+            f"{result.calib_activation_bytes / 2**20:.1f} MB of activations held",
+        ))
+    if result.skipped_layers:
+        rows.append(("skipped (incompatible with N:M)", ", ".join(result.skipped_layers)))
+    if result.checkpoint:
+        rows += [(f"checkpoint {k}", str(v)) for k, v in result.checkpoint.items()]
+    return rows
+
+
 def render_markdown(result: PruneResult) -> str:
     """The human-readable report, rendered from the result alone."""
-    summary = markdown_table(
-        ["", "value"],
-        [
-            ("model", result.model),
-            ("method", f"{result.method} ({result.scope}, {result.pattern})"),
-            ("sparsity requested", f"{100 * result.sparsity_requested:.1f}%"),
-            ("sparsity actual (pruned layers)", f"{100 * result.sparsity_actual:.2f}%"),
-            ("zeroed weights", f"{result.pruned_parameters:,} of {result.total_parameters:,} parameters"),
-            ("dense perplexity", _ppl(result.dense_ppl)),
-            ("pruned perplexity", _ppl(result.pruned_ppl)),
-            ("evaluation", f"{result.eval_tokens:,} tokens of {result.eval_text!r} in {result.eval_seqlen}-token windows"),
-            ("prune time", f"{result.prune_seconds:.2f} s"),
-        ],
-    )
-    return (
-        f"# prunescope prune: {result.model}\n\n{summary}\n\n"
-        f"![per-layer sparsity](sparsity.png)\n\n## Per-layer sparsity\n\n{layer_table(result)}\n"
-    )
+    summary = markdown_table(["", "value"], _summary_rows(result))
+    text = f"# prunescope prune: {result.model}\n\n{summary}\n\n"
+    if result.sweep:
+        text += f"## Sweep\n\n![perplexity against sparsity](sweep.png)\n\n{sweep_table(result)}\n\n"
+    return text + f"![per-layer sparsity](sparsity.png)\n\n## Per-layer sparsity\n\n{layer_table(result)}\n"
 
 
 def plot_layer_sparsity(result: PruneResult, path: str | Path) -> Path:
@@ -55,5 +77,22 @@ def plot_layer_sparsity(result: PruneResult, path: str | Path) -> Path:
     step = max(1, n // 30)
     ax.set_xticks(range(0, n, step))
     ax.set_xticklabels([result.layers[i].name for i in range(0, n, step)], rotation=90, fontsize=6)
+    ax.legend()
+    return save_figure(fig, path)
+
+
+def plot_sweep(result: PruneResult, path: str | Path) -> Path:
+    """Perplexity (log scale) against sparsity, one line per method, dense as a dashed line."""
+    fig = new_figure(width=7.0, height=4.5)
+    ax = fig.add_subplot()
+    for method in dict.fromkeys(p.method for p in result.sweep):
+        pts = [p for p in result.sweep if p.method == method and p.ppl is not None]
+        ax.plot([100 * p.sparsity for p in pts], [p.ppl for p in pts], marker="o", label=method)
+    if result.dense_ppl is not None:
+        ax.axhline(result.dense_ppl, color="gray", linestyle="--", label=f"dense ({result.dense_ppl:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity of pruned layers (%)")
+    ax.set_ylabel(f"perplexity ({result.eval_tokens:,} tokens)")
+    ax.set_title(f"{result.model}: perplexity against sparsity")
     ax.legend()
     return save_figure(fig, path)

@@ -1,0 +1,99 @@
+"""WikiText-2 quality and prune time of magnitude, Wanda and SparseGPT on the bundled model.
+
+Protocol (as in the Wanda / SparseGPT papers): calibrate with 32 random windows of 512 tokens from
+valid.txt (seed 0); evaluate perplexity on the first 32,768 tokens of test.txt in non-overlapping
+512-token windows. Every configuration is pruned from the same dense weights in one run, so the
+times are measured side by side. Magnitude uses the per-layer scope here, the baseline of both
+papers (``prunescope prune`` defaults to global magnitude).
+
+Run (heavy: about 30 minutes on 2 cores):
+
+    flock /tmp/prunescope-heavy.lock .venv/bin/python benchmarks/bench_llm_prune.py --json runs/bench_llm_prune.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from prunescope import data, evaluate, models, pipeline
+from prunescope.apply import apply_weights
+from prunescope.patterns import parse_pattern
+from prunescope.report import markdown_table, to_jsonable
+
+WIKITEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2"
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=models.DEFAULT_MODEL)
+    p.add_argument("--data", type=Path, default=WIKITEXT, help="folder with valid.txt and test.txt")
+    p.add_argument("--methods", default="magnitude,wanda,sparsegpt")
+    p.add_argument("--patterns", default="0.5,2:4,4:8")
+    p.add_argument("--magnitude-scope", default="layer", choices=("global", "layer", "row"))
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--eval-tokens", type=int, default=32768)
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="also write the rows here (updated after each row)")
+    return p.parse_args()
+
+
+def _scope(method: str, pattern, magnitude_scope: str) -> str:
+    if pattern.is_nm:
+        return "group"
+    return magnitude_scope if method == "magnitude" else pipeline.SCOPES[method][0]
+
+
+def main() -> None:
+    args = _args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+    model, tokenizer = models.load(args.model)
+    calib = data.calibration_blocks(
+        data.tokenize(tokenizer, (args.data / "valid.txt").read_text()), args.calib_samples, args.calib_seqlen, args.seed
+    )
+    blocks = data.eval_blocks(data.tokenize(tokenizer, (args.data / "test.txt").read_text()), args.eval_seqlen, args.eval_tokens)
+    layers = pipeline.select_linear_layers(model)
+    dense = {n: m.weight.detach().clone() for n, m in layers.items()}
+    rows: list[dict] = []
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        print(f"{row['method']:>10} {row['pattern']:>12}  ppl {row['ppl']:10.3f}  prune {row['prune_seconds']:7.1f} s", flush=True)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(to_jsonable({"args": vars(args), "rows": rows}), indent=2))
+
+    dense_ppl = evaluate.perplexity(model, blocks, progress=False)
+    record({"method": "dense", "pattern": "-", "sparsity": 0.0, "ppl": dense_ppl, "prune_seconds": 0.0})
+    for text in args.patterns.split(","):
+        pattern = parse_pattern(text)
+        for method in args.methods.split(","):
+            apply_weights(model, dense)
+            t0 = time.perf_counter()
+            pipeline.prune_model(model, layers, method, pattern, _scope(method, pattern, args.magnitude_scope), calib)
+            seconds = time.perf_counter() - t0
+            zeros, total = pipeline.actual_sparsity(layers)
+            label = "50% unstructured" if not pattern.is_nm else pattern.label
+            ppl = evaluate.perplexity(model, blocks, progress=False)
+            record({"method": method, "pattern": label, "sparsity": zeros / total, "ppl": ppl, "prune_seconds": seconds})
+    print()
+    print(f"{args.model}, WikiText-2: calibration {args.calib_samples} x {args.calib_seqlen} tokens of valid.txt, "
+          f"perplexity on the first {blocks.numel():,} tokens of test.txt ({args.eval_seqlen}-token windows), "
+          f"{torch.get_num_threads()} threads")
+    print(markdown_table(
+        ["method", "pattern", "sparsity", "perplexity", "x dense", "prune time (s)"],
+        [(r["method"], r["pattern"], f"{100 * r['sparsity']:.1f}%", f"{r['ppl']:.2f}",
+          f"{r['ppl'] / dense_ppl:.2f}", f"{r['prune_seconds']:.1f}") for r in rows],
+    ))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Sequential calibration: run calibration tokens through the decoder one layer at a time.
+
+The inputs of the first decoder layer (hidden states plus the keyword arguments the layer needs:
+attention mask, rotary position embeddings, ...) are captured once with a pre-hook that stops the
+forward. After that each layer is called directly on the held activations: once with hooks that
+accumulate per-Linear input statistics, and (after it is pruned) once more to produce the inputs
+of the next layer. Only one layer's inputs and outputs are held at a time:
+``2 * samples * seqlen * hidden * 4`` bytes in float32 (32 x 512 x 576 floats = 38 MB per copy for
+SmolLM2-135M, so about 75 MB), plus one batch's intermediate activations and the statistics
+(``[in]`` per Linear for Wanda, ``[in, in]`` per distinct input for SparseGPT).
+
+Linear modules that read the very same input tensor (q/k/v, gate/up) share one statistics object,
+so each Hessian is accumulated once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunescope.models import DecoderAdapter
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to end the model's forward at the first decoder layer."""
+
+
+@dataclass
+class LayerInputs:
+    """The held calibration activations at one depth: per batch, hidden states and layer kwargs.
+
+    Attributes:
+        hidden: per batch ``[b, seqlen, hidden]`` inputs of the current decoder layer.
+        args: per batch extra positional arguments of the layer call (usually empty).
+        kwargs: per batch keyword arguments (attention mask, position embeddings, ...).
+    """
+
+    hidden: list[torch.Tensor]
+    args: list[tuple[Any, ...]]
+    kwargs: list[dict[str, Any]]
+
+    def nbytes(self) -> int:
+        """Bytes held by the hidden states (one copy)."""
+        return sum(h.numel() * h.element_size() for h in self.hidden)
+
+
+@torch.no_grad()
+def capture_first_layer_inputs(
+    model: nn.Module, adapter: DecoderAdapter, blocks: torch.Tensor, batch_size: int = 8
+) -> LayerInputs:
+    """Run ``blocks`` (``LongTensor[n, seqlen]``) up to the first decoder layer and keep its inputs."""
+    first = adapter.layers(model)[0]
+    captured = LayerInputs([], [], [])
+
+    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.hidden.append(hidden.detach())
+        captured.args.append(tuple(args[1:]))
+        captured.kwargs.append(kwargs)
+        raise _StopForward
+
+    device = next(model.parameters()).device
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, blocks.shape[0], batch_size):
+            try:
+                model(input_ids=blocks[start : start + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: LayerInputs) -> LayerInputs:
+    """Call ``layer`` on every held batch; the outputs are the next layer's inputs."""
+    outputs = []
+    for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
+        out = layer(hidden, *args, **kwargs)
+        outputs.append((out[0] if isinstance(out, (tuple, list)) else out).detach())
+    return LayerInputs(outputs, inputs.args, inputs.kwargs)
+
+
+@dataclass
+class InputStats:
+    """Statistics of one Linear input over calibration tokens (shared by modules with that input).
+
+    Attributes:
+        sq_sum: ``[in]`` sum over tokens of ``x_j^2`` (Wanda's squared column norms).
+        xtx: ``[in, in]`` sum over tokens of ``x x^T`` (only when a Hessian is wanted).
+        tokens: number of tokens seen.
+    """
+
+    sq_sum: torch.Tensor
+    xtx: torch.Tensor | None = None
+    tokens: int = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate a batch of inputs ``[..., in]``."""
+        flat = x.detach().reshape(-1, x.shape[-1]).float()  # [tokens, in]
+        self.sq_sum += flat.pow(2).sum(0)
+        if self.xtx is not None:
+            self.xtx.addmm_(flat.T, flat)  # [in, in]
+        self.tokens += flat.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """``H = 2 X X^T / tokens`` ([in, in]), the SparseGPT Hessian (mean over tokens)."""
+        if self.xtx is None:
+            raise ValueError("these statistics were collected without a Hessian")
+        return self.xtx * (2.0 / max(self.tokens, 1))
+
+
+@dataclass
+class _Collector:
+    """Forward pre-hooks that route each module's input to a (possibly shared) InputStats."""
+
+    hessian: bool
+    stats: dict[str, InputStats] = field(default_factory=dict)
+    _batch_inputs: list[tuple[torch.Tensor, InputStats]] = field(default_factory=list)
+
+    def hook_for(self, name: str):
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]  # [b, seqlen, in]
+            for seen, shared in self._batch_inputs:
+                if seen is x:  # same tensor object as a sibling (q/k/v, gate/up): share
+                    self.stats.setdefault(name, shared)
+                    return
+            st = self.stats.get(name)
+            if st is None:
+                n = x.shape[-1]
+                xtx = torch.zeros(n, n, device=x.device) if self.hessian else None
+                st = self.stats[name] = InputStats(torch.zeros(n, device=x.device), xtx)
+            st.add(x)
+            self._batch_inputs.append((x, st))
+
+        return hook
+
+    def end_batch(self) -> None:
+        """Forget this batch's input tensors (kept only to detect shared inputs)."""
+        self._batch_inputs.clear()
+
+
+@contextmanager
+def _hooks(modules: Mapping[str, nn.Module], collector: _Collector) -> Iterator[None]:
+    handles = [m.register_forward_pre_hook(collector.hook_for(n)) for n, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def collect_stats(
+    layer: nn.Module, modules: Mapping[str, nn.Module], inputs: LayerInputs, hessian: bool
+) -> dict[str, InputStats]:
+    """One pass of ``layer`` over the held inputs, accumulating statistics of each module's input.
+
+    Args:
+        layer: a decoder layer.
+        modules: name -> Linear inside ``layer`` whose input statistics are wanted.
+        inputs: the layer's held calibration inputs.
+        hessian: also accumulate ``X X^T`` (SparseGPT) besides the squared norms (Wanda).
+
+    Returns:
+        name -> statistics; modules reading the same tensor share one object.
+    """
+    collector = _Collector(hessian)
+    with _hooks(modules, collector):
+        for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
+            layer(hidden, *args, **kwargs)
+            collector.end_batch()
+    missing = [n for n in modules if n not in collector.stats]
+    if missing:
+        raise RuntimeError(f"calibration never reached {', '.join(missing)}")
+    return collector.stats
