@@ -45,10 +45,13 @@ def sortable_keys(scores: torch.Tensor, dtype: torch.dtype, magnitude: bool) -> 
     return keys if dtype.itemsize >= 4 else keys.to(torch.int32)  # room for 16-bit digits
 
 
-def _digit(keys: torch.Tensor, shift: int, top: bool) -> torch.Tensor:
-    """One radix digit of ``keys`` as a non-negative int in [0, 2**16), same shape."""
-    d = (keys >> shift) & ((1 << _DIGIT_BITS) - 1)
-    return d ^ (1 << (_DIGIT_BITS - 1)) if top else d  # the top digit carries the sign
+def _digit_(keys: torch.Tensor, shift: int, top: bool) -> torch.Tensor:
+    """One radix digit of ``keys``, in [0, 2**16), computed in place (``keys`` is a temporary)."""
+    keys >>= shift
+    keys &= (1 << _DIGIT_BITS) - 1
+    if top:
+        keys ^= 1 << (_DIGIT_BITS - 1)  # the top digit carries the sign: flip it to order
+    return keys
 
 
 def _prefix_matches(keys: torch.Tensor, shift: int, prefix: int | None) -> torch.Tensor | None:
@@ -90,7 +93,7 @@ class _Scores:
                 act = act.reshape(-1).to(device=keys.device, dtype=torch.bool)
                 sel = act if sel is None else sel & act
             flat = keys.reshape(-1) if sel is None else keys.reshape(-1)[sel]  # [m]
-            digits = _digit(flat, shift, top=prefix is None)
+            digits = _digit_(flat, shift, top=prefix is None)  # [m], consumes flat
             total += torch.bincount(digits, minlength=nbins).cpu()
         return total
 
@@ -153,11 +156,13 @@ def keep_smallest(
         raise ValueError(f"n_prune must be in [0, {n_active}], got {n_prune}")
     if n_prune == 0:
         return [_start_mask(s, a) for s, a in zip(src.tensors, src.active)]
+    # The masks are allocated before any temporary: interleaving long-lived masks with
+    # short-lived temporaries fragments the C heap, which then holds far more than the masks.
+    out = [torch.empty(s.shape, dtype=torch.bool, device=s.device) for s in src.tensors]
     threshold, n_tied = _threshold(src, n_prune)
-    out = []
-    for i, (s, a) in enumerate(zip(src.tensors, src.active)):
+    for i, (keep, a) in enumerate(zip(out, src.active)):
         keys = src.keys(i)
-        keep = (keys > threshold).contiguous()  # bool, same shape
+        torch.gt(keys, threshold, out=keep)  # bool, same shape
         tied = keys == threshold
         if a is not None:
             a = a.to(device=keep.device, dtype=torch.bool)
@@ -167,7 +172,6 @@ def keep_smallest(
         del keys, tied
         keep.view(-1)[tied_idx[n_tied:]] = True  # prune only the first n_tied tied entries
         n_tied = max(0, n_tied - tied_idx.numel())
-        out.append(keep)
     return out
 
 

@@ -144,7 +144,7 @@ def _target(module: Any, name: Any) -> tuple[torch.Tensor, str]:
         raise TypeError(f"expected an nn.Module, got {type(module).__name__}")
     if not isinstance(name, str):
         raise TypeError(f"parameter name must be a str, got {name!r} for {type(module).__name__}")
-    if _find_hook(module, name, _torch_prune.BasePruningMethod, exact=True) is not None:
+    if _find_hook(module, name, _torch_prune.BasePruningMethod) is not None:
         raise PrunescopeError(
             f"{_describe(module, name, None)} is pruned by torch.nn.utils.prune; call "
             "torch.nn.utils.prune.remove first, or load its state dict into a prunescope-pruned model"
@@ -192,13 +192,11 @@ def _with_context(where: str, fn, *args, **kwargs):
 # --------------------------------------------------------------------------- hooks and state
 
 
-def _find_hook(module: nn.Module, name: str, kind: type = None, exact: bool = False):  # type: ignore[assignment]
+def _find_hook(module: nn.Module, name: str, kind: type | None = None) -> int | None:
     """The key of the pruning forward pre-hook of ``module.<name>`` (ours by default), or None."""
     kind = kind or BasePruningMethod
     for key, hook in module._forward_pre_hooks.items():
         if isinstance(hook, kind) and getattr(hook, "_tensor_name", None) == name:
-            if exact and isinstance(hook, BasePruningMethod):
-                continue
             return key
     return None
 
