@@ -374,7 +374,6 @@ class BasePruningMethod(ABC):
         name = self._tensor_name
         if name is None or name + "_orig" not in module._parameters:
             raise PrunescopeError(f"{type(module).__name__} parameter {name!r} is not pruned; nothing to remove")
-        self._stamp = None
         _sync(module, name, self, track_grad=False)  # pruned entries are zero now
         module.__dict__.pop(name, None)
         orig = module._parameters.pop(name + "_orig")
