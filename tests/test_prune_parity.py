@@ -62,7 +62,7 @@ def resolve(amount: tuple[str, float], n_left: int) -> int | float:
 
 op_strategy = st.one_of(
     st.tuples(st.just("l1"), amounts(), st.booleans()),
-    st.tuples(st.just("ln"), amounts(), st.sampled_from([1, 2, 3, math.inf, -math.inf]), st.integers(-4, 3)),
+    st.tuples(st.just("ln"), amounts(), st.sampled_from([1, 2, 3, math.inf, -math.inf]), st.booleans(), st.integers(-4, 3)),
     st.tuples(st.just("identity")),
     st.tuples(st.just("custom"), st.integers(0, 10_000)),
     st.tuples(st.just("random_u"), amounts()),
@@ -95,8 +95,9 @@ def run_op(op: tuple, t_mod: nn.Module, p_mod: nn.Module, name: str, seed: int) 
         n = op[2]
         if n == -math.inf and not bool(mask.all()):
             n = 1  # min |w| of a partly pruned channel is 0 for several channels: ties
-        tp.ln_structured(t_mod, name, amount, n=n, dim=dim)
-        pp.ln_structured(p_mod, name, amount, n=n, dim=dim)
+        scores = distinct_values(tuple(t.shape), seed + 5) if op[3] else None
+        tp.ln_structured(t_mod, name, amount, n=n, dim=dim, importance_scores=scores)
+        pp.ln_structured(p_mod, name, amount, n=n, dim=dim, importance_scores=scores)
     elif kind == "identity":
         tp.identity(t_mod, name)
         pp.identity(p_mod, name)
@@ -283,3 +284,19 @@ def test_other_float_dtypes_match_torch(dtype) -> None:
     pp.ln_structured(p_mod, "weight", 1, n=2, dim=0)
     assert torch.equal(t_mod.weight_mask.bool(), p_mod.weight_mask)
     assert torch.equal(t_mod.weight, p_mod.weight)
+
+
+def test_prune_and_apply_mask_match_torch() -> None:
+    t = distinct_values((5, 4), 11)
+    default = (torch.rand(5, 4, generator=torch.Generator().manual_seed(2)) > 0.4).float()
+    for ours, theirs in [
+        (pp.L1Unstructured(0.5), tp.L1Unstructured(0.5)),
+        (pp.LnStructured(2, n=1, dim=1), tp.LnStructured(2, n=1, dim=1)),
+        (pp.CustomFromMask(default), tp.CustomFromMask(default)),
+    ]:
+        assert torch.equal(ours.prune(t), theirs.prune(t))
+        assert torch.equal(ours.prune(t, default_mask=default), theirs.prune(t, default_mask=default))
+    m_t, m_p = make_module("linear", 4, 5, 1), make_module("linear", 4, 5, 1)
+    hook_t = tp.L1Unstructured.apply(m_t, "weight", 0.5)
+    hook_p = pp.L1Unstructured.apply(m_p, "weight", 0.5)
+    assert torch.equal(hook_t.apply_mask(m_t), hook_p.apply_mask(m_p))
