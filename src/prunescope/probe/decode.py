@@ -1,0 +1,104 @@
+"""A batch of sequences decoded together with one KV cache, where each sequence may pause.
+
+Cells of a table have different token lengths across the batch, so a sequence that has finished
+its cell feeds a masked pad token while the others continue. Every sequence keeps its own position
+counter (``position_ids``) and a 2-D attention mask over the whole cache, so a pause leaves no
+trace in what the sequence computes: its logits equal those of an unbatched, unpadded run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Batch:
+    """Decoding state of ``B`` sequences sharing one cache.
+
+    Attributes:
+        model: the causal LM (eval mode).
+        cache: the transformers ``DynamicCache`` holding keys/values of every fed token.
+        mask: (B, T) 1 where the cached token is real for that sequence, 0 for pauses.
+        pos: (B,) next position id of each sequence (count of real tokens fed).
+        logits: (B, V) float32 next-token logits after each sequence's last real token.
+        pad_id: token fed to paused sequences (masked out, never attended to).
+        tokens_fed: token positions run through the model so far, pads and peeks included
+            (the compute budget of this batch).
+    """
+
+    model: nn.Module
+    cache: object
+    mask: torch.Tensor
+    pos: torch.Tensor
+    logits: torch.Tensor
+    pad_id: int
+    tokens_fed: int = 0
+
+    @classmethod
+    @torch.no_grad()
+    def start(cls, model: nn.Module, prompt_ids: list[int], batch_size: int, pad_id: int) -> "Batch":
+        """Run the shared prompt once (batch 1) and repeat its cache ``batch_size`` times."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        ids = torch.tensor([prompt_ids])  # (1, L)
+        out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(batch_size)
+        n = len(prompt_ids)
+        return cls(
+            model=model,
+            cache=cache,
+            mask=torch.ones(batch_size, n, dtype=torch.long),
+            pos=torch.full((batch_size,), n, dtype=torch.long),
+            logits=out.logits[0, -1].float().expand(batch_size, -1).clone(),
+            pad_id=pad_id,
+            tokens_fed=n,
+        )
+
+    @property
+    def size(self) -> int:
+        return self.mask.shape[0]
+
+    @torch.no_grad()
+    def feed(self, ids: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Append ``ids`` (B, L) for active sequences (pads for the others); return (B, L, V) logits.
+
+        The logits of paused sequences are garbage and ``self.logits`` keeps their old value.
+        """
+        b, length = ids.shape
+        active = torch.ones(b, dtype=torch.bool) if active is None else active
+        ids = torch.where(active[:, None], ids, torch.full_like(ids, self.pad_id))
+        new_mask = active[:, None].long().expand(b, length)  # (B, L)
+        positions = self.pos[:, None] + torch.arange(length)[None, :]  # (B, L)
+        self.mask = torch.cat([self.mask, new_mask], dim=1)  # (B, T+L)
+        self.tokens_fed += b * length
+        out = self.model(
+            input_ids=ids, attention_mask=self.mask, position_ids=positions,
+            cache=self.cache, use_cache=True,
+        )
+        logits = out.logits.float()  # (B, L, V)
+        self.pos = self.pos + active.long() * length
+        self.logits = torch.where(active[:, None], logits[:, -1], self.logits)
+        return logits
+
+    @torch.no_grad()
+    def peek(self, ids: list[int]) -> torch.Tensor:
+        """Log-probability (B,) of every sequence continuing with the tokens ``ids``; state unchanged.
+
+        The first token is scored from the current logits; the rest by a temporary forward of
+        ``ids[:-1]`` that is cropped from the cache afterwards.
+        """
+        logp = torch.log_softmax(self.logits, dim=-1)[:, ids[0]]  # (B,)
+        if len(ids) > 1:
+            saved = (self.mask, self.pos, self.logits)
+            rest = torch.tensor(ids[:-1]).expand(self.size, -1)  # (B, L-1)
+            logits = self.feed(rest)  # (B, L-1, V)
+            step = torch.log_softmax(logits, dim=-1)  # (B, L-1, V)
+            target = torch.tensor(ids[1:]).expand(self.size, -1)  # (B, L-1)
+            logp = logp + step.gather(-1, target[..., None])[..., 0].sum(dim=1)
+            self.cache.crop(-(len(ids) - 1))  # negative: remove that many tokens
+            self.mask, self.pos, self.logits = saved
+        return logp

@@ -1,0 +1,216 @@
+"""The probe end to end on tiny models: templates, statistics, exact-vs-sampled agreement, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from prunescope import cli
+from prunescope.errors import PrunescopeError
+from prunescope.probe import ProbeConfig, load_template, parse_template, run_probe_on
+from prunescope.probe import stats
+from prunescope.testing import tiny_llama, tiny_tokenizer
+
+PEOPLE_COLUMNS = [
+    {"name": "Name", "type": "text"},
+    {"name": "Gender", "type": "choice", "choices": ["Male", "Female"]},
+    {"name": "Age", "type": "digits", "min_length": 1, "max_length": 2},
+]
+
+
+def digit_tokenizer():
+    """The tiny tokenizer, but writing every digit as its own token (as SmolLM2's does)."""
+    from tokenizers import pre_tokenizers
+
+    tok = tiny_tokenizer()
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    return tok
+
+
+@pytest.fixture(scope="module")
+def dtok():
+    return digit_tokenizer()
+
+
+def digit_model(tok, seed: int = 0):
+    """A tiny random Llama whose head favours digits and the cell end ' |' (other logits are 0)."""
+    model = tiny_llama(vocab_size=max(384, len(tok)), seed=seed)
+    keep = [tok.convert_tokens_to_ids(str(d)) for d in range(10)] + [tok(" |")["input_ids"][-1]]
+    with torch.no_grad():
+        w = model.lm_head.weight  # (V, hidden)
+        scaled = w[keep] * 6.0
+        w.zero_()
+        w[keep] = scaled
+    return model
+
+
+def write_template(tmp_path, data, suffix=".yaml"):
+    import yaml
+
+    path = tmp_path / f"t{suffix}"
+    path.write_text(json.dumps(data) if suffix == ".json" else yaml.safe_dump(data))
+    return str(path)
+
+
+# --- templates -----------------------------------------------------------------------------
+
+def test_builtin_people_template():
+    t = load_template("people")
+    assert [c.name for c in t.columns] == ["Name", "Gender", "Age"]
+    assert [c.type for c in t.columns] == ["text", "choice", "digits"]
+    assert t.header() == "| Name | Gender | Age |\n|---|---|---|\n"
+    assert "10" in t.instruction(10) and "{table}" not in t.instruction(10)
+    age = t.columns[2]
+    assert age.accepts("27") and not age.accepts("27 years") and not age.accepts("")
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_user_template_file(tmp_path, suffix):
+    data = {"prompt": "List {rows} people.\n{table}", "columns": PEOPLE_COLUMNS}
+    t = load_template(write_template(tmp_path, data, suffix))
+    assert t.columns[1].choices == ("Male", "Female")
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"prompt": "x {table}", "columns": [{"name": "A", "type": "date"}]}, "unknown column type 'date'"),
+        ({"prompt": "x {table}", "columns": [{"name": "A", "type": "choice", "choices": []}]}, "non-empty 'choices'"),
+        ({"prompt": "a table please", "columns": PEOPLE_COLUMNS}, "place for the table"),
+        ({"prompt": "x {table}", "columns": []}, "non-empty list"),
+        ({"prompt": "x {table}", "columns": [{"name": "A", "type": "digits", "min_length": 3, "max_length": 2}]}, "min_length"),
+    ],
+)
+def test_bad_templates(data, message):
+    with pytest.raises(PrunescopeError, match=message):
+        parse_template(data, "t.yaml")
+
+
+@pytest.mark.parametrize("field, value", [("rows", 0), ("samples", 0), ("mode", "guess"), ("temperature", 0.0)])
+def test_bad_config(field, value):
+    with pytest.raises(PrunescopeError, match=field):
+        ProbeConfig(**{field: value})
+
+
+# --- statistics ----------------------------------------------------------------------------
+
+def test_statistics_on_known_distributions():
+    u = np.full(4, 0.25)
+    p = np.array([0.7, 0.1, 0.1, 0.1])
+    assert stats.entropy_bits(u) == pytest.approx(2.0)
+    assert stats.kl_bits(u, u) == pytest.approx(0.0)
+    assert stats.kl_bits(p, u) == pytest.approx(2.0 - stats.entropy_bits(p))
+    assert stats.kl_bits(np.array([0.5, 0.5]), np.array([1.0, 0.0])) == math.inf
+    assert stats.js_distance(p, u) == pytest.approx(stats.js_distance(u, p))
+    assert stats.js_distance(np.array([1.0, 0.0]), np.array([0.0, 1.0])) == pytest.approx(1.0)
+    lo, hi = stats.wilson(np.array([0, 5, 10]), 10)
+    assert lo[0] == 0.0 and hi[2] == pytest.approx(1.0) and lo[1] < 0.5 < hi[1]
+    chi2, pval = stats.chi_square(np.array([70, 10, 10, 10]), u)
+    assert chi2 == pytest.approx(108.0) and pval < 1e-10
+    assert stats.calibrate(p, p) == pytest.approx(u)
+    rng = np.random.default_rng(0)
+    picks = list(rng.choice(4, size=4000, p=p))
+    res, acc = stats.resample_to_target(picks, p, u, rng)
+    assert res == pytest.approx(u, abs=0.05)
+    assert acc == pytest.approx(0.1 / 0.25 * 1.0, rel=1e-6)  # 1 / max(u / p)
+
+
+# --- exact vs sampled, garbage models --------------------------------------------------------
+
+def test_exact_and_sampled_estimates_agree(tmp_path, dtok):
+    """Row 2 (after a sampled row 1): the exact marginal lies in the sampled Wilson interval."""
+    data = {"prompt": "Numbers:\n{table}", "columns": [{"name": "N", "type": "digits", "min_length": 1, "max_length": 2}]}
+    config = ProbeConfig(template=write_template(tmp_path, data), rows=2, samples=400, batch_size=200,
+                         calibrate=False, seed=3)
+    result = run_probe_on(digit_model(dtok), dtok, config, "tiny-digits")
+    f = result.field(2, "N digit 1")
+    assert f.sampled_n == 400 and f.exact_prefixes == 400
+    counts = np.array(f.sampled_counts)
+    lo, hi = stats.wilson(counts, f.sampled_n, z=3.29)  # 99.9% per value
+    marginal = np.array(f.exact_marginal)
+    assert np.all((marginal >= lo) & (marginal <= hi)), (marginal, counts / f.sampled_n)
+    assert stats.entropy_bits(marginal) < math.log2(10) - 0.05  # the biased head is not uniform
+    # Averaging exact conditionals has lower variance than counting (law of total variance).
+    lo95, hi95 = stats.wilson(counts, f.sampled_n)
+    assert np.mean(np.array(f.exact_high) - np.array(f.exact_low)) < np.mean(hi95 - lo95)
+
+
+def test_model_that_never_writes_a_valid_value_is_reported(dtok):
+    model = tiny_llama(vocab_size=max(384, len(dtok)))
+    config = ProbeConfig(rows=2, samples=6, batch_size=3, calib_samples=3)
+    result = run_probe_on(model, dtok, config, "tiny-random")
+    gender = result.field(1, "Gender")
+    assert gender.mass_outside > 0.9
+    assert gender.sampled_outside == 6
+    assert sum(gender.distribution) == pytest.approx(1.0)
+    assert gender.calibrated is not None and gender.resampled is not None
+    assert result.field(1, "Age digit 1").mass_outside > 0.5
+    assert {t.row for t in result.text_fields} == {1, 2}
+
+
+def test_tokenizer_that_merges_digits_is_refused(tiny_model, tiny_tokenizer_):
+    with pytest.raises(PrunescopeError, match="each digit as its own token"):
+        run_probe_on(tiny_model, tiny_tokenizer_, ProbeConfig(rows=1, samples=1), "tiny")
+
+
+def test_missing_tokenizer_is_refused(tiny_model):
+    with pytest.raises(PrunescopeError, match="no tokenizer"):
+        run_probe_on(tiny_model, None, ProbeConfig(rows=1, samples=1), "tiny")
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def digit_model_dir(tmp_path_factory, dtok):
+    folder = tmp_path_factory.mktemp("tiny-digits")
+    tiny_llama(vocab_size=max(384, len(dtok))).save_pretrained(folder)
+    dtok.save_pretrained(folder)
+    return folder
+
+
+def test_cli_probe_writes_the_report(digit_model_dir, tmp_path):
+    out = tmp_path / "out"
+    rc = cli.main(["-q", "probe", str(digit_model_dir), "--rows", "2", "--samples", "4", "--batch", "4",
+                   "--calib-samples", "2", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows"] == 2 and report["samples"] == 4
+    labels = {(f["row"], f["column"], f["position"]) for f in report["fields"]}
+    assert {(1, "Gender", None), (1, "Age", 1), (2, "Gender", None), (2, "Age", 1)} <= labels
+    assert "## Row 1" in (out / "report.md").read_text()
+    for name in ("probe-digits.png", "probe-choices.png", "probe-names.png"):
+        assert (out / name).stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--rows", "0"], "rows must be an integer >= 1"),
+        (["--samples", "0"], "samples must be an integer >= 1"),
+        (["--template", "nosuch"], "neither a built-in"),
+    ],
+)
+def test_cli_bad_input(digit_model_dir, tmp_path, capsys, args, message):
+    rc = cli.main(["probe", str(digit_model_dir), "--out", str(tmp_path / "o"), *args])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_cli_bad_template_file(digit_model_dir, tmp_path, capsys):
+    bad = write_template(tmp_path, {"prompt": "x {table}", "columns": [{"name": "A", "type": "colour"}]})
+    assert cli.main(["probe", str(digit_model_dir), "--template", bad, "--out", str(tmp_path / "o")]) == 2
+    assert "unknown column type 'colour'" in capsys.readouterr().err
+
+
+def test_cli_model_without_tokenizer(tmp_path, capsys):
+    folder = tmp_path / "no-tok"
+    tiny_llama().save_pretrained(folder)
+    assert cli.main(["probe", str(folder), "--rows", "1", "--samples", "1", "--out", str(tmp_path / "o")]) == 2
+    assert "tokenizer" in capsys.readouterr().err

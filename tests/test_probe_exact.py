@@ -1,0 +1,105 @@
+"""Exact probabilities of the probe against direct, one-forward-at-a-time computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from prunescope.errors import PrunescopeError
+from prunescope.probe import value_distribution
+from prunescope.probe.decode import Batch
+from prunescope.probe.exact import encode, exclusive
+
+
+def _direct_logprob(model, context: list[int], cont: list[int]) -> float:
+    """log P(cont | context) as a product of next-token probabilities, one full forward per token."""
+    total, ids = 0.0, list(context)
+    for t in cont:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+        total += float(torch.log_softmax(logits, -1)[t])
+        ids.append(t)
+    return total
+
+
+def test_value_distribution_matches_direct_forwards(tiny_model, tiny_tokenizer_):
+    prefix = "| Name | Gender |\n| Bob |"
+    choices = ["Male", "Female", "fox jumps"]
+    vd = value_distribution(tiny_model, tiny_tokenizer_, prefix, choices, end=" |")
+    fulls = [encode(tiny_tokenizer_, prefix + c + " |") for c in choices]
+    k = vd.context_tokens
+    assert all(f[:k] == fulls[0][:k] for f in fulls)
+    raw = [math.exp(_direct_logprob(tiny_model, fulls[0][:k], f[k:])) for f in fulls]
+    assert vd.raw == pytest.approx(raw, rel=1e-4)
+    assert vd.total_mass == pytest.approx(sum(raw), rel=1e-4)
+    assert vd.probs == pytest.approx([r / sum(raw) for r in raw], rel=1e-4)
+    assert sum(vd.probs) == pytest.approx(1.0)
+
+
+def test_trailing_space_of_prefix_merges_into_the_value(tiny_model, tiny_tokenizer_):
+    """'| x ' + '|' is scored as the tokens the tokenizer writes for '| x |' (the space joins the value)."""
+    assert [tiny_tokenizer_.decode([t]) for t in encode(tiny_tokenizer_, "| x |")][-1] == " |"
+    a = value_distribution(tiny_model, tiny_tokenizer_, "| x ", ["|", "Male"])
+    b = value_distribution(tiny_model, tiny_tokenizer_, "| x", [" |", " Male"])
+    assert a.context_tokens == b.context_tokens
+    assert a.raw == pytest.approx(b.raw, rel=1e-5)
+
+
+def test_choices_that_are_prefixes_of_others_are_exclusive(tiny_model, tiny_tokenizer_):
+    prefix = "The quick brown"
+    choices = [" fox", " fox jumps", " fox jumps over"]
+    vd = value_distribution(tiny_model, tiny_tokenizer_, prefix, choices)
+    fulls = [encode(tiny_tokenizer_, prefix + c) for c in choices]
+    k = vd.context_tokens
+    p = [math.exp(_direct_logprob(tiny_model, fulls[0][:k], f[k:])) for f in fulls]
+    # " fox" then not " jumps..." = P(fox) - P(fox jumps); the longest keeps its own probability.
+    assert vd.raw == pytest.approx([p[0] - p[1], p[1] - p[2], p[2]], rel=1e-4, abs=1e-12)
+    assert sum(vd.raw) == pytest.approx(p[0], rel=1e-4)
+
+
+def test_exclusive_subtracts_only_minimal_extensions():
+    raw = torch.tensor([[0.5, 0.3, 0.1, 0.05]])
+    conts = [[1], [1, 2], [1, 2, 3], [4]]
+    out = exclusive(raw, conts)
+    assert out.tolist()[0] == pytest.approx([0.2, 0.2, 0.1, 0.05])
+
+
+def test_value_distribution_bad_input(tiny_model, tiny_tokenizer_):
+    with pytest.raises(PrunescopeError, match="at least one choice"):
+        value_distribution(tiny_model, tiny_tokenizer_, "| Bob |", [])
+    with pytest.raises(PrunescopeError, match="distinct"):
+        value_distribution(tiny_model, tiny_tokenizer_, "| Bob |", ["a", "a"])
+
+
+def test_batch_with_pauses_matches_unbatched_forwards(tiny_model):
+    """Sequences that pause (masked pads) compute exactly what they would alone."""
+    prompt = [5, 6, 7, 8]
+    batch = Batch.start(tiny_model, prompt, 3, pad_id=0)
+    fed = [[], [], []]
+    steps = [([10, 11, 12], [1, 1, 1]), ([13, 14, 15], [1, 0, 1]), ([16, 17, 18], [0, 1, 1]), ([19, 20, 21], [1, 1, 0])]
+    for ids, act in steps:
+        batch.feed(torch.tensor(ids)[:, None], torch.tensor(act, dtype=torch.bool))
+        for i in range(3):
+            if act[i]:
+                fed[i].append(ids[i])
+    for i in range(3):
+        with torch.no_grad():
+            ref = tiny_model(input_ids=torch.tensor([prompt + fed[i]])).logits[0, -1]
+        torch.testing.assert_close(batch.logits[i], ref, rtol=1e-4, atol=1e-4)
+        assert int(batch.pos[i]) == len(prompt) + len(fed[i])
+
+
+def test_peek_scores_without_changing_the_state(tiny_model):
+    batch = Batch.start(tiny_model, [5, 6, 7], 2, pad_id=0)
+    batch.feed(torch.tensor([[9], [10]]))
+    before = batch.logits.clone()
+    lp = batch.peek([20, 21, 22])
+    for i, last in enumerate([9, 10]):
+        assert float(lp[i]) == pytest.approx(_direct_logprob(tiny_model, [5, 6, 7, last], [20, 21, 22]), abs=1e-4)
+    torch.testing.assert_close(batch.logits, before)
+    batch.feed(torch.tensor([[30], [31]]))
+    with torch.no_grad():
+        ref = tiny_model(input_ids=torch.tensor([[5, 6, 7, 9, 30]])).logits[0, -1]
+    torch.testing.assert_close(batch.logits[0], ref, rtol=1e-4, atol=1e-4)
