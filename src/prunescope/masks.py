@@ -47,10 +47,11 @@ def sortable_keys(scores: torch.Tensor, dtype: torch.dtype, magnitude: bool) -> 
 
 def _digit_(keys: torch.Tensor, shift: int, top: bool) -> torch.Tensor:
     """One radix digit of ``keys``, in [0, 2**16), computed in place (``keys`` is a temporary)."""
-    keys >>= shift
-    keys &= (1 << _DIGIT_BITS) - 1
+    keys >>= shift  # arithmetic shift: the top digit keeps the sign, in [-2**15, 2**15)
     if top:
-        keys ^= 1 << (_DIGIT_BITS - 1)  # the top digit carries the sign: flip it to order
+        keys += 1 << (_DIGIT_BITS - 1)
+    else:
+        keys &= (1 << _DIGIT_BITS) - 1
     return keys
 
 
@@ -113,7 +114,7 @@ def _threshold(scores: _Scores, n_prune: int) -> tuple[int, int]:
         d = int(torch.searchsorted(cum, torch.tensor(need), right=False))
         below += int(cum[d - 1]) if d > 0 else 0
         top = prefix is None
-        value = d - (1 << (_DIGIT_BITS - 1)) if top else d  # undo the sign flip of the top digit
+        value = d - (1 << (_DIGIT_BITS - 1)) if top else d  # undo the offset of the top digit
         prefix = value if top else (prefix << _DIGIT_BITS) | d
     assert prefix is not None
     return prefix, n_prune - below
