@@ -157,3 +157,14 @@ def test_sweep_prunes_from_dense_each_time(_config, tok):
     for name, ls in ((ls.name, ls) for ls in result.layers):
         w = model.get_submodule(name).weight
         assert torch.equal(w[w != 0], dense[name + ".weight"][w != 0])
+
+
+def test_save_writes_a_sparse_checkpoint_that_loads_back(_config, tok, tmp_path):
+    formats = pytest.importorskip("prunescope.formats", reason="formats.py (the sparse checkpoint writer) is missing")
+    model = tiny_llama(vocab_size=max(384, len(tok)))
+    result, pruned = run_prune(_config(method="wanda", pattern="2:4", evaluate=False, save_dir=tmp_path / "m"), model, tok)
+    assert result.checkpoint["file_bytes"] < result.checkpoint["dense_file_bytes"]
+    assert result.checkpoint["path"] == str(tmp_path / "m")
+    loaded = formats.load_sparse(tmp_path / "m")
+    for name, tensor in pruned.state_dict().items():
+        assert torch.equal(loaded[name], tensor), name

@@ -404,15 +404,25 @@ def _run_sweep(
     return tuple(points)
 
 
+_CHECKPOINT_KEYS = (
+    "path", "file_bytes", "dense_file_bytes", "size_ratio", "sparse_tensors", "dense_tensors",
+    "format_version", "save_seconds",
+)
+
+
 def _save(model: nn.Module, tokenizer: Any, folder: Path) -> Mapping[str, Any]:
-    """Write the pruned model as a compressed sparse checkpoint; returns what the writer reports."""
-    from prunescope import formats  # written alongside; imported only when --save is used
+    """Write the pruned model (and tokenizer) as a compressed sparse checkpoint.
+
+    Returns the writer's summary (file size against the dense safetensors file, tensor counts);
+    the per-tensor statistics stay in the checkpoint's own index.
+    """
+    from prunescope import formats  # imported only when --save is used
     from prunescope.report import to_jsonable
 
-    info = formats.save_sparse(model, folder)
-    saved = to_jsonable(info) if info is not None else {}
-    if not isinstance(saved, dict):
-        saved = {"info": saved}
+    info = to_jsonable(formats.save_sparse(model, folder, tokenizer=tokenizer))
+    if not isinstance(info, dict):
+        info = {"info": info}
+    saved = {k: info[k] for k in _CHECKPOINT_KEYS if k in info} or dict(info)
     saved.setdefault("path", str(folder))
     return saved
 
