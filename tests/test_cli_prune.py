@@ -41,6 +41,8 @@ def test_prune_tiny_model_end_to_end(tiny_model_dir, tmp_path):
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["sparsity_actual"] == pytest.approx(0.3, abs=1e-3)
+    assert (report["method"], report["scope"], report["pattern"]) == ("magnitude", "global", "unstructured")
+    assert report["calib_samples"] == 0 and report["calib_text"] is None  # magnitude needs no calibration
     assert report["dense_ppl"] > 1 and report["pruned_ppl"] > 1
     assert len(report["layers"]) == 2 * 7
     assert (out / "report.md").read_text().startswith("# prunescope prune")

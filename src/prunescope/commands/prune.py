@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prunescope import cli
 from prunescope.errors import PrunescopeError
+
+if TYPE_CHECKING:
+    from prunescope.pipeline import PruneConfig
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +95,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _config(args: argparse.Namespace, out) -> "PruneConfig":  # noqa: F821
+def _config(args: argparse.Namespace, out: Path | None) -> "PruneConfig":
+    """The validated job config from the parsed options (``out`` only places ``--save``)."""
     from prunescope.pipeline import PruneConfig
 
     methods = tuple(m.strip() for m in args.method.split(",") if m.strip())
