@@ -25,7 +25,8 @@ subnormal is kept as a value. Zeros are dropped, and both zeros come back bit fo
 needs nothing, ``-0.0`` sets its bit in ``W.__signs``. This matters in practice: pruning by
 multiplying with a mask (``torch.nn.utils.prune``, ``prunescope.prune``: ``w * mask``) turns every
 pruned negative weight into ``-0.0``, about half the zeros. Keeping those as values would store
-75% of the entries at 50% sparsity; the sign bits cost one bit per dropped entry instead (float32 at 50%: 0.5 + 1/32 + 1/64 = 0.547 of dense, against 0.531 when the zeros are
+75% of the entries at 50% sparsity; the sign bits cost one bit per dropped entry instead
+(float32 at 50%: 0.5 + 1/32 + 1/64 = 0.547 of dense, against 0.531 when the zeros are
 ``+0.0``, as ``apply.apply_masks``'s ``masked_fill`` writes them). The round trip is bit-exact
 for every supported dtype.
 
@@ -56,6 +57,7 @@ tests check the computation against real ``safetensors.torch.save`` output byte 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -351,7 +353,10 @@ def _bitmask_entries(name: str, flat: torch.Tensor) -> tuple[dict[str, torch.Ten
     return entries, True
 
 
-def _alias_entry(name: str, t: torch.Tensor, target: str, target_stats: TensorStats) -> tuple[dict[str, Any], TensorStats]:
+def _alias_entry(
+    name: str, t: torch.Tensor, target: str, target_stats: TensorStats
+) -> tuple[dict[str, Any], TensorStats]:
+    """Metadata and stats of a tensor stored only as a reference to ``target`` (tied weights)."""
     meta = {"v": FORMAT_VERSION, "shape": list(t.shape), "dtype": _dtype_name(t.dtype),
             "layout": "alias", "alias_of": target}
     stats = TensorStats(name, meta["dtype"], tuple(t.shape), "alias", target_stats.density, 0,
@@ -389,7 +394,9 @@ def dense_safetensors_bytes(
     for name in order:
         t = tensors[name]
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_NAME[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": _ST_NAME[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]
+        }
         offset += nbytes
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return 8 + len(text) + (-len(text)) % 8 + offset
@@ -573,7 +580,8 @@ def _read_index(folder: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PrunescopeError(f"{index} is not valid JSON: {exc}") from exc
     if not isinstance(record, dict) or record.get("format") != FORMAT_NAME:
-        raise PrunescopeError(f"{index} is not a {FORMAT_NAME} index (format={record.get('format') if isinstance(record, dict) else None!r})")
+        found = record.get("format") if isinstance(record, dict) else None
+        raise PrunescopeError(f"{index} is not a {FORMAT_NAME} index (format={found!r})")
     if record.get("format_version") != FORMAT_VERSION:
         raise PrunescopeError(
             f"{index}: unknown format version {record.get('format_version')!r}; this prunescope "
@@ -696,7 +704,10 @@ def _decode_dense(handle: Any, name: str, meta: Mapping[str, Any], where: str) -
     return t
 
 
-def _resolve_alias(out: Mapping[str, torch.Tensor], name: str, meta: Mapping[str, Any], where: str) -> torch.Tensor:
+def _resolve_alias(
+    out: Mapping[str, torch.Tensor], name: str, meta: Mapping[str, Any], where: str
+) -> torch.Tensor:
+    """The already decoded tensor an alias points to, checked against the alias's shape/dtype."""
     target = meta.get("alias_of")
     if target not in out:
         raise PrunescopeError(f"{where}: alias of {target!r}, which is not stored before it")
@@ -770,6 +781,15 @@ def read_info(folder: str | os.PathLike[str]) -> SparseCheckpointInfo:
     return SparseCheckpointInfo(**info)
 
 
+def _skip_weight_init() -> contextlib.AbstractContextManager[Any]:
+    """transformers' ``no_init_weights`` where it exists (v5), else a no-op (random init runs)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
 def load_sparse_model(
     folder: str | os.PathLike[str], device: str | torch.device = "cpu"
 ) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase | None"]:
@@ -794,11 +814,13 @@ def load_sparse_model(
     config = AutoConfig.from_pretrained(folder)
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with _skip_weight_init():  # every parameter is overwritten below; random init only costs time
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise PrunescopeError(f"{folder}: the tensors do not fit {type(model).__name__}: {exc}") from exc
+    model.tie_weights()
     model.to(device).eval()
     has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
