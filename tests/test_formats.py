@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import math
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 
@@ -453,3 +456,28 @@ def test_bundled_model_half_sparse_checkpoint(tmp_path: Path, bundled) -> None:
                  "model.embed_tokens.weight", "model.norm.weight"):
         assert_bit_equal(full[name], out[name], name)
     assert all(torch.equal(full[k], out[k]) for k in state)
+
+
+# --------------------------------------------------------------------------- property test
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    dtype=st.sampled_from(FLOATS),
+    shape=st.lists(st.integers(0, 9), min_size=0, max_size=3).map(tuple),
+    zero_share=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_bit_patterns_round_trip_exactly(dtype, shape, zero_share, seed) -> None:
+    """Arbitrary bits (NaN payloads, infinities, subnormals, both zeros) survive save + load."""
+    g = torch.Generator().manual_seed(seed)
+    view = formats._BITS_VIEW[dtype]
+    raw = torch.randint(-(2**15), 2**15, shape, generator=g, dtype=torch.int32)
+    if view == torch.int32:
+        raw = raw * 65536 + torch.randint(0, 2**16, shape, generator=g, dtype=torch.int32)
+    t = raw.to(view).view(dtype)
+    zeros = torch.rand(shape, generator=g) < zero_share
+    t = torch.where(zeros, torch.where(torch.rand(shape, generator=g) < 0.5, 0.0, -0.0).to(dtype), t)
+    with tempfile.TemporaryDirectory() as tmp:
+        formats.save_sparse({"t": t}, Path(tmp) / "ck")
+        assert_bit_equal(t, formats.load_sparse(Path(tmp) / "ck")["t"])
