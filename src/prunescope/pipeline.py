@@ -292,8 +292,10 @@ def _prune_decoder_layer(
     hessians: dict[int, torch.Tensor] = {}  # shared inputs (q/k/v) share one Hessian
     new_weights = {}
     for name, module in targets.items():
-        h = hessians.setdefault(id(stats[name]), stats[name].hessian())  # [in, in]
-        new_weights[name], _keep = sparsegpt.prune(module.weight, h, pattern)
+        key = id(stats[name])
+        if key not in hessians:
+            hessians[key] = stats[name].hessian()  # [in, in]
+        new_weights[name], _keep = sparsegpt.prune(module.weight, hessians[key], pattern)
     apply_weights(model, new_weights)
 
 
