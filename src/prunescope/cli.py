@@ -25,6 +25,7 @@ log = logging.getLogger("prunescope")
 # One module per subcommand; each has register(subparsers).
 COMMAND_MODULES: tuple[str, ...] = (
     "prunescope.commands.prune",
+    "prunescope.commands.lora",
     "prunescope.commands.probe",
 )
 
