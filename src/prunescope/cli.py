@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "prunescope.commands.prune",
     "prunescope.commands.lora",
     "prunescope.commands.probe",
+    "prunescope.commands.activations",
 )
 
 
