@@ -38,7 +38,7 @@ class StudyConfig:
     text: str = data.DEFAULT_TEXT
     activations: tuple[str, ...] = ("relu", "gelu", "silu", "mish")
     seeds: tuple[int, ...] = (0, 1, 2)
-    steps: int = 400
+    steps: int = 300
     batch: int = 32
     seqlen: int = 128
     d_model: int = 128

@@ -64,7 +64,7 @@ def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--acts", type=_names, default=("relu", "gelu", "silu", "mish"),
                    help="activations to compare (default relu,gelu,silu,mish)")
     g.add_argument("--seeds", type=_ints, default=(0, 1, 2), help="initialisation seeds (default 0,1,2)")
-    g.add_argument("--steps", type=int, default=400, help="training steps per run (default 400)")
+    g.add_argument("--steps", type=int, default=300, help="training steps per run (default 300)")
     g.add_argument("--study-batch", type=int, default=32, help="sequences per step (default 32)")
     g.add_argument("--study-seqlen", type=int, default=128, help="characters per sequence (default 128)")
     g.add_argument("--d-model", type=int, default=128, help="width (default 128)")
