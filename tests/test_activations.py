@@ -250,6 +250,30 @@ def test_cli_profile_writes_reports(tiny_model_dir: Path, tmp_path: Path) -> Non
     assert "model.layers.1.mlp.act_fn" in (out / "report.md").read_text()
 
 
+def test_cli_profiles_pruned_sparse_checkpoint(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Joined with weight pruning: a checkpoint from the prune job reports its weight density."""
+    from prunescope import formats, models
+    from prunescope.pipeline import magnitude_masks, select_linear_layers
+    from prunescope.apply import apply_masks
+    from prunescope.patterns import SparsityPattern
+
+    model, tok = models.load(str(tiny_model_dir))
+    layers = select_linear_layers(model)
+    apply_masks(model, magnitude_masks(layers, SparsityPattern(0.5), "layer"))
+    formats.save_sparse(model, tmp_path / "pruned", tokenizer=tok)
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    out = tmp_path / "out"
+    assert cli.main(["-q", "activations", str(tmp_path / "pruned"), "--text", str(text), "--tokens", "64",
+                     "--seqlen", "32", "--sample-every", "1", "--out", str(out)]) == 0
+    costs = {c["name"]: c for c in json.loads((out / "report.json").read_text())["profile"]["linears"]}
+    down = costs["model.layers.0.mlp.down_proj"]
+    assert down["weight_density"] == pytest.approx(0.5, abs=0.01)
+    assert costs["lm_head"]["weight_density"] == 1.0  # the head is not pruned
+    assert down["effective_mac_frac"] == pytest.approx(down["product"], abs=0.02)  # SiLU: inputs all non-zero
+    assert "effective MACs" in (out / "report.md").read_text()
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--eps", "0"], "eps must be a positive"),
     (["--threshold", "0.5,1.2"], "target sparsity must be in"),
