@@ -119,3 +119,14 @@ def test_global_keep_masks_keeps_its_contract() -> None:
         masks.global_keep_masks(scores, 50)
     with pytest.raises(ValueError):
         masks.global_keep_masks(scores, -1)
+
+
+def test_thread_count_is_restored() -> None:
+    before = torch.get_num_threads()
+    masks.keep_smallest([torch.randn(50, 40)], 1000, magnitude=True)
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError):
+        with masks.one_cpu_thread():
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == before

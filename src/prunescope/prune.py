@@ -752,8 +752,9 @@ def global_unstructured(parameters: Iterable[tuple[nn.Module, str]], pruning_met
     else:
         method._tensor_name = "global"
         new_masks = _with_context(where, _global_masks_concat, method, scores, active)
-    for (module, name, _, _), mask in zip(targets, new_masks):
-        _install_global(module, name, mask)
+    with masks.one_cpu_thread():  # one short in-place multiply per tensor
+        for (module, name, _, _), mask in zip(targets, new_masks):
+            _install_global(module, name, mask)
 
 
 def _install_global(module: nn.Module, name: str, mask: torch.Tensor) -> None:
