@@ -26,6 +26,7 @@ import logging
 import math
 import shutil
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -45,6 +46,12 @@ def _tokens(tokenizer, split: str) -> torch.Tensor:
     path = WIKITEXT / f"{split}.txt"
     text = data.load_text(path if path.is_file() else "default")
     return data.tokenize(tokenizer, text)
+
+
+def _clock(hhmm: str) -> datetime:
+    """Today's ``HH:MM`` in UTC."""
+    hour, minute = (int(v) for v in hhmm.split(":"))
+    return datetime.now(timezone.utc).replace(hour=hour, minute=minute, second=0, microsecond=0)
 
 
 def train(seed: int, args: argparse.Namespace, folder: Path) -> dict:
@@ -70,8 +77,11 @@ def train(seed: int, args: argparse.Namespace, folder: Path) -> dict:
         losses.append(loss.item())
         if step % 25 == 0:
             log.info("seed %d step %d loss %.3f", seed, step, loss.item())
+        if time.perf_counter() - start > 60 * args.max_train_minutes:
+            log.warning("seed %d: time budget of %.1f min reached after %d steps", seed, args.max_train_minutes, step + 1)
+            break
     peft_model.save_pretrained(folder)
-    info = {"seed": seed, "losses": losses, "train_seconds": time.perf_counter() - start}
+    info = {"seed": seed, "steps": len(losses), "batch": args.batch, "seqlen": args.seqlen, "lr": args.lr, "losses": losses, "train_seconds": time.perf_counter() - start}
     (folder / "train.json").write_text(json.dumps(info) + "\n")
     return info
 
@@ -142,8 +152,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--max-train-minutes", type=float, default=float("inf"),
+                        help="stop training a seed after this many minutes (CPU time is shared)")
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--alpha", type=float, default=128)
+    parser.add_argument("--finish-by", default=None, metavar="HH:MM",
+                        help="UTC time by which everything should be done: splits the time left between seeds")
+    parser.add_argument("--reserve-minutes", type=float, default=6.0,
+                        help="with --finish-by: minutes kept for the compression curve and the analysis")
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--eval-seqlen", type=int, default=256)
     parser.add_argument("--img-dir", type=Path, default=None, help="also copy the PNGs here (docs/img)")
@@ -152,9 +168,13 @@ def main() -> None:
     torch.set_num_threads(2)
     args.out.mkdir(parents=True, exist_ok=True)
     seeds = [f"seed{s}" for s in args.seeds]
-    for s in args.seeds:
-        if not (args.out / f"seed{s}" / "adapter" / "adapter_model.safetensors").is_file():
-            train(s, args, args.out / f"seed{s}" / "adapter")
+    todo = [s for s in args.seeds if not (args.out / f"seed{s}" / "adapter" / "adapter_model.safetensors").is_file()]
+    for i, s in enumerate(todo):
+        if args.finish_by:
+            left = (_clock(args.finish_by) - datetime.now(timezone.utc)).total_seconds() - 60 * args.reserve_minutes
+            args.max_train_minutes = min(args.max_train_minutes, max(1.0, left / 60 / (len(todo) - i)))
+            log.info("seed %d: training budget %.1f min (finish by %s UTC)", s, args.max_train_minutes, args.finish_by)
+        train(s, args, args.out / f"seed{s}" / "adapter")
     curves_path = args.out / "curves.json"
     if not curves_path.is_file():
         model, tokenizer = models.load(models.DEFAULT_MODEL)
@@ -191,8 +211,9 @@ def analyse(args: argparse.Namespace, seeds: list[str], curves: dict) -> None:
                "train": {s: json.loads((args.out / s / "adapter" / "train.json").read_text()) for s in seeds}}
     for s in seeds:
         losses = summary["train"][s]["losses"]
-        summary["train"][s] = {"first10_loss": sum(losses[:10]) / 10, "last10_loss": sum(losses[-10:]) / 10,
-                               "train_seconds": summary["train"][s]["train_seconds"]}
+        summary["train"][s] = {"first10_loss": sum(losses[:10]) / len(losses[:10]),
+                               "last10_loss": sum(losses[-10:]) / len(losses[-10:]),
+                               "steps": len(losses), "train_seconds": summary["train"][s]["train_seconds"]}
     write_json(summary, args.out / "summary.json")
     for c in summary["comparisons"]:
         log.info("%s: %s", c["scope"], c["sentence"])
