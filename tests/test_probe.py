@@ -214,3 +214,31 @@ def test_cli_model_without_tokenizer(tmp_path, capsys):
     tiny_llama().save_pretrained(folder)
     assert cli.main(["probe", str(folder), "--rows", "1", "--samples", "1", "--out", str(tmp_path / "o")]) == 2
     assert "tokenizer" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_bundled_model_small_probe(bundled):
+    model, tokenizer = bundled
+    result = run_probe_on(model, tokenizer, ProbeConfig(rows=1, samples=4, batch_size=4, calibrate=False), "smollm2-135m")
+    tens = result.field(1, "Age digit 1")
+    assert tens.exact_prefixes == 4 and sum(tens.distribution) == pytest.approx(1.0)
+    assert tens.mass_outside < 0.5  # the instruct model writes an age where the scaffold asks for one
+    assert result.chat_template and result.field(1, "Gender").mass_outside < 0.9
+
+
+def test_plain_prompt_without_chat_template():
+    from prunescope.probe.tables import build_prompt
+
+    tok = digit_tokenizer()
+    t = load_template("people")
+    assert build_prompt(tok, t, 3).startswith("<|im_start|>user\n")
+    tok.chat_template = None
+    assert build_prompt(tok, t, 3) == t.instruction(3) + "\n\n" + t.header()
+
+
+def test_sampling_mode_counts_only(dtok):
+    result = run_probe_on(digit_model(dtok), dtok, ProbeConfig(rows=1, samples=8, batch_size=8, mode="sample"), "tiny")
+    f = result.field(1, "Age digit 1")
+    assert f.exact_marginal is None and f.mass_outside is None and f.calibrated is None
+    n = sum(f.sampled_counts)
+    assert n > 0 and f.distribution == pytest.approx([c / n for c in f.sampled_counts])

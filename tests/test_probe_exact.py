@@ -103,3 +103,37 @@ def test_peek_scores_without_changing_the_state(tiny_model):
     with torch.no_grad():
         ref = tiny_model(input_ids=torch.tensor([[5, 6, 7, 9, 30]])).logits[0, -1]
     torch.testing.assert_close(batch.logits[0], ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.integration
+def test_bundled_model_gender_after_a_table_prefix(bundled):
+    """SmolLM2 puts most of its mass on the two listed genders after a table row's name."""
+    from prunescope.probe.tables import build_vocab
+    from prunescope.probe import load_template
+
+    model, tokenizer = bundled
+    vocab = build_vocab(tokenizer, load_template("people"), "| Name | Gender | Age |\n|---|---|---|\n")
+    assert len(set(vocab.digits)) == 10  # SmolLM2 writes each digit as its own token
+    prefix = "| Name | Gender | Age |\n|---|---|---|\n| John Smith | "
+    vd = value_distribution(model, tokenizer, prefix, ["Male", "Female", "Non-binary"], end=" |")
+    assert sum(vd.probs) == pytest.approx(1.0)
+    assert vd.probs[0] > vd.probs[2] and vd.probs[1] > vd.probs[2]
+    assert 0.3 < vd.total_mass <= 1.0
+
+
+@pytest.mark.integration
+def test_batched_exact_gender_equals_value_distribution_of_each_table(bundled):
+    """What the KV-cached batch reads for each table equals value_distribution on that table's text."""
+    from prunescope.probe import load_template
+    from prunescope.probe.tables import build_prompt, write_tables
+
+    model, tokenizer = bundled
+    template = load_template("people")
+    tables = write_tables(model, tokenizer, template, 1, 2, seed=0, batch_size=2, progress=False)
+    name, gender = tables.cells[0][0], tables.cells[0][1]
+    head = build_prompt(tokenizer, template, 1) + "|"
+    for i in range(2):
+        text = head + tokenizer.decode(name.tokens[i])
+        text += "" if text.endswith("|") else " |"
+        vd = value_distribution(model, tokenizer, text, [" Male", " Female", " Non-binary"], end=" |")
+        assert gender.exact[0][i].tolist() == pytest.approx(vd.raw, rel=1e-3, abs=1e-6)
