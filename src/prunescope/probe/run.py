@@ -54,7 +54,7 @@ class ProbeConfig:
     model: str = "smollm2-135m"
     template: str = "people"
     rows: int = 10
-    samples: int = 100
+    samples: int = 50
     seed: int = 0
     mode: str = "exact"
     temperature: float = 1.0
