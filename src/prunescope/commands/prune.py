@@ -86,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Prune the Linear weights of a causal LM (embeddings and lm_head stay dense) by "
         "magnitude, Wanda or SparseGPT, unstructured or N:M, evaluate perplexity before and after, "
         "and write report.json, report.md and sparsity.png. With no arguments: global L1 magnitude "
-        "pruning of the bundled SmolLM2-135M-Instruct to 50%%, evaluated on Python's bundled pydoc text.",
+        "pruning of the bundled SmolLM2-135M-Instruct to 50%, evaluated on Python's bundled pydoc text.",
     )
     cli.add_model_argument(parser)
     _add_method_arguments(parser)
