@@ -10,7 +10,6 @@ marginal renormalised over the allowed values; the mass outside them is reported
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
