@@ -218,6 +218,7 @@ def test_cli_model_without_tokenizer(tmp_path, capsys):
 
 @pytest.mark.integration
 def test_bundled_model_small_probe(bundled):
+    torch.set_num_threads(1)  # decode steps are tiny: one thread is faster on a shared CPU
     model, tokenizer = bundled
     result = run_probe_on(model, tokenizer, ProbeConfig(rows=1, samples=4, batch_size=4, calibrate=False), "smollm2-135m")
     tens = result.field(1, "Age digit 1")

@@ -111,6 +111,7 @@ def test_bundled_model_gender_after_a_table_prefix(bundled):
     from prunescope.probe.tables import build_vocab
     from prunescope.probe import load_template
 
+    torch.set_num_threads(1)  # decode steps are tiny: one thread is faster on a shared CPU
     model, tokenizer = bundled
     vocab = build_vocab(tokenizer, load_template("people"), "| Name | Gender | Age |\n|---|---|---|\n")
     assert len(set(vocab.digits)) == 10  # SmolLM2 writes each digit as its own token
@@ -127,6 +128,7 @@ def test_batched_exact_gender_equals_value_distribution_of_each_table(bundled):
     from prunescope.probe import load_template
     from prunescope.probe.tables import build_prompt, write_tables
 
+    torch.set_num_threads(1)  # decode steps are tiny: one thread is faster on a shared CPU
     model, tokenizer = bundled
     template = load_template("people")
     tables = write_tables(model, tokenizer, template, 1, 2, seed=0, batch_size=2, progress=False)
