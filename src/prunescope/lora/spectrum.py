@@ -28,8 +28,10 @@ def _core(B: torch.Tensor, A: torch.Tensor, scale: float) -> tuple[torch.Tensor,
 
 def lowrank_singular_values(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """Singular values of ``scale * B @ A`` (descending, float64, length ``min(out, r, in)``)."""
-    _, core, _ = _core(B, A, scale)
-    return torch.linalg.svdvals(core)
+    # Only the R factors matter for the singular values: mode="r" skips forming Q (half the work).
+    rb = torch.linalg.qr(B.detach().to(torch.float64), mode="r").R  # [p, r]
+    ra = torch.linalg.qr(A.detach().to(torch.float64).T, mode="r").R  # [q, r]
+    return torch.linalg.svdvals(scale * (rb @ ra.T))  # core [p, q]
 
 
 def lowrank_svd(
