@@ -332,3 +332,14 @@ def test_bundled_profile(bundled) -> None:
     downs = [s for s in p.sites if s.name.endswith("down_proj")]
     assert len(downs) == 30
     assert len(p.linears) == 30 * 7 + 1
+
+
+def test_calibration_histogram_counts_every_value_and_zeros(tiny_model: nn.Module) -> None:
+    swap_activations(tiny_model, "relu")  # down_proj inputs get exact zeros
+    blocks = _blocks(2, 16)
+    name = "model.layers.0.mlp.down_proj"
+    x = _capture(tiny_model, [name], blocks, pre=True)[name]
+    hists = threshold.calibrate_histograms(tiny_model, [name, "model.layers.0.mlp.up_proj"], blocks, progress=False)
+    assert int(hists[name].sum()) == x.numel()
+    assert int(hists[name][-1]) == int((x == 0).sum()) > 0
+    assert int(hists["model.layers.0.mlp.up_proj"].sum()) == 2 * 16 * 32

@@ -53,15 +53,24 @@ def calibrate_histograms(
 ) -> dict[str, torch.Tensor]:
     """Per Linear, the histogram (``[LOG_BINS + 1]``, last bin = exact zeros) of ``log10|x|`` of its input."""
     hists = {n: torch.zeros(LOG_BINS + 1, dtype=torch.float64) for n in targets}
+    last: list = [None, None]  # input, its histogram: q/k/v (gate/up) read the same tensor
+
+    def histogram(x: torch.Tensor) -> torch.Tensor:
+        a = x.detach().float().abs().flatten()  # [T * in]
+        zeros = a.numel() - int(torch.count_nonzero(a))
+        h = torch.zeros(LOG_BINS + 1, dtype=torch.float64)
+        h[:-1] = torch.histc(a.clamp_min(1e-30).log10_(), LOG_BINS, LOG_MIN, LOG_MAX).double()
+        huge = int(torch.count_nonzero(a >= 10**LOG_MAX))
+        h[LOG_BINS - 1] += huge  # beyond the range: top bin
+        h[0] += a.numel() - int(h.sum()) - zeros  # tiny non-zeros (below 1e-10): lowest bin
+        h[-1] = zeros
+        return h
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
-            a = args[0].detach().float().abs().flatten()  # [T * in]
-            zeros = a.numel() - int(torch.count_nonzero(a))
-            h = torch.histc(a.clamp_min(1e-30).log10_(), LOG_BINS, LOG_MIN, LOG_MAX).double()
-            h[0] += int((a < 10**LOG_MIN).sum()) - zeros  # tiny non-zeros: lowest bin
-            hists[name][:-1] += h
-            hists[name][-1] += zeros
+            if last[0] is not args[0]:
+                last[:] = [args[0], histogram(args[0])]
+            hists[name] += last[1]
         return hook
 
     handles = [model.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in targets]
@@ -73,6 +82,7 @@ def calibrate_histograms(
     finally:
         for h in handles:
             h.remove()
+        last[:] = [None, None]
     return hists
 
 
