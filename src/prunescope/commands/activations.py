@@ -42,7 +42,7 @@ def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
                    help="near-zero thresholds, fractions of each layer's RMS (default 0.01,0.05,0.1,0.25)")
     g.add_argument("--token-eps", type=float, default=0.1, help="eps of the per-token sparsity (default 0.1)")
     g.add_argument("--sample-every", type=int, default=4, metavar="K",
-                   help="histograms/near-zero fractions on every K-th token (default 4; 1 = all). Exact "
+                   help="histograms/near-zero fractions on 1/K of the tokens (a contiguous, rotating run per batch; default 4; 1 = all). Exact "
                    "zeros and dead neurons always use every token")
     g.add_argument("--swap", choices=("relu", "gelu", "silu"), default=None,
                    help="replace every activation (relufication, no fine-tuning); report perplexity and "

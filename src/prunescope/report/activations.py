@@ -55,8 +55,8 @@ def _summary(result: "ActivationsResult") -> str:
         ("mean exact zeros (activations)", _pct(_mean([s.zero_frac for s in acts]))),
         (f"mean abs<{e} rms (activations)", _pct(_mean([s.near_zero_frac[e] for s in acts])) if e in acts[0].near_zero_frac else "n/a"),
         ("dead neurons (never >0), all activations", f"{sum(s.dead_neurons for s in acts):,} of {sum(s.width for s in acts):,}"),
-        ("statistics", f"exact zeros and dead neurons on every token; histograms on every {p.sample_every}th "
-                       f"token; RMS {p.rms_mode}"),
+        ("statistics", f"exact zeros and dead neurons on every token; histograms on 1/{p.sample_every} of the tokens "
+                       f"(a contiguous run per batch); RMS {p.rms_mode}"),
         ("profiling time", f"{p.seconds:.1f} s"),
     ]
     return markdown_table(["", "value"], rows)
