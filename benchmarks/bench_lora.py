@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from prunescope.lora.spectrum import lowrank_singular_values
+from prunescope.lora.spectrum import batched_singular_values
 from prunescope.report import markdown_table
 
 SMOLLM2 = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
@@ -45,7 +45,7 @@ def best_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
 
 
 def fast(pairs, scale: float) -> list[torch.Tensor]:
-    return [lowrank_singular_values(B, A, scale) for B, A in pairs]
+    return batched_singular_values([(B, A, scale) for B, A in pairs])
 
 
 def dense(pairs, scale: float, dtype: torch.dtype) -> list[torch.Tensor]:

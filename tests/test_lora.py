@@ -16,6 +16,7 @@ from prunescope.lora.analysis import analyse_paths, paired_comparison
 from prunescope.lora.compress import CompressConfig, compress_adapter
 from prunescope.lora.io import find_adapters, load_adapter
 from prunescope.lora.spectrum import (
+    batched_singular_values,
     effective_rank,
     energy_rank,
     lowrank_singular_values,
@@ -77,6 +78,18 @@ def test_lowrank_singular_values_match_dense_svd(out: int, inp: int, r: int, sca
     rel = (fast[:k][keep] - dense[:k][keep]).abs() / dense[:k][keep]
     assert float(rel.max()) < 1e-5
     assert float(torch.cat([dense[k:], dense.new_zeros(1)]).max()) < 1e-9 * float(dense[0])  # the rest is numerically zero
+
+
+def test_batched_singular_values_match_dense_svd_in_input_order() -> None:
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(48, 40, 8), (20, 40, 8), (48, 40, 8), (6, 50, 12), (48, 40, 8)]  # repeated shapes batch
+    factors = [(torch.randn(o, r, generator=gen), torch.randn(r, i, generator=gen), 0.5 + k)
+               for k, (o, i, r) in enumerate(shapes)]
+    got = batched_singular_values(factors)
+    assert len(got) == len(factors)
+    for (B, A, scale), sigma in zip(factors, got):
+        dense = torch.linalg.svdvals(scale * B.double() @ A.double())[: sigma.numel()]
+        assert float(((sigma - dense).abs() / dense).max()) < 1e-5
 
 
 def test_lowrank_svd_reconstructs_the_product() -> None:

@@ -3,6 +3,7 @@ rank advice and re-compression."""
 
 from prunescope.lora.io import Adapter, LoraBlock, find_adapters, load_adapter
 from prunescope.lora.spectrum import (
+    batched_singular_values,
     effective_rank,
     energy_rank,
     lowrank_singular_values,
@@ -12,6 +13,6 @@ from prunescope.lora.spectrum import (
 )
 
 __all__ = [
-    "Adapter", "LoraBlock", "effective_rank", "energy_rank", "find_adapters", "load_adapter",
+    "Adapter", "LoraBlock", "batched_singular_values", "effective_rank", "energy_rank", "find_adapters", "load_adapter",
     "lowrank_singular_values", "lowrank_svd", "spectrum_stats", "stable_rank",
 ]

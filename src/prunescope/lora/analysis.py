@@ -11,9 +11,15 @@ from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 
+import torch
+
 from prunescope.errors import PrunescopeError
 from prunescope.lora.io import Adapter, LoraBlock, find_adapters, load_adapter
-from prunescope.lora.spectrum import lowrank_singular_values, spectrum_stats
+from prunescope.lora.spectrum import (
+    batched_singular_values,
+    lowrank_singular_values,
+    spectrum_stats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +134,15 @@ class SpectrumReport:
     seconds: float
 
 
-def module_spectrum(block: LoraBlock, adapter: str = "") -> ModuleSpectrum:
-    """Spectrum of one block via the QR/core-SVD route (ΔW is never formed)."""
-    sigma = lowrank_singular_values(block.B, block.A, block.scale)
+def module_spectrum(
+    block: LoraBlock, adapter: str = "", sigma: torch.Tensor | None = None
+) -> ModuleSpectrum:
+    """Spectrum of one block via the QR/core-SVD route (ΔW is never formed).
+
+    ``sigma`` passes singular values already computed (e.g. by :func:`batched_singular_values`).
+    """
+    if sigma is None:
+        sigma = lowrank_singular_values(block.B, block.A, block.scale)
     stats = spectrum_stats(sigma)
     return ModuleSpectrum(
         adapter=adapter, name=block.name, layer=block.layer, module_type=block.module_type,
@@ -248,13 +260,9 @@ def analyse_adapter(
     adapter: Adapter, label: str | None = None
 ) -> tuple[AdapterOverview, tuple[ModuleSpectrum, ...]]:
     """Spectra of every block of one loaded adapter, labelled ``label`` (default: folder name)."""
-    from tqdm.auto import tqdm
-
     label = label or adapter.name
-    modules = tuple(
-        module_spectrum(b, label)
-        for b in tqdm(adapter.blocks, desc=f"spectra {label}", disable=len(adapter.blocks) < 200)
-    )
+    sigmas = batched_singular_values([(b.B, b.A, b.scale) for b in adapter.blocks])
+    modules = tuple(module_spectrum(b, label, s) for b, s in zip(adapter.blocks, sigmas))
     cfg = adapter.config
     overview = AdapterOverview(
         name=label, path=str(adapter.path), modules=len(modules),
