@@ -55,3 +55,22 @@ def test_bundled_model_loads_and_predicts(bundled):
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
     next_id = model(input_ids=ids).logits[0, -1].argmax().item()
     assert "Paris" in tok.decode([next_id])
+
+
+def test_load_sparse_checkpoint_folder(tiny_model_dir, tmp_path):
+    """A folder written by ``prune --save`` loads through models.load like any model folder."""
+    from prunescope import formats
+
+    model, tok = models.load(str(tiny_model_dir))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight[:, ::2] = 0
+    formats.save_sparse(model, tmp_path / "sparse", tokenizer=tok)
+    loaded, loaded_tok = models.load(str(tmp_path / "sparse"))
+    ids = tok("hello world", return_tensors="pt")["input_ids"]
+    assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert loaded_tok("hello world")["input_ids"] == tok("hello world")["input_ids"]
+    formats.save_sparse(model, tmp_path / "no-tok")
+    with pytest.raises(PrunescopeError, match="holds no tokenizer"):
+        models.load(str(tmp_path / "no-tok"))

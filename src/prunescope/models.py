@@ -120,6 +120,25 @@ def resolve(name_or_path: str | os.PathLike[str] | None) -> str:
     return name
 
 
+def _load_sparse_checkpoint(
+    name_or_path: str | os.PathLike[str] | None, device: str | torch.device
+) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"] | None:
+    """A compressed sparse checkpoint folder (``prunescope prune --save``) rebuilt, else None."""
+    if name_or_path is None:
+        return None
+    from prunescope import formats
+
+    folder = Path(name_or_path).expanduser()
+    if not (folder / formats.INDEX_FILE).is_file():
+        return None
+    model, tokenizer = formats.load_sparse_model(folder, device=device)
+    if tokenizer is None:
+        raise PrunescopeError(
+            f"sparse checkpoint {folder} holds no tokenizer; save it with save_sparse(..., tokenizer=...)"
+        )
+    return model, tokenizer
+
+
 def load(
     name_or_path: str | os.PathLike[str] | None = DEFAULT_MODEL,
     dtype: torch.dtype = torch.float32,
@@ -128,7 +147,8 @@ def load(
     """Load ``(model, tokenizer)`` in eval mode.
 
     Args:
-        name_or_path: ``"smollm2-135m"`` (bundled, default), a local HF folder, or an HF id.
+        name_or_path: ``"smollm2-135m"`` (bundled, default), a local HF folder, a compressed
+            sparse checkpoint folder written by ``prunescope prune --save``, or an HF id.
         dtype: parameter dtype (float32 by default, what the pruning maths expects).
         device: where to put the model.
 
@@ -138,6 +158,9 @@ def load(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    sparse = _load_sparse_checkpoint(name_or_path, device)
+    if sparse is not None:
+        return sparse
     source = resolve(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)

@@ -159,28 +159,12 @@ def _profile(model: nn.Module, blocks: torch.Tensor, config: ActivationsConfig) 
     return profile(model, blocks, config.eps, config.token_eps, config.sample_every, config.batch_size)
 
 
-def load_model(name: str) -> tuple[nn.Module, "PreTrainedTokenizerBase"]:
-    """Load ``name`` like :func:`prunescope.models.load`, and also a pruned model saved as a
-    compressed sparse checkpoint (``prunescope prune --save``: a folder with prunescope_sparse.json)."""
-    from pathlib import Path
-
-    folder = Path(name).expanduser()
-    if (folder / "prunescope_sparse.json").is_file():
-        from prunescope import formats
-
-        model, tokenizer = formats.load_sparse_model(folder)
-        if tokenizer is None:
-            raise PrunescopeError(f"sparse checkpoint {folder} holds no tokenizer; save it with the tokenizer")
-        return model, tokenizer
-    return models.load(name)
-
-
 def run_activations(config: ActivationsConfig, model: nn.Module | None = None,
                     tokenizer: "PreTrainedTokenizerBase | None" = None) -> ActivationsResult:
     """Profile ``config.model`` (or the given model), then the optional threshold sweep and swap."""
     if model is None or tokenizer is None:
         log.info("loading model %s", config.model)
-        model, tokenizer = load_model(config.model)
+        model, tokenizer = models.load(config.model)
     blocks = token_blocks(tokenizer, config.text, config.tokens, config.seqlen, "profiling")
     eval_blocks = (token_blocks(tokenizer, config.eval_text, config.eval_tokens, config.eval_seqlen, "evaluation")
                    if config.needs_eval else None)
