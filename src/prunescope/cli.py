@@ -39,7 +39,7 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
         default="smollm2-135m",
         metavar="MODEL",
         help="'smollm2-135m' (the bundled SmolLM2-135M-Instruct, default), a local folder "
-        "written by save_pretrained, or a Hugging Face model id",
+        "written by save_pretrained or by 'prunescope prune --save', or a Hugging Face model id",
     )
 
 
