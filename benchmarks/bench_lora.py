@@ -1,4 +1,4 @@
-"""Spectra of LoRA updates: QR + r x r core SVD (prunescope.lora) against a dense SVD of the formed ΔW.
+"""Spectra of LoRA updates: the fast path (prunescope.lora.batched_singular_values: batched Gram/Cholesky with a QR + r x r core fallback) against a dense SVD of the formed ΔW.
 
 Two adapters with random factors, timed side by side in one run:
 
@@ -80,7 +80,7 @@ def main() -> None:
     big = factors([(4096, 4096)], r=16, seed=1)
     rows = [case("SmolLM2-135M shape, 30 x 7 modules, r=64", smol, 2.0, args.repeats, args.dense_repeats),
             case("4096 x 4096, r=16", big, 2.0, args.repeats, args.dense_repeats)]
-    headers = ["adapter", "modules", "QR+core ms", "dense f32 ms", "dense f64 ms", "speed-up vs f32",
+    headers = ["adapter", "modules", "fast path ms", "dense f32 ms", "dense f64 ms", "speed-up vs f32",
                "speed-up vs f64", "max rel. error"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(markdown_table(headers, rows))
