@@ -46,6 +46,7 @@ def main() -> None:
     variants = {
         "plain forward": plain,
         "profiled (sample_every=4, default)": lambda: profile(model, blocks, batch_size=args.batch, progress=False),
+        "profiled (sample_every=8)": lambda: profile(model, blocks, sample_every=8, batch_size=args.batch, progress=False),
         "profiled (sample_every=1)": lambda: profile(model, blocks, sample_every=1, batch_size=args.batch, progress=False),
         "TEAL thresholds on all decoder Linears": thresholded,
     }
