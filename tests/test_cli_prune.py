@@ -149,10 +149,7 @@ def test_bundled_wanda_2_4_on_two_layers(tmp_path):
 def test_save_calls_the_sparse_checkpoint_writer(tiny_model_dir, text_file, tmp_path, monkeypatch):
     """--save hands the pruned model to prunescope.formats.save_sparse(model, OUT/model) and
     puts what it reports into the report (the writer itself is tested with formats.py)."""
-    import sys
-    import types
-
-    import prunescope
+    from prunescope import formats
 
     calls = []
 
@@ -160,10 +157,7 @@ def test_save_calls_the_sparse_checkpoint_writer(tiny_model_dir, text_file, tmp_
         calls.append((model, folder, sum(int((p == 0).sum()) for p in model.parameters()), tokenizer))
         return {"file_bytes": 123, "dense_file_bytes": 456, "tensors": ["per-tensor stats stay out"]}
 
-    fake = types.ModuleType("prunescope.formats")
-    fake.save_sparse = save_sparse
-    monkeypatch.setitem(sys.modules, "prunescope.formats", fake)
-    monkeypatch.setattr(prunescope, "formats", fake, raising=False)
+    monkeypatch.setattr(formats, "save_sparse", save_sparse)
     out = tmp_path / "saved"
     assert _run(tiny_model_dir, text_file, out, "--no-eval", "--save") == 0
     assert len(calls) == 1 and calls[0][1] == out / "model" and calls[0][2] > 0  # the pruned model
