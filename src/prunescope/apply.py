@@ -9,6 +9,15 @@ import torch
 from torch import nn
 
 
+def _weight_of(model: nn.Module, name: str) -> torch.Tensor:
+    """The ``weight`` tensor of the submodule ``name``; ValueError if it has none."""
+    module = model.get_submodule(name)
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"module {name!r} ({type(module).__name__}) has no weight tensor")
+    return weight
+
+
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """Zero, in place, every weight entry whose keep-mask is False.
@@ -23,10 +32,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """
     targets = []
     for name, mask in masks.items():
-        module = model.get_submodule(name)
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor):
-            raise ValueError(f"module {name!r} ({type(module).__name__}) has no weight tensor")
+        weight = _weight_of(model, name)
         if mask.shape != weight.shape or mask.dtype != torch.bool:
             raise ValueError(
                 f"mask for {name}.weight has shape {tuple(mask.shape)} and dtype {mask.dtype}; "
@@ -51,10 +57,7 @@ def apply_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None
     """
     targets = []
     for name, new in weights.items():
-        module = model.get_submodule(name)
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor):
-            raise ValueError(f"module {name!r} ({type(module).__name__}) has no weight tensor")
+        weight = _weight_of(model, name)
         if new.shape != weight.shape:
             raise ValueError(
                 f"new weight for {name} has shape {tuple(new.shape)}; expected {tuple(weight.shape)}"
