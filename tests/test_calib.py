@@ -3,15 +3,6 @@ import torch
 
 from prunescope import calib, models
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread. With two on a busy shared CPU a 32x32 matmul takes ~8 ms, not 20 us."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 def _blocks(n=5, seqlen=12, seed=0):
     return torch.randint(0, 384, (n, seqlen), generator=torch.Generator().manual_seed(seed))

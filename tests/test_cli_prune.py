@@ -1,18 +1,8 @@
 import json
 
 import pytest
-import torch
 
 from prunescope import cli
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread (two threads on a busy shared CPU make each tiny matmul ~8 ms)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

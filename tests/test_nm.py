@@ -6,15 +6,6 @@ from hypothesis import strategies as st
 from prunescope import masks, pipeline, sparsegpt
 from prunescope.patterns import SparsityPattern
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread. With two on a busy shared CPU a 32x32 matmul takes ~8 ms, not 20 us."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 def test_nm_mask_hand_computed():
     scores = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.5, 0.1, 0.2, 9.0]])

@@ -9,15 +9,6 @@ from prunescope.pipeline import PruneConfig, run_prune
 from prunescope.patterns import SparsityPattern
 from prunescope.testing import tiny_llama, tiny_tokenizer
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread. With two on a busy shared CPU a 32x32 matmul takes ~8 ms, not 20 us."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 @pytest.fixture(scope="module")
 def tok():

@@ -4,15 +4,6 @@ import torch
 from prunescope import masks, sparsegpt
 from prunescope.patterns import SparsityPattern
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread. With two on a busy shared CPU a 32x32 matmul takes ~8 ms, not 20 us."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 def _problem(rows=8, cols=24, tokens=300, seed=0):
     gen = torch.Generator().manual_seed(seed)

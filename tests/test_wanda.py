@@ -5,15 +5,6 @@ from prunescope import masks, scoring
 from prunescope.pipeline import keep_mask
 from prunescope.patterns import SparsityPattern
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread. With two on a busy shared CPU a 32x32 matmul takes ~8 ms, not 20 us."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 def _slow_wanda(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """|W_ij| * ||X_:,j||_2, entry by entry (x: [tokens, in])."""
