@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ import torch
 from prunescope import formats, models
 from prunescope.apply import apply_masks
 from prunescope.masks import layer_keep_mask, nm_keep_mask
+from timing import best_time
 
 
 def prune_linears(model: torch.nn.Module, pattern: str) -> None:
@@ -48,16 +48,6 @@ def prune_linears(model: torch.nn.Module, pattern: str) -> None:
             else:
                 masks[f"{prefix}.{name}"] = keep
     apply_masks(model, masks)
-
-
-def best_time(fn, repeats: int) -> tuple[float, object]:
-    """Fastest wall time of ``repeats`` calls, and the last result."""
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
 
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

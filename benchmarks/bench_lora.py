@@ -17,13 +17,12 @@ the largest). Run under the shared lock::
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
 
 from prunescope.lora.spectrum import batched_singular_values
 from prunescope.report import markdown_table
+from timing import best_time
 
 SMOLLM2 = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
            "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}
@@ -33,15 +32,6 @@ def factors(shapes: list[tuple[int, int]], r: int, seed: int = 0) -> list[tuple[
     """Random float32 ``(B [out, r], A [r, in])`` pairs."""
     gen = torch.Generator().manual_seed(seed)
     return [(torch.randn(o, r, generator=gen) * 0.01, torch.randn(r, i, generator=gen) / i**0.5) for o, i in shapes]
-
-
-def best_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
 
 
 def fast(pairs, scale: float) -> list[torch.Tensor]:
