@@ -194,6 +194,8 @@ def test_cli_probe_writes_the_report(digit_model_dir, tmp_path):
         (["--rows", "0"], "rows must be an integer >= 1"),
         (["--samples", "0"], "samples must be an integer >= 1"),
         (["--template", "nosuch"], "neither a built-in"),
+        (["--exact-columns", "Age,Height"], "exact columns ['Height'] are not columns"),
+        (["--draws", "sobol"], "draws must be one of iid, rqmc"),
     ],
 )
 def test_cli_bad_input(digit_model_dir, tmp_path, capsys, args, message):
@@ -243,3 +245,19 @@ def test_sampling_mode_counts_only(dtok):
     assert f.exact_marginal is None and f.mass_outside is None and f.calibrated is None
     n = sum(f.sampled_counts)
     assert n > 0 and f.distribution == pytest.approx([c / n for c in f.sampled_counts])
+
+
+def test_exact_columns_limit_the_readout_and_save_forwards(dtok):
+    """Only the listed columns get exact distributions; skipping the choice scoring costs fewer tokens."""
+    from prunescope.probe.tables import write_tables
+
+    template = parse_template({"prompt": "People:\n{table}", "columns": PEOPLE_COLUMNS})
+    model = digit_model(dtok)
+    full = write_tables(model, dtok, template, 1, 4, seed=0, batch_size=4, progress=False)
+    age_only = write_tables(model, dtok, template, 1, 4, seed=0, batch_size=4, progress=False, exact_columns={"Age"})
+    assert full.cells[0][1].exact and not age_only.cells[0][1].exact  # Gender scored only in the full run
+    assert age_only.cells[0][2].exact  # Age read in both
+    assert age_only.forward_tokens < full.forward_tokens
+    config = ProbeConfig(rows=1, samples=4, batch_size=4, exact_columns=("Age",), calib_samples=2)
+    result = run_probe_on(model, dtok, config, "tiny-digits")
+    assert result.field(1, "Gender").exact_marginal is None and result.field(1, "Age digit 1").exact_marginal

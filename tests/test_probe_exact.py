@@ -122,20 +122,67 @@ def test_bundled_model_gender_after_a_table_prefix(bundled):
     assert 0.3 < vd.total_mass <= 1.0
 
 
+def _direct_spelled(model, context: list[int], spellings: list[list[int]], closers: list[int]) -> float:
+    """P(any spelling, then any closer | context) from full forwards, one spelling at a time."""
+    total = 0.0
+    for ids in spellings:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([context + ids])).logits[0, -1].double()
+        close = float(torch.softmax(logits, -1)[closers].sum())
+        total += math.exp(_direct_logprob(model, context, ids)) * close
+    return total
+
+
+def test_spelled_choice_probs_match_direct_forwards(tiny_model):
+    """Sum over spellings x closers, read from the KV-cached batch, equals direct forwards."""
+    from prunescope.probe.exact import spelled_choice_probs
+
+    contexts = [[5, 6, 7], [5, 6, 8]]
+    batch = Batch.start(tiny_model, [5, 6], 2, pad_id=0)
+    batch.feed(torch.tensor([[7], [8]]))
+    spellings = [[[20], [21, 22]], [[30, 31, 32]], [[40]]]
+    closers = torch.tensor([3, 9, 11])
+    got = spelled_choice_probs(batch, spellings, closers)  # (2, 3)
+    for b, ctx in enumerate(contexts):
+        for c, sp in enumerate(spellings):
+            want = _direct_spelled(tiny_model, ctx, sp, closers.tolist())
+            assert float(got[b, c]) == pytest.approx(want, rel=1e-4, abs=1e-9)
+    assert float(got.sum(dim=1).max()) < 1.0
+
+
+def test_negligible_spellings_are_skipped(tiny_model, monkeypatch):
+    """A spelling whose first token is below NEGLIGIBLE everywhere is not scored (adds less than that)."""
+    from prunescope.probe import exact
+
+    batch = Batch.start(tiny_model, [5, 6], 1, pad_id=0)
+    first = torch.softmax(batch.logits[0], -1)
+    rare, common = int(first.argmin()), int(first.argmax())
+    monkeypatch.setattr(exact, "NEGLIGIBLE", float(first[rare]) * 1.0001)
+    got = exact.spelled_choice_probs(batch, [[[rare, 4]], [[common, 4]]], torch.tensor([9]))
+    assert float(got[0, 0]) == 0.0 and float(got[0, 1]) > 0.0
+
+
 @pytest.mark.integration
-def test_batched_exact_gender_equals_value_distribution_of_each_table(bundled):
-    """What the KV-cached batch reads for each table equals value_distribution on that table's text."""
+def test_batched_exact_gender_equals_direct_forwards_of_each_table(bundled):
+    """What the KV-cached batch reads for each table equals direct forwards over that table's ids."""
     from prunescope.probe import load_template
-    from prunescope.probe.tables import build_prompt, write_tables
+    from prunescope.probe.tables import build_prompt, build_vocab, write_tables
 
     torch.set_num_threads(1)  # decode steps are tiny: one thread is faster on a shared CPU
     model, tokenizer = bundled
     template = load_template("people")
+    prompt = build_prompt(tokenizer, template, 1)
+    vocab = build_vocab(tokenizer, template, prompt)
+    assert [tokenizer.decode(s) for s in vocab.spellings["Gender"][0]] == [" Male", "Male"]
+    closers = {tokenizer.decode([int(i)]) for i in vocab.closers}
+    assert {" |", "|", "\n", "||"} <= closers
+    read = {c: ("Male" + c).split("|")[0].split("\n")[0].strip() for c in closers}  # as the sampler reads a cell
+    assert set(read.values()) == {"Male"}, {c: v for c, v in read.items() if v != "Male"}
     tables = write_tables(model, tokenizer, template, 1, 2, seed=0, batch_size=2, progress=False)
     name, gender = tables.cells[0][0], tables.cells[0][1]
-    head = build_prompt(tokenizer, template, 1) + "|"
+    head = list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + vocab.row_start
     for i in range(2):
-        text = head + tokenizer.decode(name.tokens[i])
-        text += "" if text.endswith("|") else " |"
-        vd = value_distribution(model, tokenizer, text, [" Male", " Female", " Non-binary"], end=" |")
-        assert gender.exact[0][i].tolist() == pytest.approx(vd.raw, rel=1e-3, abs=1e-6)
+        context = head + name.tokens[i]
+        context += [] if "|" in tokenizer.decode(name.tokens[i][-1:]) else vocab.cell_end
+        want = [_direct_spelled(model, context, sp, vocab.closers.tolist()) for sp in vocab.spellings["Gender"]]
+        assert gender.exact[0][i].tolist() == pytest.approx(want, rel=1e-3, abs=1e-6)

@@ -28,6 +28,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--samples", type=int, default=50, help="tables written (default 50: about 3 minutes on 2 cores)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--mode", default="exact", help="exact (default: distributions from the logits) or sample (count only)")
+    parser.add_argument(
+        "--draws", default=None,
+        help="how the tables of a batch draw their tokens: rqmc (sorted randomised quasi-Monte Carlo, each "
+        "table still an exact model sample but stratified across the batch: lower variance; default in "
+        "exact mode) or iid (independent; default in sample mode, where Wilson intervals assume it)",
+    )
+    parser.add_argument(
+        "--exact-columns", default=None, metavar="COL1,COL2",
+        help="in exact mode, read distributions from the logits only for these columns (default: all); "
+        "the others are counted only, which saves the forwards that score choice columns",
+    )
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the cells (default 1)")
     parser.add_argument("--batch", type=int, default=50, help="tables written at once (default 50)")
     parser.add_argument("--reference", type=Path, default=None, help="JSON/YAML {column: {value: probability}} (default uniform)")
@@ -43,7 +54,8 @@ def _config(args: argparse.Namespace):
 
     return ProbeConfig(
         model=args.model, template=args.template, rows=args.rows, samples=args.samples, seed=args.seed,
-        mode=args.mode, temperature=args.temperature, batch_size=args.batch, reference=args.reference,
+        mode=args.mode, draws=args.draws, temperature=args.temperature,
+        exact_columns=None if args.exact_columns is None else tuple(c.strip() for c in args.exact_columns.split(",")), batch_size=args.batch, reference=args.reference,
         target=None if str(args.target).lower() == "none" else args.target,
         calibrate=not args.no_calibration, calib_samples=args.calib_samples,
     )
@@ -52,12 +64,14 @@ def _config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     """Validate, probe, and write report.json, report.md and the plots."""
     from prunescope.probe import load_template, run_probe
-    from prunescope.probe.run import load_reference
+    from prunescope.probe.run import check_exact_columns, load_reference
     from prunescope.report import write_json, write_text
     from prunescope.report.probe import render_markdown, write_plots
 
     config = _config(args)
-    load_reference(config.reference, load_template(config.template))  # fail before the output folder exists
+    template = load_template(config.template)  # fail before the output folder exists
+    check_exact_columns(config.exact_columns, template)
+    load_reference(config.reference, template)
     out = cli.prepare_output_dir(args.out, "probe", args.overwrite)
     result = run_probe(config)
     write_json(result, out / "report.json")

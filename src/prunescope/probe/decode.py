@@ -91,14 +91,30 @@ class Batch:
         The first token is scored from the current logits; the rest by a temporary forward of
         ``ids[:-1]`` that is cropped from the cache afterwards.
         """
+        return self._score(ids, feed_last=False)[0]
+
+    @torch.no_grad()
+    def look(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probability (B,) of continuing with ``ids`` and the (B, V) logits after them.
+
+        Like :meth:`peek` but the temporary forward includes the last token, so the next-token
+        distribution after ``ids`` can be read (e.g. how likely the cell ends there).
+        """
+        return self._score(ids, feed_last=True)
+
+    def _score(self, ids: list[int], feed_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score ``ids`` by a temporary forward that is cropped from the cache afterwards."""
         logp = torch.log_softmax(self.logits, dim=-1)[:, ids[0]]  # (B,)
+        fed = ids if feed_last else ids[:-1]
+        if not fed:
+            return logp, self.logits
+        saved = (self.mask, self.pos, self.logits)
+        logits = self.feed(torch.tensor(fed).expand(self.size, -1))  # (B, L, V)
         if len(ids) > 1:
-            saved = (self.mask, self.pos, self.logits)
-            rest = torch.tensor(ids[:-1]).expand(self.size, -1)  # (B, L-1)
-            logits = self.feed(rest)  # (B, L-1, V)
-            step = torch.log_softmax(logits, dim=-1)  # (B, L-1, V)
-            target = torch.tensor(ids[1:]).expand(self.size, -1)  # (B, L-1)
+            step = torch.log_softmax(logits[:, : len(ids) - 1], dim=-1)  # (B, len(ids)-1, V)
+            target = torch.tensor(ids[1:]).expand(self.size, -1)  # (B, len(ids)-1)
             logp = logp + step.gather(-1, target[..., None])[..., 0].sum(dim=1)
-            self.cache.crop(-(len(ids) - 1))  # negative: remove that many tokens
-            self.mask, self.pos, self.logits = saved
-        return logp
+        after = logits[:, -1]  # (B, V)
+        self.cache.crop(-len(fed))  # negative: remove that many tokens
+        self.mask, self.pos, self.logits = saved
+        return logp, after

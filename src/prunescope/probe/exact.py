@@ -90,6 +90,32 @@ def choice_probs(batch: Batch, conts: list[list[int]]) -> torch.Tensor:
     return exclusive(raw, conts)
 
 
+NEGLIGIBLE = 1e-7  # a spelling whose first token is less likely than this in every sequence is not scored
+
+
+def spelled_choice_probs(batch: Batch, spellings: list[list[list[int]]], closers: torch.Tensor) -> torch.Tensor:
+    """(B, C) probability that each sequence writes option ``c`` in any listed spelling, then ends the cell.
+
+    ``spellings[c]`` lists token sequences that all read as option ``c`` (e.g. ``" Male"`` and
+    ``"Male"``); ``closers`` (K,) are the tokens that end a cell without adding text to the value
+    (``" |"``, ``"|"``, ``"\n"``, ...). The events "spelling s, then any closer" are disjoint, so
+    their probabilities add up: P(c) = sum_s P(s) * P(closer | s). Spellings whose first token has
+    probability below ``NEGLIGIBLE`` in every sequence are skipped (they add less than that).
+    """
+    first = torch.softmax(batch.logits, dim=-1)  # (B, V)
+    columns = []
+    for variants in spellings:
+        total = torch.zeros(batch.size, dtype=torch.float64)
+        for ids in variants:
+            if float(first[:, ids[0]].max()) < NEGLIGIBLE:
+                continue
+            logp, after = batch.look(ids)  # (B,), (B, V)
+            close = torch.softmax(after, dim=-1)[:, closers].sum(dim=1)  # (B,)
+            total += (logp.exp() * close).double()
+        columns.append(total)
+    return torch.stack(columns, dim=1)  # (B, C)
+
+
 @torch.no_grad()
 def value_distribution(
     model: nn.Module, tokenizer, prefix: str, choices: list[str] | tuple[str, ...], end: str = ""

@@ -21,6 +21,7 @@ import torch
 
 from prunescope.errors import PrunescopeError
 from prunescope.probe import stats
+from prunescope.probe.sampling import DRAWS
 from prunescope.probe.tables import CellObservations, write_tables
 from prunescope.probe.template import Column, Template, load_template
 
@@ -42,6 +43,10 @@ class ProbeConfig:
         samples: tables written (>= 1).
         seed: seed of the sampler.
         mode: ``exact`` (read distributions from the logits) or ``sample`` (count only).
+        draws: ``rqmc`` or ``iid`` (see :mod:`.sampling`); None: ``rqmc`` in exact mode, ``iid``
+            in sampling mode.
+        exact_columns: in exact mode, the columns whose distributions are read from the logits
+            (None: all); the others are counted only. Checked against the template when run.
         temperature: sampling temperature of the cells (1 = the model's own distribution).
         batch_size: tables written at once with one KV cache.
         reference: optional JSON/YAML file ``{column: {value: probability}}`` (default uniform).
@@ -56,6 +61,8 @@ class ProbeConfig:
     samples: int = 50
     seed: int = 0
     mode: str = "exact"
+    draws: str | None = None
+    exact_columns: tuple[str, ...] | None = None
     temperature: float = 1.0
     batch_size: int = 50
     reference: Path | None = None
@@ -70,6 +77,8 @@ class ProbeConfig:
                 raise PrunescopeError(f"{name} must be an integer >= 1, got {value!r}")
         if self.mode not in MODES:
             raise PrunescopeError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.draws not in (None, *DRAWS):
+            raise PrunescopeError(f"draws must be one of {', '.join(DRAWS)}, got {self.draws!r}")
         if not self.temperature > 0:
             raise PrunescopeError(f"temperature must be > 0, got {self.temperature!r}")
         if self.target not in (None, "uniform"):
@@ -138,6 +147,7 @@ class ProbeResult:
     samples: int
     seed: int
     mode: str
+    draws: str
     temperature: float
     chat_template: bool
     fields: tuple[FieldDistribution, ...]
@@ -184,6 +194,15 @@ def load_reference(path: Path | None, template: Template) -> dict[str, dict[str,
             raise PrunescopeError(f"reference file {path}: column {name} has no positive probability")
         out[name] = {str(k): float(v) for k, v in dist.items()}
     return out
+
+
+def check_exact_columns(names: tuple[str, ...] | None, template: Template) -> None:
+    """Raise unless every name in ``names`` is a column of ``template``."""
+    valid = [c.name for c in template.columns]
+    bad = [n for n in names or () if n not in valid]
+    if bad or (names is not None and not names):
+        raise PrunescopeError(f"exact columns {list(bad or names)} are not columns of template "
+                              f"{template.name!r}; valid: {', '.join(valid)}")
 
 
 def _reference(values: tuple[str, ...], column: str, refs: dict[str, dict[str, float]]) -> np.ndarray:
@@ -286,7 +305,7 @@ def _content_free(model, tokenizer, template: Template, config: ProbeConfig) -> 
     """Row-1 distributions with the instruction replaced by ``N/A`` (contextual calibration)."""
     obs = write_tables(model, tokenizer, template, 1, config.calib_samples, config.seed + 1,
                        config.temperature, exact=True, instruction=CONTENT_FREE,
-                       batch_size=config.batch_size).cells
+                       batch_size=config.batch_size, draws=config.draws, exact_columns=config.exact_columns).cells
     from prunescope.probe.tables import build_prompt, build_vocab
 
     digit_ids = build_vocab(tokenizer, template, build_prompt(tokenizer, template, 1)).digits
@@ -303,6 +322,7 @@ def run_probe_on(model, tokenizer, config: ProbeConfig, model_name: str | None =
     if tokenizer is None:
         raise PrunescopeError(f"model {model_name or config.model!r} has no tokenizer; the probe needs one to write tables")
     template = load_template(config.template)
+    check_exact_columns(config.exact_columns, template)
     refs = load_reference(config.reference, template)
     from prunescope.probe.tables import build_prompt, build_vocab
 
@@ -310,7 +330,8 @@ def run_probe_on(model, tokenizer, config: ProbeConfig, model_name: str | None =
     exact = config.mode == "exact"
     t0 = time.perf_counter()
     obs = write_tables(model, tokenizer, template, config.rows, config.samples, config.seed,
-                       config.temperature, exact=exact, batch_size=config.batch_size).cells
+                       config.temperature, exact=exact, batch_size=config.batch_size, draws=config.draws,
+                       exact_columns=config.exact_columns).cells
     seconds = time.perf_counter() - t0
     fields: list[FieldDistribution] = []
     texts: list[TextField] = []
@@ -327,6 +348,7 @@ def run_probe_on(model, tokenizer, config: ProbeConfig, model_name: str | None =
         model=model_name or config.model, template=template.name,
         instruction=template.instruction(config.rows), columns=tuple(c.name for c in template.columns),
         rows=config.rows, samples=config.samples, seed=config.seed, mode=config.mode,
+        draws=config.draws or ("rqmc" if exact else "iid"),
         temperature=config.temperature, chat_template=bool(getattr(tokenizer, "chat_template", None)),
         fields=tuple(fields), text_fields=tuple(texts), top_values=top, first_words=first,
         last_words=last, seconds=seconds, tables_per_minute=60.0 * config.samples / max(seconds, 1e-9),
@@ -366,7 +388,8 @@ def load_for_probe(name: str):
 
 def run_probe(config: ProbeConfig) -> ProbeResult:
     """Load the model, write ``config.samples`` tables and measure every field's distribution."""
-    load_template(config.template)  # fail on a bad template before loading a model
-    load_reference(config.reference, load_template(config.template))
+    template = load_template(config.template)  # fail on bad input before loading a model
+    check_exact_columns(config.exact_columns, template)
+    load_reference(config.reference, template)
     model, tokenizer = load_for_probe(config.model)
     return run_probe_on(model, tokenizer, config)

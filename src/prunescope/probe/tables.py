@@ -7,7 +7,10 @@ an end-of-sequence token, or the column's token limit, after which `` |`` is for
 are conditioned on what the model really writes, and out-of-grammar values are recorded, not
 prevented. Before a cell is sampled, its exact distribution is read from the raw logits:
 
-- ``choice``: probability of each whole option followed by `` |`` (see :mod:`.exact`);
+- ``choice``: probability that the cell reads as each option: the option in each of its spellings
+  (with and without a leading space, e.g. ``" Male"`` and ``"Male"``), followed by any token that
+  ends the cell without adding text (``" |"``, ``"|"``, a newline, ...), as the sampled cell would be
+  read (see :func:`.exact.spelled_choice_probs`);
 - ``digits``: at each digit position, the next-token distribution over the ten digit tokens
   (the tokenizer must write each digit as its own token; checked), for the sequences still writing
   digits; the mass outside counts everything that is neither a digit nor, once ``min_length``
@@ -18,6 +21,7 @@ prevented. Before a cell is sampled, its exact distribution is read from the raw
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +30,8 @@ from tqdm.auto import tqdm
 
 from prunescope.errors import PrunescopeError
 from prunescope.probe.decode import Batch
-from prunescope.probe.exact import choice_probs, encode, split_continuations
+from prunescope.probe.exact import encode, split_continuations, spelled_choice_probs
+from prunescope.probe.sampling import make_sampler
 from prunescope.probe.template import Column, Template
 
 log = logging.getLogger(__name__)
@@ -64,7 +69,8 @@ class Vocab:
     cell_end: list[int]
     digit_lead: list[int]
     digits: list[int]
-    choices: dict[str, list[list[int]]]
+    spellings: dict[str, list[list[list[int]]]]
+    closers: torch.Tensor
     stop: frozenset[int]
     pad: int
 
@@ -86,13 +92,13 @@ def build_vocab(tokenizer, template: Template, header_prompt: str) -> Vocab:
         c[-1] for c in digit_conts[1:] + digit_conts[:1]
     ]:
         raise PrunescopeError("digits columns need a tokenizer that writes each digit as its own token; this one merges them")
-    choices = {
-        col.name: [_tail(tokenizer, _ANCHOR, f" {c} |", "a choice") for c in col.choices]
-        for col in template.columns if col.type == "choice"
+    spellings = {
+        col.name: [_spellings(tokenizer, c) for c in col.choices] for col in template.columns if col.type == "choice"
     }
     specials = set(getattr(tokenizer, "all_special_ids", []) or [])
     pieces = {i: tokenizer.decode([i]) for i in range(len(tokenizer))}
     stop = frozenset(i for i, p in pieces.items() if "|" in p or "\n" in p or i in specials)
+    closers = sorted(i for i in stop if i not in specials and not _cell_text(pieces[i]).strip())
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return Vocab(
         row_start=_tail(tokenizer, header_prompt, "|", "the row start"),
@@ -100,10 +106,31 @@ def build_vocab(tokenizer, template: Template, header_prompt: str) -> Vocab:
         cell_end=_tail(tokenizer, "| x", " |", "the cell end"),
         digit_lead=lead,
         digits=[c[-1] for c in digit_conts],
-        choices=choices,
+        spellings=spellings,
+        closers=torch.tensor(closers, dtype=torch.long),
         stop=stop,
         pad=pad,
     )
+
+
+def _cell_text(text: str) -> str:
+    """The part of a cell's text that becomes its value: everything before ``|`` or a newline."""
+    return text.split("|")[0].split("\n")[0]
+
+
+def _spellings(tokenizer, option: str) -> list[list[int]]:
+    """Token sequences that a cell reads as ``option`` (stripped): with and without a leading space."""
+    out: list[list[int]] = []
+    for lead in (" ", ""):
+        try:
+            ids = _tail(tokenizer, _ANCHOR, lead + option, "a choice")
+        except PrunescopeError:
+            continue  # this spelling merges into the cell delimiter: the sampler cannot write it apart
+        if ids not in out:
+            out.append(ids)
+    if not out:
+        raise PrunescopeError(f"choice {option!r} cannot be tokenized apart from the cell delimiter '|'")
+    return out
 
 
 def build_prompt(tokenizer, template: Template, rows: int, instruction: str | None = None) -> str:
@@ -122,18 +149,19 @@ class TableWriter:
     """Samples cells for a :class:`Batch` and records the exact distributions."""
 
     def __init__(self, batch: Batch, tokenizer, vocab: Vocab, generator: torch.Generator,
-                 temperature: float, exact: bool) -> None:
+                 temperature: float, exact: bool, draws: str = "iid") -> None:
         self.batch, self.tokenizer, self.vocab = batch, tokenizer, vocab
-        self.gen, self.temperature, self.exact = generator, temperature, exact
+        self.temperature, self.exact = temperature, exact
+        self.sampler = make_sampler(draws, batch.size, generator)
 
     def force(self, ids: list[int], active: torch.Tensor | None = None) -> None:
         """Feed the same tokens to every (active) sequence."""
         if ids:
             self.batch.feed(torch.tensor(ids).expand(self.batch.size, -1), active)
 
-    def _sample(self) -> torch.Tensor:
+    def _sample(self, active: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(self.batch.logits / self.temperature, dim=-1)  # (B, V)
-        return torch.multinomial(probs, 1, generator=self.gen)[:, 0]  # (B,)
+        return self.sampler.draw(probs, active)  # (B,)
 
     def free_cell(self, max_tokens: int, obs: CellObservations, observe=None, on_token=None) -> None:
         """Sample every sequence until it writes a stop token; force the cell end where needed."""
@@ -144,7 +172,7 @@ class TableWriter:
         for step in range(max_tokens):
             if observe is not None:
                 observe(step, active)
-            tok = self._sample()
+            tok = self._sample(active)
             self.batch.feed(tok[:, None], active)
             for i in torch.nonzero(active)[:, 0].tolist():
                 t = int(tok[i])
@@ -167,9 +195,9 @@ class TableWriter:
 
     def choice_cell(self, col: Column, obs: CellObservations) -> None:
         if self.exact:
-            raw = choice_probs(self.batch, self.vocab.choices[col.name])  # (B, C)
+            raw = spelled_choice_probs(self.batch, self.vocab.spellings[col.name], self.vocab.closers)  # (B, C)
             obs.exact.append(raw)
-            obs.mass.append(1.0 - raw.sum(dim=1))
+            obs.mass.append((1.0 - raw.sum(dim=1)).clamp_min(0.0))
         self.free_cell(col.max_tokens, obs)
 
     def text_cell(self, col: Column, obs: CellObservations) -> None:
@@ -219,13 +247,18 @@ class Tables:
 def write_tables(
     model: nn.Module, tokenizer, template: Template, rows: int, n: int, seed: int,
     temperature: float = 1.0, exact: bool = True, instruction: str | None = None,
-    batch_size: int = 64, progress: bool = True,
+    batch_size: int = 64, progress: bool = True, draws: str | None = None,
+    exact_columns: Collection[str] | None = None,
 ) -> "Tables":
     """Write ``n`` tables of ``rows`` rows; return the observations, indexed ``[row][column]``.
 
     Tables are written ``batch_size`` at a time; the observations of all batches are merged.
     ``instruction`` replaces the template's instruction (used for content-free calibration).
+    ``draws`` (``iid`` or ``rqmc``, see :mod:`.sampling`) defaults to ``rqmc`` in exact mode and
+    ``iid`` otherwise. ``exact_columns`` limits the exact readout to those columns (None: all);
+    the others are only sampled, which saves the choice-scoring forwards of columns not studied.
     """
+    draws = draws or ("rqmc" if exact else "iid")
     prompt = build_prompt(tokenizer, template, rows, instruction)
     vocab = build_vocab(tokenizer, template, prompt)
     add = not bool(getattr(tokenizer, "chat_template", None))
@@ -237,12 +270,13 @@ def write_tables(
     for start in range(0, n, batch_size):
         size = min(batch_size, n - start)
         batch = Batch.start(model, prompt_ids + vocab.row_start, size, vocab.pad)
-        writer = TableWriter(batch, tokenizer, vocab, gen, temperature, exact)
+        writer = TableWriter(batch, tokenizer, vocab, gen, temperature, exact, draws)
         for r in range(rows):
             if r:
                 writer.force(vocab.between_rows)
             for c, col in enumerate(template.columns):
                 obs = CellObservations()
+                writer.exact = exact and (exact_columns is None or col.name in exact_columns)
                 getattr(writer, f"{col.type}_cell")(col, obs)
                 _merge(merged[r][c], obs)
             bar.update(size)

@@ -73,7 +73,7 @@ def render_markdown(result: ProbeResult) -> str:
     summary = markdown_table(["", "value"], [
         ("model", result.model), ("template", result.template), ("instruction", result.instruction),
         ("chat template", "yes" if result.chat_template else "no (plain prompt)"),
-        ("tables x rows", f"{result.samples} x {result.rows}"), ("mode", result.mode),
+        ("tables x rows", f"{result.samples} x {result.rows}"), ("mode", result.mode), ("draws", result.draws),
         ("seed, temperature", f"{result.seed}, {result.temperature}"),
         ("time", f"{result.seconds:.1f} s ({result.tables_per_minute:.1f} tables/min)"),
     ])
