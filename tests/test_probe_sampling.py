@@ -65,6 +65,26 @@ def test_rqmc_stratifies_tables_that_share_a_history():
     assert abs(share - 0.1) <= 2.0 / int(group.sum())
 
 
+def test_rqmc_counts_after_histories_diverge_are_not_overdispersed():
+    """Regression: a batch-wide lattice sorted by history kept each table's offset once histories
+    were distinct, so the tables that drew token 0 at step 1 drew step 2 from one arc of [0, 1)
+    and the step-2 count scattered far more than binomially. Within-group draws must not."""
+    gen = torch.Generator().manual_seed(3)
+    b, runs = 64, 300
+    ones = torch.ones(b, dtype=torch.bool)
+    counts = []
+    for _ in range(runs):
+        sampler = RqmcSampler(b, gen)
+        sampler.draw(torch.full((b, b), 1.0 / b), ones)  # step 0: every table a distinct token
+        first = sampler.draw(torch.tensor([[0.5, 0.5]]).expand(b, -1), ones)  # step 1: fair coin
+        second = sampler.draw(torch.tensor([[0.9, 0.1], [0.1, 0.9]])[first], ones)  # step 2 copies it
+        counts.append(int((second == 0).sum()))
+    counts_arr = np.array(counts, dtype=float)
+    assert abs(counts_arr.mean() - 32.0) < 4 * 4.0 / np.sqrt(runs)  # unbiased: E = 64 * 0.5
+    # binomial variance 64 * 0.5 * 0.5 = 16; the old sampler gave several times that
+    assert counts_arr.var(ddof=1) < 16.0 * 1.35, counts_arr.var(ddof=1)
+
+
 def test_make_sampler_rejects_unknown_names():
     with pytest.raises(ValueError, match="iid"):
         make_sampler("sobol", 2, torch.Generator())

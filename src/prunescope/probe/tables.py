@@ -14,7 +14,7 @@ prevented. Before a cell is sampled, its exact distribution is read from the raw
 - ``digits``: at each digit position, the next-token distribution over the ten digit tokens
   (the tokenizer must write each digit as its own token; checked), for the sequences still writing
   digits; the mass outside counts everything that is neither a digit nor, once ``min_length``
-  digits are written, the cell end `` |``;
+  digits are written, a token that ends the cell without adding text (`` |``, ``|``, a newline);
 - ``text``: the first-token distribution.
 """
 
@@ -221,7 +221,7 @@ class TableWriter:
             pd = probs[:, digit_ids]  # (B_j, 10)
             allowed = pd.sum(dim=1)
             if step >= col.min_length:
-                allowed = allowed + probs[:, v.cell_end[0]]
+                allowed = allowed + probs[:, v.closers].sum(dim=1)  # the cell may end here
             scale = lead_p[keep] if step == 0 else torch.ones_like(allowed)
             obs.exact.append(pd)
             obs.mass.append(1.0 - scale * allowed)
