@@ -9,11 +9,11 @@ as a pilot run says the same budget buys, and every SE is then rescaled to exact
 (SE x sqrt(tokens spent / budget), as SE falls with 1/sqrt(tables)). Estimators: exact (averaged
 exact conditionals) with every column read exactly (the default) or only the Age column
 (``--exact-columns Age``: no forwards spent scoring the Gender options), and counting; with
-independent draws (iid) or sorted randomised quasi-Monte Carlo draws (rqmc, see
-prunescope.probe.sampling). For the exact estimators the SE that the report's band assumes
+independent draws (iid) or rqmc draws (systematic sampling within groups of tables that share a
+history, see prunescope.probe.sampling). For the exact estimators the SE that the report's band assumes
 (independent tables) is printed beside the measured one.
 
-Run (inside the heavy-job lock, ~12 minutes on 2 cores):
+Run (inside the heavy-job lock, ~15 minutes on 2 cores):
     flock /tmp/prunescope-heavy.lock .venv/bin/python benchmarks/bench_probe.py
 """
 
@@ -34,6 +34,7 @@ DEFAULT = "exact, all columns, rqmc (default)"
 COUNTS = "sampled counts, iid"
 ESTIMATORS = {  # name: (exact, draws, exact_columns)
     DEFAULT: (True, "rqmc", None),
+    "exact, all columns, iid": (True, "iid", None),
     "exact, Age column only, rqmc": (True, "rqmc", ("Age",)),
     "exact, Age column only, iid": (True, "iid", ("Age",)),
     COUNTS: (False, "iid", None),

@@ -25,13 +25,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cli.add_model_argument(parser)
     parser.add_argument("--template", default="people", help="built-in 'people' (default) or a YAML/JSON file")
     parser.add_argument("--rows", type=int, default=10, help="rows per table (default 10)")
-    parser.add_argument("--samples", type=int, default=50, help="tables written (default 50: about 3 minutes on 2 cores)")
+    parser.add_argument("--samples", type=int, default=50, help="tables written (default 50: about a minute on 2 cores)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--mode", default="exact", help="exact (default: distributions from the logits) or sample (count only)")
     parser.add_argument(
         "--draws", default=None,
-        help="how the tables of a batch draw their tokens: rqmc (sorted randomised quasi-Monte Carlo, each "
-        "table still an exact model sample but stratified across the batch: lower variance; default in "
+        help="how the tables of a batch draw their tokens: rqmc (tables that share a history draw one "
+        "systematic sample with a random start; each table is still an exact model sample; default in "
         "exact mode) or iid (independent; default in sample mode, where Wilson intervals assume it)",
     )
     parser.add_argument(
