@@ -7,8 +7,9 @@ into fixed-size counters; nothing is stored. Two tiers keep the cost near a plai
   which decide dead neurons (never above zero; never outside the near-zero band);
 - on **a 1/k subsample of the tokens** (``sample_every`` = k, 1 = all tokens): per batch one
   contiguous run of ``tokens // k`` rows whose start rotates from batch to batch (contiguous rows
-  are several times faster to reduce than strided ones; with 512-token windows and k = 4 the run
-  is whole windows, so every position in the window is represented): a fixed-bin
+  are several times faster to reduce than strided ones; with the default 4 x 512-token batches and
+  k = 8 the run is half a window, alternating between the halves, so every position in the window
+  is represented): a fixed-bin
   histogram of ``x / rms`` on ``[-HIST_RANGE, HIST_RANGE)`` (from which the near-zero fractions for
   every eps are read), the per-neuron count of positive values (firing rate), and the histogram
   of per-token sparsity (fraction of a token's values with ``|x| < token_eps * rms``).
@@ -107,11 +108,14 @@ class SiteAccumulator:
         """Fold a batch ``x`` (``[..., width]``) into the counters."""
         x = x.detach().reshape(-1, x.shape[-1]).float()  # [T, width]
         if self.rms is None:
-            self.rms = max(float(x.pow(2).mean().sqrt()), 1e-12)
+            self.rms = max(float(torch.linalg.vector_norm(x)) / math.sqrt(x.numel()), 1e-12)
             self.width = x.shape[1]
         self.tokens += x.shape[0]
-        self.nonzero += int(torch.count_nonzero(x))
-        lo, hi = torch.aminmax(x, dim=0)  # [width] each
+        # Counting a bool tensor per column in int32 (a column count is <= T, no overflow) is ~1 ms
+        # for 2048 x 1536 whatever the data; torch.count_nonzero takes ~6 ms on ReLU-sparse data.
+        self.nonzero += int(x.bool().sum(0, dtype=torch.int32).sum())
+        # amax + amin: two vectorised column reductions; torch.aminmax(dim=0) is ~10x slower on CPU
+        hi, lo = torch.amax(x, dim=0), torch.amin(x, dim=0)  # [width] each
         self.max = hi if self.max is None else torch.maximum(self.max, hi)
         self.min = lo if self.min is None else torch.minimum(self.min, lo)
         self._update_sampled(self._sample(x))
@@ -130,10 +134,10 @@ class SiteAccumulator:
         r = self.rms
         self.sampled += s.shape[0]
         self.hist += torch.histc(s, HIST_BINS, -HIST_RANGE * r, HIST_RANGE * r).double()
-        pos = torch.count_nonzero(s > 0, dim=0)  # [width]
+        pos = s.gt(0).sum(0, dtype=torch.int32).long()  # [width]
         self.positive = pos if self.positive is None else self.positive + pos
-        # count_nonzero over a bool tensor is far faster than .sum() on CPU
-        per_token = torch.count_nonzero(s.abs() < self.token_eps * r, dim=-1).float() / s.shape[1]  # [t]
+        near = s.abs() < self.token_eps * r  # [t, width] bool
+        per_token = near.sum(-1, dtype=torch.int32).float() / s.shape[1]  # [t]
         self.token_sum += float(per_token.sum())
         self.token_hist += torch.histc(per_token, TOKEN_BINS, 0.0, 1.0).double()
 

@@ -7,6 +7,7 @@ import argparse
 import logging
 
 from prunescope import cli
+from prunescope.activations.profiler import DEFAULT_SAMPLE_EVERY
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,10 @@ def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eps", type=_floats, default=(0.01, 0.05, 0.1, 0.25), metavar="E1,E2,...",
                    help="near-zero thresholds, fractions of each layer's RMS (default 0.01,0.05,0.1,0.25)")
     g.add_argument("--token-eps", type=float, default=0.1, help="eps of the per-token sparsity (default 0.1)")
-    g.add_argument("--sample-every", type=int, default=4, metavar="K",
-                   help="histograms/near-zero fractions on 1/K of the tokens (a contiguous, rotating run per batch; default 4; 1 = all). Exact "
-                   "zeros and dead neurons always use every token")
+    g.add_argument("--sample-every", type=int, default=DEFAULT_SAMPLE_EVERY, metavar="K",
+                   help="histograms, near-zero fractions, firing rates and per-token sparsity on 1/K of the "
+                   f"tokens (a contiguous, rotating run per batch; default {DEFAULT_SAMPLE_EVERY}; 1 = all). "
+                   "Exact zeros and dead neurons always use every token")
     g.add_argument("--swap", choices=("relu", "gelu", "silu"), default=None,
                    help="replace every activation (relufication, no fine-tuning); report perplexity and "
                    "sparsity before and after")
