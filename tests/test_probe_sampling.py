@@ -81,7 +81,7 @@ def test_rqmc_counts_after_histories_diverge_are_not_overdispersed():
         counts.append(int((second == 0).sum()))
     counts_arr = np.array(counts, dtype=float)
     assert abs(counts_arr.mean() - 32.0) < 4 * 4.0 / np.sqrt(runs)  # unbiased: E = 64 * 0.5
-    # binomial variance 64 * 0.5 * 0.5 = 16; the old sampler gave several times that
+    # binomial variance 64 * 0.5 * 0.5 = 16; the old batch-wide lattice gave 29 here
     assert counts_arr.var(ddof=1) < 16.0 * 1.35, counts_arr.var(ddof=1)
 
 
