@@ -56,17 +56,19 @@ class RqmcSampler:
 
     def __init__(self, batch_size: int, generator: torch.Generator) -> None:
         self.gen = generator
-        self.history = torch.zeros(batch_size, dtype=torch.long)  # (B,) rank of each table's draws so far
+        # (B,) dense rank (0 .. G-1) of each table's draws so far: equal ranks = one group
+        self.history = torch.zeros(batch_size, dtype=torch.long)
 
     def draw(self, probs: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """(B,) sampled token ids; tables not ``active`` draw too but their token is not recorded."""
         b, v = probs.shape
-        groups, group, sizes = torch.unique(self.history, return_inverse=True, return_counts=True)
+        group = self.history  # (B,) already dense ranks, so they index the groups directly
+        sizes = torch.bincount(group)  # (G,) tables per group
         order = torch.argsort(group, stable=True)  # (B,) tables, grouped
         first = torch.cumsum(sizes, 0) - sizes  # (G,) sorted position of each group's first table
         slot = torch.empty(b, dtype=torch.long)
         slot[order] = torch.arange(b) - first[group[order]]  # (B,) j: index of the table within its group
-        shift = torch.rand(len(groups), generator=self.gen, dtype=torch.float64)  # (G,) one per group
+        shift = torch.rand(len(sizes), generator=self.gen, dtype=torch.float64)  # (G,) one per group
         u = torch.frac(slot.double() / sizes[group].double() + shift[group])  # (B,)
         tokens = inverse_cdf(probs, u)
         written = torch.where(active, tokens + 1, torch.zeros_like(tokens))  # 0: nothing written
