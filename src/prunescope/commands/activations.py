@@ -7,7 +7,7 @@ import argparse
 import logging
 
 from prunescope import cli
-from prunescope.activations.profiler import DEFAULT_SAMPLE_EVERY
+from prunescope.activations.profiler import DEFAULT_EPS, DEFAULT_SAMPLE_EVERY, DEFAULT_TOKEN_EPS
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,11 @@ def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokens", type=int, default=8192, help="profile the first N tokens (default 8192)")
     g.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     g.add_argument("--batch", type=int, default=4, help="windows per forward (default 4)")
-    g.add_argument("--eps", type=_floats, default=(0.01, 0.05, 0.1, 0.25), metavar="E1,E2,...",
-                   help="near-zero thresholds, fractions of each layer's RMS (default 0.01,0.05,0.1,0.25)")
-    g.add_argument("--token-eps", type=float, default=0.1, help="eps of the per-token sparsity (default 0.1)")
+    g.add_argument("--eps", type=_floats, default=DEFAULT_EPS, metavar="E1,E2,...",
+                   help="near-zero thresholds, fractions of each layer's RMS "
+                   f"(default {','.join(f'{e:g}' for e in DEFAULT_EPS)})")
+    g.add_argument("--token-eps", type=float, default=DEFAULT_TOKEN_EPS,
+                   help=f"eps of the per-token sparsity (default {DEFAULT_TOKEN_EPS:g})")
     g.add_argument("--sample-every", type=int, default=DEFAULT_SAMPLE_EVERY, metavar="K",
                    help="histograms, near-zero fractions, firing rates and per-token sparsity on 1/K of the "
                    f"tokens (a contiguous, rotating run per batch; default {DEFAULT_SAMPLE_EVERY}; 1 = all). "
