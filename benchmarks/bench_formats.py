@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from prunescope import formats, models
-from prunescope.apply import apply_masks
-from prunescope.masks import layer_keep_mask, nm_keep_mask
+from prunescope.pruning.apply import apply_masks
+from prunescope.pruning.masks import layer_keep_mask, nm_keep_mask
 from timing import best_time
 
 

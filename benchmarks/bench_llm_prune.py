@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from prunescope import data, evaluate, models, pipeline
-from prunescope.apply import apply_weights
-from prunescope.patterns import parse_pattern
+from prunescope import data, evaluate, models
+from prunescope.pruning import job as pipeline
+from prunescope.pruning.apply import apply_weights
+from prunescope.pruning.patterns import parse_pattern
 from prunescope.report import markdown_table, to_jsonable
 
 WIKITEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2"

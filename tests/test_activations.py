@@ -253,9 +253,9 @@ def test_cli_profile_writes_reports(tiny_model_dir: Path, tmp_path: Path) -> Non
 def test_cli_profiles_pruned_sparse_checkpoint(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Joined with weight pruning: a checkpoint from the prune job reports its weight density."""
     from prunescope import formats, models
-    from prunescope.pipeline import magnitude_masks, select_linear_layers
-    from prunescope.apply import apply_masks
-    from prunescope.patterns import SparsityPattern
+    from prunescope.pruning.job import magnitude_masks, select_linear_layers
+    from prunescope.pruning.apply import apply_masks
+    from prunescope.pruning.patterns import SparsityPattern
 
     model, tok = models.load(str(tiny_model_dir))
     layers = select_linear_layers(model)

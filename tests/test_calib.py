@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from prunescope import calib, models
+from prunescope import models
+from prunescope.pruning import calib
 
 
 def _blocks(n=5, seqlen=12, seed=0):

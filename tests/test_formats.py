@@ -18,7 +18,7 @@ from safetensors.torch import save, save_file
 
 from prunescope import formats
 from prunescope.errors import PrunescopeError
-from prunescope.masks import nm_keep_mask
+from prunescope.pruning.masks import nm_keep_mask
 from prunescope.testing import tiny_llama
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prunescope import masks
+from prunescope.pruning import masks
 
 
 def reference_keep(scores: list[torch.Tensor], n_prune: int, magnitude: bool) -> list[torch.Tensor]:

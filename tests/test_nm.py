@@ -3,8 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prunescope import masks, pipeline, sparsegpt
-from prunescope.patterns import SparsityPattern
+from prunescope.pruning import job as pipeline, masks, sparsegpt
+from prunescope.pruning.patterns import SparsityPattern
 
 
 def test_nm_mask_hand_computed():

@@ -1,7 +1,7 @@
 import pytest
 
 from prunescope.errors import PrunescopeError
-from prunescope.patterns import SparsityPattern, parse_pattern
+from prunescope.pruning.patterns import SparsityPattern, parse_pattern
 
 
 @pytest.mark.parametrize(

@@ -3,10 +3,10 @@ import copy
 import pytest
 import torch
 
-from prunescope import masks, pipeline, scoring
+from prunescope.pruning import job as pipeline, masks, scoring
 from prunescope.errors import PrunescopeError
-from prunescope.pipeline import PruneConfig, run_prune
-from prunescope.patterns import SparsityPattern
+from prunescope.pruning.job import PruneConfig, run_prune
+from prunescope.pruning.patterns import SparsityPattern
 from prunescope.testing import tiny_llama, tiny_tokenizer
 
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from prunescope import masks, sparsegpt
-from prunescope.patterns import SparsityPattern
+from prunescope.pruning import masks, sparsegpt
+from prunescope.pruning.patterns import SparsityPattern
 
 
 def _problem(rows=8, cols=24, tokens=300, seed=0):

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from prunescope import masks, scoring
-from prunescope.pipeline import keep_mask
-from prunescope.patterns import SparsityPattern
+from prunescope.pruning import masks, scoring
+from prunescope.pruning.job import keep_mask
+from prunescope.pruning.patterns import SparsityPattern
 
 
 def _slow_wanda(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

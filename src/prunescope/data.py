@@ -15,6 +15,7 @@ consecutive non-overlapping windows for evaluation (the standard perplexity prot
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -144,3 +145,53 @@ def eval_blocks(
     if max_tokens is not None and used.numel() < max_tokens:
         log.warning("evaluation text has only %d tokens (asked for %d)", used.numel(), max_tokens)
     return used[: n_blocks * seqlen].view(n_blocks, seqlen)
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    """Calibration and evaluation text options shared by every job that prunes and measures.
+
+    Calibration: ``calib_samples`` random windows of ``calib_seqlen`` tokens of ``calib_text``
+    (seeded by ``seed``), run ``calib_batch_size`` windows at a time. Evaluation: perplexity on
+    the first ``eval_tokens`` tokens (all when None) of ``eval_text`` in ``eval_seqlen``-token
+    windows, unless ``evaluate`` is False.
+    """
+
+    calib_text: str = DEFAULT_TEXT
+    calib_samples: int = 32
+    calib_seqlen: int = 512
+    calib_batch_size: int = 8
+    eval_text: str = DEFAULT_TEXT
+    eval_tokens: int | None = 16384
+    eval_seqlen: int = 512
+    eval_batch_size: int = 4
+    evaluate: bool = True
+    seed: int = 0
+
+    def check_text_options(self) -> None:
+        """Validate the sizes; raises PrunescopeError naming the bad option."""
+        if self.calib_samples < 1 or self.calib_seqlen < 2 or self.calib_batch_size < 1:
+            raise PrunescopeError(
+                f"calibration needs samples >= 1, seqlen >= 2 and batch size >= 1, got "
+                f"{self.calib_samples}, {self.calib_seqlen} and {self.calib_batch_size}"
+            )
+        if self.eval_seqlen < 2:
+            raise PrunescopeError(f"eval seqlen must be >= 2, got {self.eval_seqlen}")
+        if self.eval_tokens is not None and self.eval_tokens < self.eval_seqlen:
+            raise PrunescopeError(
+                f"eval tokens ({self.eval_tokens}) must be at least eval seqlen ({self.eval_seqlen})"
+            )
+        if self.eval_batch_size < 1:
+            raise PrunescopeError(f"eval batch size must be >= 1, got {self.eval_batch_size}")
+
+    def calibration_windows(self, tokenizer: "PreTrainedTokenizerBase") -> torch.Tensor:
+        """``LongTensor[calib_samples, calib_seqlen]`` of the calibration text."""
+        tokens = tokenize(tokenizer, load_text(self.calib_text))
+        return calibration_blocks(tokens, self.calib_samples, self.calib_seqlen, self.seed)
+
+    def evaluation_windows(self, tokenizer: "PreTrainedTokenizerBase") -> torch.Tensor | None:
+        """``LongTensor[n, eval_seqlen]`` of the evaluation text, or None without evaluation."""
+        if not self.evaluate:
+            return None
+        tokens = tokenize(tokenizer, load_text(self.eval_text))
+        return eval_blocks(tokens, self.eval_seqlen, self.eval_tokens)

@@ -20,7 +20,7 @@ mask becomes bool on load; torch copies our bool mask into its float one) give i
 Un-pruning by hand-editing a mask back to 1 cannot restore values that are gone.
 
 ``global_unstructured`` with :class:`L1Unstructured` never concatenates the scores: it selects
-the threshold by radix selection (:func:`prunescope.masks.keep_smallest`), exact to the count.
+the threshold by radix selection (:func:`prunescope.pruning.masks.keep_smallest`), exact to the count.
 Bad input raises ``ValueError`` (:class:`~prunescope.errors.PrunescopeError`) or ``TypeError``
 naming the module, the parameter and its shape, before anything is changed.
 """
@@ -37,8 +37,8 @@ import torch
 import torch.nn.utils.prune as _torch_prune
 from torch import nn
 
-from prunescope import masks
 from prunescope.errors import PrunescopeError
+from prunescope.pruning import masks
 
 __all__ = [
     "BasePruningMethod",
@@ -485,7 +485,7 @@ class RandomUnstructured(BasePruningMethod):
 class L1Unstructured(BasePruningMethod):
     """Prune ``amount`` of the still-unpruned entries with the smallest ``|score|``.
 
-    Selection is exact radix selection (:func:`prunescope.masks.keep_smallest`): the same mask
+    Selection is exact radix selection (:func:`prunescope.pruning.masks.keep_smallest`): the same mask
     as torch's ``topk`` on tie-free scores, the same count always.
     """
 

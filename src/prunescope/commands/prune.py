@@ -11,7 +11,7 @@ from prunescope import cli
 from prunescope.errors import PrunescopeError
 
 if TYPE_CHECKING:
-    from prunescope.pipeline import PruneConfig
+    from prunescope.pruning.job import PruneConfig
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _config(args: argparse.Namespace, out: Path | None) -> "PruneConfig":
     """The validated job config from the parsed options (``out`` only places ``--save``)."""
-    from prunescope.pipeline import PruneConfig
+    from prunescope.pruning.job import PruneConfig
 
     methods = tuple(m.strip() for m in args.method.split(",") if m.strip())
     if not methods:
@@ -128,7 +128,7 @@ def _config(args: argparse.Namespace, out: Path | None) -> "PruneConfig":
 
 def run(args: argparse.Namespace) -> int:
     """Validate the options, run the prune job, and write the report files."""
-    from prunescope.pipeline import run_prune
+    from prunescope.pruning.job import run_prune
     from prunescope.report import write_json, write_text
     from prunescope.report.prune import layer_table, plot_layer_sparsity, plot_sweep, render_markdown
 

@@ -1,11 +1,11 @@
-"""Render a :class:`~prunescope.pipeline.PruneResult` as Markdown, a per-layer sparsity plot and,
+"""Render a :class:`~prunescope.pruning.job.PruneResult` as Markdown, a per-layer sparsity plot and,
 for ``--sweep``, a plot of perplexity against sparsity."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from prunescope.pipeline import PruneResult
+from prunescope.pruning.job import PruneResult
 from prunescope.report.io import markdown_table
 from prunescope.report.plots import new_figure, save_figure
 

@@ -26,8 +26,8 @@ import logging
 
 import torch
 
-from prunescope import masks
-from prunescope.patterns import SparsityPattern
+from prunescope.pruning import masks
+from prunescope.pruning.patterns import SparsityPattern
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ Methods:
   layer (``layer``) or within each output row (``row``);
 - ``wanda`` (Sun et al. 2023): ``|w| * ||x_j||``, compared within each output row;
 - ``sparsegpt`` (Frantar & Alistarh 2023): OBS saliency compared within blocks of 128 columns,
-  kept weights updated to compensate (see :mod:`prunescope.sparsegpt`).
+  kept weights updated to compensate (see :mod:`prunescope.pruning.sparsegpt`).
 
 N:M patterns compare within each group of M inputs for every method. The calibrated methods run
-sequentially, layer by layer (:mod:`prunescope.calib`): statistics of a layer are collected in one
+sequentially, layer by layer (:mod:`prunescope.pruning.calib`): statistics of a layer are collected in one
 pass over the dense layer, the layer is pruned, and a second pass gives the next layer's inputs.
 """
 
@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from prunescope import calib, data, evaluate, masks, models, scoring, sparsegpt
-from prunescope.apply import apply_masks, apply_weights
+from prunescope import data, evaluate, models
 from prunescope.errors import PrunescopeError
-from prunescope.patterns import SparsityPattern, parse_pattern
+from prunescope.pruning import calib, masks, scoring, sparsegpt
+from prunescope.pruning.apply import apply_masks, apply_weights
+from prunescope.pruning.patterns import SparsityPattern, parse_pattern
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -57,8 +57,10 @@ def _check_method(method: str) -> None:
 
 
 @dataclass(frozen=True)
-class PruneConfig:
+class PruneConfig(data.TextOptions):
     """Everything the prune job needs; validated once, here, at the edge.
+
+    The calibration and evaluation options are those of :class:`~prunescope.data.TextOptions`.
 
     ``sparsity`` is the unstructured fraction (default 0.5); with an N:M ``pattern`` it may be
     left out (it is N/M) or must agree. ``sweep`` lists extra sparsities at which each of
@@ -73,16 +75,6 @@ class PruneConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     skip_incompatible: bool = False
-    calib_text: str = data.DEFAULT_TEXT
-    calib_samples: int = 32
-    calib_seqlen: int = 512
-    calib_batch_size: int = 8
-    eval_text: str = data.DEFAULT_TEXT
-    eval_tokens: int | None = 16384
-    eval_seqlen: int = 512
-    eval_batch_size: int = 4
-    evaluate: bool = True
-    seed: int = 0
     sweep: tuple[float, ...] = ()
     sweep_methods: tuple[str, ...] = ()
     save_dir: Path | None = None
@@ -97,17 +89,7 @@ class PruneConfig:
                 f"scope {self.scope!r} is not available for {self.method}; choose one of "
                 f"{', '.join(SCOPES[self.method])}"
             )
-        if self.calib_samples < 1 or self.calib_seqlen < 2 or self.calib_batch_size < 1:
-            raise PrunescopeError(
-                f"calibration needs samples >= 1, seqlen >= 2 and batch size >= 1, got "
-                f"{self.calib_samples}, {self.calib_seqlen} and {self.calib_batch_size}"
-            )
-        if self.eval_seqlen < 2:
-            raise PrunescopeError(f"eval seqlen must be >= 2, got {self.eval_seqlen}")
-        if self.eval_tokens is not None and self.eval_tokens < self.eval_seqlen:
-            raise PrunescopeError(
-                f"eval tokens ({self.eval_tokens}) must be at least eval seqlen ({self.eval_seqlen})"
-            )
+        self.check_text_options()
         if self.sweep and pattern.is_nm:
             raise PrunescopeError("--sweep varies unstructured sparsity; it cannot be combined with an N:M pattern")
         for s in self.sweep:
@@ -309,22 +291,15 @@ def prune_sequential(
     batch_size: int = 8,
 ) -> int:
     """Wanda or SparseGPT, layer by layer on calibration blocks; returns activation bytes held."""
-    adapter = models.adapter_for(model)
     grouped = _group_by_decoder_layer(model, layers)
-    inputs = calib.capture_first_layer_inputs(model, adapter, calib_blocks, batch_size)
-    held = 2 * inputs.nbytes()  # this layer's inputs and outputs
-    log.info("calibration activations: %.1f MB per copy, two copies held", inputs.nbytes() / 2**20)
-    decoder = adapter.layers(model)
-    last = max(grouped)
-    for index in tqdm(range(last + 1), desc=f"{method} {pattern.label}", unit="layer", leave=False):
-        layer = decoder[index]
+
+    def step(index: int, layer: nn.Module, inputs: calib.LayerInputs) -> None:
         targets = grouped.get(index)
         if targets:
             stats = calib.collect_stats(layer, targets, inputs, hessian=method == "sparsegpt")
             _prune_decoder_layer(model, targets, stats, method, pattern, scope)
-        if index < last:
-            inputs = calib.run_layer(layer, inputs)
-    return held
+
+    return calib.sequential(model, calib_blocks, step, max(grouped), batch_size, f"{method} {pattern.label}")
 
 
 @torch.no_grad()
@@ -361,25 +336,12 @@ def actual_sparsity(layers: dict[str, nn.Linear]) -> tuple[int, int]:
 
 
 def _eval(
-    model: nn.Module, blocks: torch.Tensor | None, config: PruneConfig, desc: str
+    model: nn.Module, blocks: torch.Tensor | None, config: data.TextOptions, desc: str
 ) -> float | None:
+    """Perplexity on the evaluation windows, or None without evaluation."""
     if blocks is None:
         return None
     return evaluate.perplexity(model, blocks, batch_size=config.eval_batch_size, desc=desc)
-
-
-def _eval_blocks(tokenizer: "PreTrainedTokenizerBase", config: PruneConfig) -> torch.Tensor | None:
-    if not config.evaluate:
-        return None
-    tokens = data.tokenize(tokenizer, data.load_text(config.eval_text))
-    return data.eval_blocks(tokens, config.eval_seqlen, config.eval_tokens)
-
-
-def _calib_blocks(tokenizer: "PreTrainedTokenizerBase", config: PruneConfig, methods: set[str]) -> torch.Tensor | None:
-    if not methods & set(CALIBRATED):
-        return None
-    tokens = data.tokenize(tokenizer, data.load_text(config.calib_text))
-    return data.calibration_blocks(tokens, config.calib_samples, config.calib_seqlen, config.seed)
 
 
 def _run_sweep(
@@ -445,8 +407,9 @@ def run_prune(
     )
     if config.method in CALIBRATED or set(config.sweep_methods) & set(CALIBRATED):
         _group_by_decoder_layer(model, layers)  # fail early on layers outside the decoder
-    calib_blocks = _calib_blocks(tokenizer, config, {config.method, *config.sweep_methods})
-    blocks = _eval_blocks(tokenizer, config)
+    calibrated = bool({config.method, *config.sweep_methods} & set(CALIBRATED))
+    calib_blocks = config.calibration_windows(tokenizer) if calibrated else None
+    blocks = config.evaluation_windows(tokenizer)
     t0 = time.perf_counter()
     dense_ppl = _eval(model, blocks, config, "dense perplexity")
     eval_seconds = time.perf_counter() - t0
@@ -462,7 +425,6 @@ def run_prune(
     pruned_ppl = _eval(model, blocks, config, "pruned perplexity")
     eval_seconds += time.perf_counter() - t0
     n_zero, n_total = actual_sparsity(layers)
-    calibrated = calib_blocks is not None
     result = PruneResult(
         model=config.model,
         method=config.method,

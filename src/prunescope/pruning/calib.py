@@ -16,14 +16,16 @@ so each Hessian is accumulated once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from prunescope import models
 from prunescope.models import DecoderAdapter
 
 log = logging.getLogger(__name__)
@@ -97,12 +99,14 @@ class InputStats:
 
     Attributes:
         sq_sum: ``[in]`` sum over tokens of ``x_j^2`` (Wanda's squared column norms).
-        xtx: ``[in, in]`` sum over tokens of ``x x^T`` (only when a Hessian is wanted).
+        xtx: ``[in, in]`` sum over tokens of ``x x^T`` (only when a Hessian or Gram is wanted).
+        lin_sum: ``[in]`` float64 sum over tokens of ``x_j`` (only when means are wanted).
         tokens: number of tokens seen.
     """
 
     sq_sum: torch.Tensor
     xtx: torch.Tensor | None = None
+    lin_sum: torch.Tensor | None = None
     tokens: int = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -111,6 +115,8 @@ class InputStats:
         self.sq_sum += flat.pow(2).sum(0)
         if self.xtx is not None:
             self.xtx.addmm_(flat.T, flat)  # [in, in]
+        if self.lin_sum is not None:
+            self.lin_sum += flat.sum(0)
         self.tokens += flat.shape[0]
 
     def hessian(self) -> torch.Tensor:
@@ -125,6 +131,7 @@ class _Collector:
     """Forward pre-hooks that route each module's input to a (possibly shared) InputStats."""
 
     hessian: bool
+    means: bool = False
     stats: dict[str, InputStats] = field(default_factory=dict)
     _batch_inputs: list[tuple[torch.Tensor, InputStats]] = field(default_factory=list)
 
@@ -139,7 +146,8 @@ class _Collector:
             if st is None:
                 n = x.shape[-1]
                 xtx = torch.zeros(n, n, device=x.device) if self.hessian else None
-                st = self.stats[name] = InputStats(torch.zeros(n, device=x.device), xtx)
+                lin = torch.zeros(n, dtype=torch.float64, device=x.device) if self.means else None
+                st = self.stats[name] = InputStats(torch.zeros(n, device=x.device), xtx, lin)
             st.add(x)
             self._batch_inputs.append((x, st))
 
@@ -162,7 +170,11 @@ def _hooks(modules: Mapping[str, nn.Module], collector: _Collector) -> Iterator[
 
 @torch.no_grad()
 def collect_stats(
-    layer: nn.Module, modules: Mapping[str, nn.Module], inputs: LayerInputs, hessian: bool
+    layer: nn.Module,
+    modules: Mapping[str, nn.Module],
+    inputs: LayerInputs,
+    hessian: bool,
+    means: bool = False,
 ) -> dict[str, InputStats]:
     """One pass of ``layer`` over the held inputs, accumulating statistics of each module's input.
 
@@ -170,12 +182,14 @@ def collect_stats(
         layer: a decoder layer.
         modules: name -> Linear inside ``layer`` whose input statistics are wanted.
         inputs: the layer's held calibration inputs.
-        hessian: also accumulate ``X X^T`` (SparseGPT) besides the squared norms (Wanda).
+        hessian: also accumulate ``X X^T`` (SparseGPT; the Gram of structured compensation)
+            besides the squared norms (Wanda).
+        means: also accumulate ``sum x`` (FLAP's fluctuation, bias compensation).
 
     Returns:
         name -> statistics; modules reading the same tensor share one object.
     """
-    collector = _Collector(hessian)
+    collector = _Collector(hessian, means)
     with _hooks(modules, collector):
         for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
             layer(hidden, *args, **kwargs)
@@ -184,3 +198,31 @@ def collect_stats(
     if missing:
         raise RuntimeError(f"calibration never reached {', '.join(missing)}")
     return collector.stats
+
+
+LayerStep = Callable[[int, nn.Module, LayerInputs], None]
+
+
+@torch.no_grad()
+def sequential(
+    model: nn.Module, blocks: torch.Tensor, step: LayerStep, last: int, batch_size: int = 8, desc: str = "layers"
+) -> int:
+    """The one layer-by-layer loop of every calibrated method, unstructured or structured.
+
+    For each decoder layer ``0..last``: ``step(index, layer, inputs)`` scores, selects and
+    applies (it may replace the layer in the model); then the layer now in the model is run on
+    the inputs to give the next layer's inputs, so each layer sees the outputs of the already
+    pruned layers before it.
+
+    Returns:
+        Bytes of calibration activations held (this layer's inputs and outputs).
+    """
+    adapter = models.adapter_for(model)
+    inputs = capture_first_layer_inputs(model, adapter, blocks, batch_size)
+    log.info("calibration activations: %.1f MB per copy, two copies held", inputs.nbytes() / 2**20)
+    decoder = adapter.layers(model)
+    for index in tqdm(range(last + 1), desc=desc, unit="layer", leave=False):
+        step(index, decoder[index], inputs)
+        if index < last:
+            inputs = run_layer(decoder[index], inputs)
+    return 2 * inputs.nbytes()

@@ -1,6 +1,6 @@
 """Importance scores for LLM weight pruning: pure functions of a weight (and input statistics).
 
-A higher score means more important; masks (``prunescope.masks``) prune the lowest scores.
+A higher score means more important; masks (``prunescope.pruning.masks``) prune the lowest scores.
 """
 
 from __future__ import annotations
