@@ -40,7 +40,7 @@ tensor, ``tensor:<name>`` -> JSON ``{"v": 1, "i": position in the state dict, "l
 "bitmask"|"dense"|"alias", "shape": [...], "dtype": "float32", "nnz": ..., "alias_of": ...}``
 (safetensors does not keep the metadata's order, hence ``"i"``).
 
-**Atomic writes.** Everything is written into a temporary folder next to the target and fsynced;
+**Atomic writes** (:mod:`prunescope.atomic`). Everything is written into a temporary folder next to the target and fsynced;
 the index goes last; then the folder is renamed onto the target (a previous checkpoint there is
 moved aside first and deleted only after the rename succeeded). An interrupted save leaves at most
 a hidden ``.NAME.tmp-*`` folder without an index, which never loads, and never a half-written
@@ -62,10 +62,7 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +72,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from prunescope import atomic
 from prunescope.errors import PrunescopeError
 
 if TYPE_CHECKING:
@@ -402,25 +400,6 @@ def dense_safetensors_bytes(
     return 8 + len(text) + (-len(text)) % 8 + offset
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Flush a folder's entries (names) to disk; a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _check_target(folder: Path, overwrite: bool) -> None:
     """Refuse to replace anything but an empty folder or an earlier sparse checkpoint."""
     if not folder.exists():
@@ -436,23 +415,6 @@ def _check_target(folder: Path, overwrite: bool) -> None:
         )
     if not overwrite:
         raise PrunescopeError(f"checkpoint {folder} already exists; pass overwrite=True to replace it")
-
-
-def _publish(tmp: Path, folder: Path) -> None:
-    """Move the finished temp folder onto ``folder``; an old checkpoint is removed only afterwards."""
-    backup = None
-    if folder.exists():
-        backup = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(folder, backup)
-    try:
-        os.replace(tmp, folder)
-    except BaseException:
-        if backup is not None:
-            os.replace(backup, folder)
-        raise
-    _fsync_dir(folder.parent)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
 
 
 def _write_weights(state: Mapping[str, torch.Tensor], path: Path) -> tuple[list[TensorStats], int, int]:
@@ -475,27 +437,23 @@ def _write_weights(state: Mapping[str, torch.Tensor], path: Path) -> tuple[list[
             dense_view[name] = t
         metadata[_META_PREFIX + name] = json.dumps({**meta, "i": i}, separators=(",", ":"))
     save_file(_unshare(entries), str(path), metadata=metadata)
-    _fsync_file(path)
     sparse = sum(s.layout == "bitmask" for s in stats.values())
     return list(stats.values()), dense_safetensors_bytes(dense_view, {"format": "pt"}), sparse
 
 
 def _write_extras(model_config: Any, generation_config: Any, tokenizer: Any, tmp: Path) -> tuple[bool, bool]:
-    """Write config.json (+ generation config) and the tokenizer into ``tmp``; fsync them."""
+    """Write config.json (+ generation config) and the tokenizer into ``tmp``."""
     if model_config is not None:
         model_config.save_pretrained(tmp)
     if generation_config is not None:
         generation_config.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    for path in tmp.rglob("*"):
-        if path.is_file():
-            _fsync_file(path)
     return model_config is not None, tokenizer is not None
 
 
 def _write_index(info: SparseCheckpointInfo, tmp: Path) -> None:
-    """Write the index last, fsynced: its presence marks a complete checkpoint."""
+    """Write the index last: its presence marks a complete checkpoint."""
     from prunescope.report.io import to_jsonable
 
     record = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "weights_file": WEIGHTS_FILE,
@@ -504,9 +462,6 @@ def _write_index(info: SparseCheckpointInfo, tmp: Path) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(record, fh, indent=1)
         fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    _fsync_dir(tmp)
 
 
 def save_sparse(
@@ -537,9 +492,7 @@ def save_sparse(
     state, config = _state_dict_of(model)
     _check_tensors(state)
     _check_target(folder, overwrite)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
+    with atomic.new_folder(folder) as tmp:
         stats, dense_bytes, sparse = _write_weights(state, tmp / WEIGHTS_FILE)
         generation = getattr(model, "generation_config", None) if isinstance(model, nn.Module) else None
         config_saved, tok_saved = _write_extras(config, generation, tokenizer, tmp)
@@ -553,10 +506,6 @@ def save_sparse(
             save_seconds=time.perf_counter() - start, tensors=tuple(stats),
         )
         _write_index(info, tmp)
-        _publish(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("saved %s: %d bytes, %.3fx the dense file (%d bytes)", folder, file_bytes,
              info.size_ratio, dense_bytes)
     return info

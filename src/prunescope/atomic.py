@@ -1,0 +1,77 @@
+"""Atomic folder writes: build a folder under a temporary sibling name, flush it, rename it.
+
+A reader (or a later run) sees either the finished folder or nothing at that path: an interrupted
+write (Ctrl-C, a full disk, a crash) leaves at most a hidden ``.NAME.tmp-*`` sibling, never a
+half-written folder that loads as a finished one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def fsync_file(path: Path) -> None:
+    """Flush one file's data to disk."""
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (names) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file below ``folder`` and the folders' entries."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            fsync_file(Path(root) / name)
+        fsync_dir(Path(root))
+
+
+def publish(tmp: Path, folder: Path) -> None:
+    """Move the finished ``tmp`` folder onto ``folder``; an old folder there is removed only after."""
+    backup = None
+    if folder.exists():
+        backup = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(folder, backup)
+    try:
+        os.replace(tmp, folder)
+    except BaseException:
+        if backup is not None:
+            os.replace(backup, folder)
+        raise
+    fsync_dir(folder.parent)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+@contextmanager
+def new_folder(folder: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary sibling of ``folder`` to fill; on success flush it and rename it onto
+    ``folder`` (replacing what was there), on any exception remove it and re-raise."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        publish(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
