@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -25,6 +26,7 @@ log = logging.getLogger("prunescope")
 # One module per subcommand; each has register(subparsers).
 COMMAND_MODULES: tuple[str, ...] = (
     "prunescope.commands.prune",
+    "prunescope.commands.shrink",
     "prunescope.commands.lora",
     "prunescope.commands.probe",
     "prunescope.commands.activations",
@@ -56,8 +58,35 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def prepare_output_dir(out: Path | None, command: str, overwrite: bool) -> Path:
-    """Create the output folder; refuse an existing non-empty one unless ``overwrite``."""
+def add_text_arguments(parser: argparse.ArgumentParser) -> None:
+    """Calibration and evaluation options shared by ``prune`` and ``shrink`` (same names, defaults)."""
+    text_help = "'default' (pydoc_data), a text file, or hf:NAME[:CONFIG][:SPLIT]"
+    parser.add_argument("--calib-text", default="default", help=f"calibration text: {text_help}")
+    parser.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
+    parser.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    parser.add_argument("--calib-batch", type=int, default=8, help="calibration windows per forward (default 8)")
+    parser.add_argument("--eval-text", default="default", help=f"evaluation text: {text_help}")
+    parser.add_argument(
+        "--eval-tokens", type=int, default=16384,
+        help="evaluate on the first N tokens of the text (default 16384; 0 = all)",
+    )
+    parser.add_argument("--eval-seqlen", type=int, default=512, help="window length for perplexity (default 512)")
+    parser.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
+
+
+def text_options(args: argparse.Namespace) -> dict[str, object]:
+    """The :class:`~prunescope.data.TextOptions` keywords from options added by :func:`add_text_arguments`."""
+    return dict(
+        calib_text=args.calib_text, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+        calib_batch_size=args.calib_batch, eval_text=args.eval_text, eval_tokens=args.eval_tokens or None,
+        eval_seqlen=args.eval_seqlen, evaluate=not args.no_eval, seed=args.seed,
+    )
+
+
+def check_output_dir(out: Path | None, command: str, overwrite: bool) -> Path:
+    """The output folder to use, checked but not created: refuses an existing non-empty folder
+    unless ``overwrite``, a file in its place, and a place that cannot be written."""
     if out is None:
         out = Path("runs") / f"{command}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     if out.exists() and not out.is_dir():
@@ -66,6 +95,15 @@ def prepare_output_dir(out: Path | None, command: str, overwrite: bool) -> Path:
         raise PrunescopeError(
             f"output folder {out} already exists and is not empty; pass --overwrite or another --out"
         )
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PrunescopeError(f"--out {out} cannot be created: {existing} is not a writable folder")
+    return out
+
+
+def prepare_output_dir(out: Path | None, command: str, overwrite: bool) -> Path:
+    """Check the output folder (:func:`check_output_dir`) and create it."""
+    out = check_output_dir(out, command, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     return out
 

@@ -81,3 +81,49 @@ def save_tiny_model(folder: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# Tiny configs of every family structured pruning supports: 4 query heads in 2 KV groups (GQA)
+# where the family allows it, head_dim 8, MLP width 64, 3 layers.
+_FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)),
+    "mistral": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                     sliding_window=None)),
+    "qwen2": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)),
+    "qwen3": ("Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                 head_dim=8)),
+    "phi3": ("Phi3Config", dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                               pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "opt": ("OPTConfig", dict(num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32,
+                             pad_token_id=1, do_layer_norm_before=True)),
+    "gpt2": ("GPT2Config", dict(n_head=4, n_inner=64, n_positions=512, bos_token_id=1, eos_token_id=2)),
+}
+FAMILIES = tuple(_FAMILY_CONFIGS)
+
+
+def tiny_family_model(family: str, vocab_size: int = 384, seed: int = 0, **overrides: object):
+    """A randomly initialised tiny causal LM of ``family`` (one of :data:`FAMILIES`), eval mode.
+
+    Hidden size 32, 3 layers; ``overrides`` change config fields (``attention_bias=True``...).
+    Weights are drawn with std 0.1 (not the families' 0.02) so that every unit matters a little
+    and logits differ visibly when one is removed.
+    """
+    import transformers
+
+    class_name, fields = _FAMILY_CONFIGS[family]
+    layers_key = "n_layer" if family == "gpt2" else "num_hidden_layers"
+    hidden_key = "n_embd" if family == "gpt2" else "hidden_size"
+    config = getattr(transformers, class_name)(
+        vocab_size=vocab_size, **{hidden_key: 32, layers_key: 3}, max_position_embeddings=512,
+        tie_word_embeddings=False, **{**fields, **overrides},
+    )
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 2 and "embed" not in name and "wte" not in name and "wpe" not in name:
+                param.normal_(0.0, 0.1)
+            elif name.endswith("bias"):
+                param.normal_(0.0, 0.05)
+    model.eval()
+    return model

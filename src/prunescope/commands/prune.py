@@ -59,20 +59,7 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    text_help = "'default' (pydoc_data), a text file, or hf:NAME[:CONFIG][:SPLIT]"
-    parser.add_argument("--calib-text", default="default", help=f"calibration text: {text_help}")
-    parser.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
-    parser.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
-    parser.add_argument("--calib-batch", type=int, default=8, help="calibration windows per forward (default 8)")
-    parser.add_argument("--eval-text", default="default", help=f"evaluation text: {text_help}")
-    parser.add_argument(
-        "--eval-tokens", type=int, default=16384,
-        help="evaluate on the first N tokens of the text (default 16384; 0 = all)",
-    )
-    parser.add_argument("--eval-seqlen", type=int, default=512, help="window length for perplexity (default 512)")
-    parser.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
+def _add_save_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--save", action="store_true", help="write the pruned model as a compressed sparse checkpoint to OUT/model"
     )
@@ -90,7 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     cli.add_model_argument(parser)
     _add_method_arguments(parser)
-    _add_data_arguments(parser)
+    cli.add_text_arguments(parser)
+    _add_save_argument(parser)
     cli.add_output_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -111,15 +99,7 @@ def _config(args: argparse.Namespace, out: Path | None) -> "PruneConfig":
         include=tuple(args.include),
         exclude=tuple(args.exclude),
         skip_incompatible=args.skip_incompatible,
-        calib_text=args.calib_text,
-        calib_samples=args.calib_samples,
-        calib_seqlen=args.calib_seqlen,
-        calib_batch_size=args.calib_batch,
-        eval_text=args.eval_text,
-        eval_tokens=args.eval_tokens or None,
-        eval_seqlen=args.eval_seqlen,
-        evaluate=not args.no_eval,
-        seed=args.seed,
+        **cli.text_options(args),
         sweep=tuple(args.sweep),
         sweep_methods=methods,
         save_dir=(out / "model") if args.save and out is not None else None,

@@ -335,15 +335,6 @@ def actual_sparsity(layers: dict[str, nn.Linear]) -> tuple[int, int]:
     return zeros, sum(m.weight.numel() for m in layers.values())
 
 
-def _eval(
-    model: nn.Module, blocks: torch.Tensor | None, config: data.TextOptions, desc: str
-) -> float | None:
-    """Perplexity on the evaluation windows, or None without evaluation."""
-    if blocks is None:
-        return None
-    return evaluate.perplexity(model, blocks, batch_size=config.eval_batch_size, desc=desc)
-
-
 def _run_sweep(
     model: nn.Module,
     layers: dict[str, nn.Linear],
@@ -362,7 +353,7 @@ def _run_sweep(
             prune_model(model, layers, method, SparsityPattern(s), scope, calib_blocks, config.calib_batch_size)
             seconds = time.perf_counter() - t0
             zeros, total = actual_sparsity(layers)
-            ppl = _eval(model, eval_blocks, config, f"{method} {s:g} perplexity")
+            ppl = evaluate.perplexity_or_none(model, eval_blocks, config.eval_batch_size, f"{method} {s:g} perplexity")
             points.append(SweepPoint(method, s, zeros / total, ppl, seconds))
             apply_weights(model, dense)
     return tuple(points)
@@ -411,7 +402,7 @@ def run_prune(
     calib_blocks = config.calibration_windows(tokenizer) if calibrated else None
     blocks = config.evaluation_windows(tokenizer)
     t0 = time.perf_counter()
-    dense_ppl = _eval(model, blocks, config, "dense perplexity")
+    dense_ppl = evaluate.perplexity_or_none(model, blocks, config.eval_batch_size, "dense perplexity")
     eval_seconds = time.perf_counter() - t0
     sweep = _run_sweep(model, layers, config, calib_blocks, blocks) if config.sweep else ()
 
@@ -422,7 +413,7 @@ def run_prune(
     prune_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    pruned_ppl = _eval(model, blocks, config, "pruned perplexity")
+    pruned_ppl = evaluate.perplexity_or_none(model, blocks, config.eval_batch_size, "pruned perplexity")
     eval_seconds += time.perf_counter() - t0
     n_zero, n_total = actual_sparsity(layers)
     result = PruneResult(
