@@ -179,6 +179,13 @@ def test_plan_refuses_bad_sizes(family, kw, message):
         make_plan(_config(**{"mlp": 0.5, **kw}), tiny_family_model(family))
 
 
+def test_gpt2_with_layer_index_scaling_cannot_drop_layers():
+    model = tiny_family_model("gpt2", scale_attn_by_inverse_layer_idx=True)
+    with pytest.raises(PrunescopeError, match="scale_attn_by_inverse_layer_idx"):
+        make_plan(_config(mlp=0.5, drop_layers=1), model)
+    assert make_plan(_config(mlp=0.5), model).drop_layers == 0
+
+
 def test_unsupported_family_names_the_supported_ones():
     from transformers import GPTNeoXConfig
 

@@ -78,6 +78,8 @@ class Family:
         layouts: ``config -> {kind: UnitLayout}``; no ``q``/``kv`` entries where heads cannot
             be removed.
         no_heads_reason: why heads cannot be removed (None where they can).
+        no_drop_reason: ``config ->`` why layers cannot be dropped from this model (a layer's
+            computation that depends on its index), or None.
         bias_flags: writer kind -> the config flag that gives the writer a bias (also giving
             every sibling projection a zero bias); ``True`` where the bias always exists,
             ``None`` where the family offers none.
@@ -90,6 +92,7 @@ class Family:
     layouts: Callable[[Any], dict[str, UnitLayout]]
     no_heads_reason: str | None = None
     bias_flags: tuple[tuple[str, str | bool | None], ...] = ((MLP, None), (Q, None))
+    no_drop_reason: Callable[[Any], str | None] = lambda config: None
 
     def bias_flag(self, kind: str) -> str | bool | None:
         """The config flag giving the ``kind`` writer a bias, True if always there, None if never."""
@@ -148,6 +151,14 @@ def _gpt2_layouts(config: Any) -> dict[str, UnitLayout]:
     return {MLP: UnitLayout(MLP, inner, 1, (Cut("mlp.c_fc", "out"), Cut("mlp.c_proj", "in")), "mlp.c_proj")}
 
 
+def _gpt2_no_drop(config: Any) -> str | None:
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        return ("this GPT-2 scales attention by 1 / (layer index + 1) "
+                "(scale_attn_by_inverse_layer_idx), so renumbered layers would compute something "
+                "else; shrink its MLP (--mlp) only")
+    return None
+
+
 _FIXED_HEAD_DIM = (
     "{name}'s config has no head_dim (it is hidden_size / num_attention_heads), so plain "
     "transformers cannot load a {name} with fewer heads; shrink its MLP (--mlp) and layers "
@@ -167,7 +178,7 @@ FAMILIES: tuple[Family, ...] = (
            bias_flags=((MLP, "enable_bias"), (Q, "enable_bias"))),
     Family("GPT-2", ("gpt2",), "n_layer", "n_inner", _gpt2_layouts,
            no_heads_reason=_FIXED_HEAD_DIM.format(name="GPT-2"),
-           bias_flags=((MLP, True), (Q, True))),
+           bias_flags=((MLP, True), (Q, True)), no_drop_reason=_gpt2_no_drop),
 )
 
 

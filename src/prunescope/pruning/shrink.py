@@ -250,6 +250,9 @@ def make_plan(config: ShrinkConfig, model: nn.Module) -> ShrinkPlan:
     layers = len(models.adapter_for(model).layers(model))
     if config.drop_layers >= layers:
         raise PrunescopeError(f"--drop-layers {config.drop_layers} would drop every one of the {layers} layers")
+    reason = family.no_drop_reason(model.config) if config.drop_layers else None
+    if reason:
+        raise PrunescopeError(reason)
     if config.multiple_of > dense.intermediate:
         raise PrunescopeError(
             f"--multiple-of {config.multiple_of} must not exceed the MLP width ({dense.intermediate})"
