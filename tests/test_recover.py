@@ -55,3 +55,14 @@ def test_distillation_lowers_the_kl_to_the_dense_model(mode, lr):
     assert result.steps == 8 and result.losses[-1] < result.losses[0]
     assert end < 0.6 * start
     assert all(p.requires_grad for p in student.parameters())  # flags restored after training
+
+
+def test_lora_merges_into_bfloat16_weights_and_full_mode_refuses_them():
+    teacher = tiny_family_model("llama")
+    student = copy.deepcopy(teacher).to(torch.bfloat16)
+    result = recover.distill(student, teacher.to(torch.bfloat16), WINDOWS[:8], batch_size=4, lr=1e-2)
+    assert {p.dtype for p in student.parameters()} == {torch.bfloat16} and result.steps == 2
+    from prunescope.errors import PrunescopeError
+
+    with pytest.raises(PrunescopeError, match="full recovery .* needs float32 weights"):
+        recover.distill(student, teacher, WINDOWS[:4], mode="full")

@@ -63,8 +63,6 @@ def test_removal_is_exact_zeroing_of_the_removed_units(family):
         kept = _direct_kept(layer, layouts[MLP], 32)
         apply.set_writer_columns(layer, layouts[MLP].writer, kept, None)
         if heads:  # a KV group: its kv head's own weights plus its two query heads
-            q = _direct_kept(layer, layouts[Q], 4)  # all heads, for their scores' order only
-            assert q.tolist() == [0, 1, 2, 3]
             per_head = torch.zeros(4, dtype=torch.float64)
             for cut in layouts[Q].cuts:
                 m = layer.get_submodule(cut.module)
@@ -167,7 +165,8 @@ def test_bias_compensation_is_saved_as_biases(family, tmp_path):
         ("opt", dict(heads_per_group=1), "OPT's config has no head_dim"),
         ("llama", dict(kv_groups=2), "--kv-groups 2 must be below the model's 2 KV groups"),
         ("llama", dict(heads_per_group=2), "--heads-per-group 2 must be below the 2 query heads"),
-        ("llama", dict(multiple_of=128), "--multiple-of 128 must not exceed the MLP width (64)"),
+        ("llama", dict(multiple_of=128), "--multiple-of 128 must be between 1 and the MLP width (64)"),
+        ("llama", dict(mlp=None, target_params=0.8, multiple_of=128), "--multiple-of 128 must be between 1"),
         ("llama", dict(drop_layers=3), "would drop every one of the 3 layers"),
         ("llama", dict(mlp=0.01), "nothing would be removed"),
         ("llama", dict(mlp=0.0), "these options remove nothing"),
@@ -195,16 +194,49 @@ def test_unsupported_family_names_the_supported_ones():
         make_plan(_config(mlp=0.5), model)
 
 
-def test_target_params_keeps_at_most_the_target():
+@pytest.mark.parametrize("target, kw", [(0.76, dict()), (0.76, dict(kv_groups=1, compensation="bias")),
+                                        (0.6, dict(drop_layers=1))])
+def test_target_params_keeps_at_most_the_target(target, kw):
+    """Counted on the saved model, compensation biases and dropped layers included; one more
+    multiple of 8 channels would exceed the target."""
+    before = sum(p.numel() for p in tiny_family_model("llama").model.layers.parameters())
     model = tiny_family_model("llama")
-    config = _config(mlp=None, target_params=0.8, kv_groups=0)
+    config = _config(mlp=None, target_params=target, **kw)
     plan = make_plan(config, model)
     shrunk, _, _ = shrink_model(model, config, plan, BLOCKS)
-    before = 3 * sum(p.numel() for p in tiny_family_model("llama").model.layers[0].parameters())
     after = sum(p.numel() for p in shrunk.model.layers.parameters())
-    assert after <= 0.8 * before
-    per_channel = 3 * 32  # gate row + up row + down column, hidden 32
-    assert after + 3 * 8 * per_channel > 0.8 * before  # one more multiple of 8 would exceed it
+    assert after <= target * before
+    layers = len(shrunk.model.layers)
+    per_channel = 3 * 32 + (2 if kw.get("compensation") == "bias" else 0)  # gate/up rows, down column (+ biases)
+    assert shrunk.config.intermediate_size < 64
+    assert after + layers * 8 * per_channel > target * before
+
+
+def test_target_params_met_by_dropped_layers_keeps_the_mlp_whole():
+    model = tiny_family_model("llama")
+    config = _config(mlp=None, target_params=0.7, drop_layers=1)  # 2 of 3 layers: 0.67 kept
+    assert make_plan(config, model).shrunk.intermediate == 64
+
+
+def test_dropping_layers_trims_only_per_layer_config_lists(tmp_path):
+    model = tiny_family_model("qwen2", eos_token_id=[2, 5, 7])
+    model.config.layer_types = ["full_attention", "sliding_attention", "full_attention"]
+    config = _config(mlp=0.0, drop_layers=1)
+    shrunk, outcomes, _ = shrink_model(model, config, make_plan(config, model), BLOCKS)
+    dropped = [o.index for o in outcomes if o.new_index is None]
+    assert shrunk.config.eos_token_id == [2, 5, 7]
+    assert shrunk.config.layer_types == [t for i, t in enumerate(model.config.layer_types) if i not in dropped]
+
+
+def test_bfloat16_model_stays_bfloat16_and_reloads(tmp_path):
+    tiny_family_model("llama").save_pretrained(tmp_path / "dense")  # loaded as users load bf16
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.bfloat16).eval()
+    config = _config(mlp=0.5, kv_groups=1, compensation="bias")
+    shrunk, _, _ = shrink_model(model, config, make_plan(config, model), BLOCKS)
+    assert {p.dtype for p in shrunk.parameters()} == {torch.bfloat16}
+    shrink.save_model(shrunk, None, tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16).eval()
+    torch.testing.assert_close(_logits(reloaded), _logits(shrunk))
 
 
 def test_each_layer_sees_the_already_shrunk_layers_before_it(monkeypatch):

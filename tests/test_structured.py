@@ -94,7 +94,7 @@ def test_top_units_keeps_the_best_ascending_and_the_lower_index_on_ties():
 
 
 def test_select_heads_stays_a_valid_gqa_layer():
-    # 3 groups of 4 query heads; group sums 10, 26, 42 -> group 0 goes first
+    # 3 groups of 4 query heads; group sums 6, 22, 38 -> group 0 goes first
     q = torch.arange(12, dtype=torch.float64)
     groups = structured.group_scores(q, 3)
     assert groups.tolist() == [6.0, 22.0, 38.0]
@@ -112,7 +112,8 @@ def test_unit_columns_and_per_unit_are_inverse_views():
 
 @pytest.mark.parametrize(
     "count, fraction, multiple, kept",
-    [(1536, 0.25, 64, 1152), (1536, 1 / 3, 64, 1024), (1536, 0.3, 64, 1088), (64, 0.5, 8, 32)],
+    [(1536, 0.25, 64, 1152), (1536, 1 / 3, 64, 1024), (1536, 0.3, 64, 1088), (64, 0.5, 8, 32),
+     (40, 0.5, 8, 24), (56, 0.5, 8, 32)],  # halves round up: 20 -> 24, 28 -> 32
 )
 def test_kept_width_rounds_to_the_nearest_multiple(count, fraction, multiple, kept):
     assert structured.kept_width(count, fraction, multiple, "MLP channels") == kept
@@ -121,7 +122,7 @@ def test_kept_width_rounds_to_the_nearest_multiple(count, fraction, multiple, ke
 @pytest.mark.parametrize(
     "count, fraction, multiple, message",
     [(64, 0.01, 8, "nothing would be removed"), (64, 0.99, 8, "every unit would be removed"),
-     (64, 0.5, 128, "--multiple-of 128 must be between 1 and"), (64, 1.0, 8, "in (0, 1)")],
+     (64, 0.5, 128, "--multiple-of 128 must be between 1 and the MLP channels width (64)"), (64, 1.0, 8, "in (0, 1)")],
 )
 def test_kept_width_refuses_all_or_nothing(count, fraction, multiple, message):
     with pytest.raises(PrunescopeError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -139,13 +140,14 @@ def test_block_influence_is_one_minus_cosine():
 
 @pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])
 def test_mlp_magnitude_is_the_norm_of_every_weight_a_channel_owns(family):
-    model = tiny_family_model(family, attention_bias=True) if family == "llama" else tiny_family_model(family)
+    model = tiny_family_model(family, mlp_bias=True) if family == "llama" else tiny_family_model(family)
     layer = model.get_submodule({"gpt2": "transformer.h"}.get(family, "model.layers"))[0]
     layout = family_for(model).layouts(model.config)[MLP]
     got = _magnitudes(layer, layout)
     mlp = layer.mlp
-    if family == "llama":
-        parts = [mlp.gate_proj.weight.pow(2).sum(1), mlp.up_proj.weight.pow(2).sum(1), mlp.down_proj.weight.pow(2).sum(0)]
+    if family == "llama":  # with mlp_bias: gate and up own their bias entries, down's bias is shared
+        parts = [mlp.gate_proj.weight.pow(2).sum(1), mlp.up_proj.weight.pow(2).sum(1), mlp.down_proj.weight.pow(2).sum(0),
+                 mlp.gate_proj.bias.pow(2), mlp.up_proj.bias.pow(2)]
     elif family == "phi3":
         gate, up = mlp.gate_up_proj.weight.chunk(2, dim=0)
         parts = [gate.pow(2).sum(1), up.pow(2).sum(1), mlp.down_proj.weight.pow(2).sum(0)]

@@ -200,10 +200,19 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def weight_matrix(module: nn.Module) -> Any:
+    """The module's weight as ``[out, in]`` (a view: Conv1D stores it transposed)."""
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
 def weight_dim(module: nn.Module, side: str) -> int:
     """The dimension of ``module.weight`` that indexes ``side`` ("out" or "in") features."""
     out_dim = 1 if is_conv1d(module) else 0
     return out_dim if side == "out" else 1 - out_dim
+
+
+# Config entries holding one value per decoder layer (trimmed when layers are dropped).
+PER_LAYER_KEYS = ("layer_types",)
 
 
 @dataclass(frozen=True)
@@ -236,8 +245,8 @@ def shrunk_config(
     """A copy of ``config`` describing the shrunk model, as plain transformers will read it.
 
     Sets the MLP width, the head counts with an explicit ``head_dim`` (it no longer equals
-    ``hidden / heads``), the layer count, trims every per-layer list (``layer_types``...) to the
-    kept layers, and turns on ``bias_flags``. The copy is rebuilt from its dict, so a config
+    ``hidden / heads``), the layer count, trims the per-layer lists (:data:`PER_LAYER_KEYS`) to
+    the kept layers, and turns on ``bias_flags``. The copy is rebuilt from its dict, so a config
     that its own class would reject fails here, before any weight is touched.
     """
     old_layers = getattr(config, family.layers_key)
@@ -247,8 +256,9 @@ def shrunk_config(
         _, _, head_dim = _heads(config)
         values.update(num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, head_dim=head_dim)
     values[family.layers_key] = len(kept_layers)
-    for key, value in list(values.items()):
-        if isinstance(value, (list, tuple)) and len(value) == old_layers and key != "architectures":
+    for key in PER_LAYER_KEYS:
+        value = values.get(key)
+        if isinstance(value, (list, tuple)) and len(value) == old_layers:
             values[key] = [value[i] for i in kept_layers]
     for flag in bias_flags:
         values[flag] = True

@@ -55,7 +55,8 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
                        help="lstsq (default; no config change), bias (adds down_proj/o_proj biases "
                        "where the family's config has the flag) or none")
     group.add_argument("--damp", type=float, default=0.01,
-                       help="ridge of the lstsq refit, as a fraction of the mean input energy (default 0.01)")
+                       help="ridge of the lstsq refit toward the original weights, as a fraction of each kept "
+                       "channel's own input energy (default 0.01)")
 
 
 def _add_measure_arguments(parser: argparse.ArgumentParser) -> None:

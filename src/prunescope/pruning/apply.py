@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunescope.families import UnitLayout, is_conv1d, weight_dim
+from prunescope.families import UnitLayout, weight_dim, weight_matrix
 from prunescope.pruning.structured import removed_from, unit_columns
 
 
@@ -86,8 +86,7 @@ def set_writer_columns(
     their compensated values (``new_kept``: ``[out, k]``; unchanged when None). Later passes over
     the layer then see the pruned function before the layer is physically shrunk.
     """
-    module = layer.get_submodule(writer)
-    w = module.weight.T if is_conv1d(module) else module.weight  # [out, in] view
+    w = weight_matrix(layer.get_submodule(writer))  # [out, in] view
     kept = kept_cols.to(w.device)
     new = w[:, kept].clone() if new_kept is None else new_kept.to(device=w.device, dtype=w.dtype)
     w.zero_()

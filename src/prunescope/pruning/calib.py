@@ -147,7 +147,9 @@ class _Collector:
                 n = x.shape[-1]
                 xtx = torch.zeros(n, n, device=x.device) if self.hessian else None
                 lin = torch.zeros(n, dtype=torch.float64, device=x.device) if self.means else None
-                st = self.stats[name] = InputStats(torch.zeros(n, device=x.device), xtx, lin)
+                # with means, E[x^2] - E[x]^2 (FLAP's variance) needs the squares in float64 too
+                sq = torch.zeros(n, dtype=torch.float64 if self.means else torch.float32, device=x.device)
+                st = self.stats[name] = InputStats(sq, xtx, lin)
             st.add(x)
             self._batch_inputs.append((x, st))
 

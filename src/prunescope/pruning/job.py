@@ -390,6 +390,8 @@ def run_prune(
     Returns the result and the pruned model (so callers can save it).
     """
     pattern, scope = config.sparsity_pattern, config.effective_scope
+    if (model is None) != (tokenizer is None):
+        raise ValueError("pass both a model and its tokenizer, or neither (config.model is loaded)")
     if model is None or tokenizer is None:
         log.info("loading model %s", config.model)
         model, tokenizer = models.load(config.model)

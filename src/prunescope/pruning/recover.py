@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunescope import families, models
+from prunescope.errors import PrunescopeError
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def _lora(model: nn.Module, rank: int, seed: int) -> Iterator[list[torch.Tensor]
     adapters: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
     handles = []
     for module in _projections(model).values():
-        w = module.weight.T if families.is_conv1d(module) else module.weight  # [out, in]
+        w = families.weight_matrix(module)  # [out, in]
         a = (torch.randn(rank, w.shape[1], generator=gen) / w.shape[1] ** 0.5).to(w.device)
         b = torch.zeros(w.shape[0], rank, device=w.device)
         a.requires_grad_(True)
@@ -96,11 +97,10 @@ def _lora(model: nn.Module, rank: int, seed: int) -> Iterator[list[torch.Tensor]
     finally:
         for h in handles:
             h.remove()
-        with torch.no_grad():
+        with torch.no_grad():  # merged in float32, then rounded once to the weights' dtype
             for module, a, b in adapters:
-                delta = LORA_SCALE * b @ a  # [out, in]
-                w = module.weight
-                w += (delta.T if families.is_conv1d(module) else delta).to(w.dtype)
+                w = families.weight_matrix(module)  # [out, in] view
+                w.copy_((w.float() + LORA_SCALE * b.float() @ a.float()).to(w.dtype))
 
 
 @contextmanager
@@ -168,6 +168,11 @@ def distill(
             losses = _train(student, teacher, windows, batch_size, params, lr, f"recover (lora r={rank})")
     else:
         params = list(models.adapter_for(student).layers(student).parameters())
+        if any(p.dtype != torch.float32 for p in params):
+            raise PrunescopeError(
+                "full recovery trains the weights in place and needs float32 weights (AdamW steps "
+                "vanish in bfloat16/float16); use LoRA recovery, whose adapters train in float32"
+            )
         trainable = sum(p.numel() for p in params)
         with _trainable(student, params):
             losses = _train(student, teacher, windows, batch_size, params, lr, "recover (full)")

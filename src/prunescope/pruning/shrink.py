@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -127,10 +126,7 @@ class ShrinkConfig(data.TextOptions):
     @property
     def needs_data(self) -> bool:
         """Whether calibration tokens are needed (magnitude without compensation needs none)."""
-        return (
-            self.criterion != "magnitude" or self.compensation != "none"
-            or self.drop_layers > 0 or self.recover_steps > 0
-        )
+        return self.criterion != "magnitude" or self.compensation != "none" or self.drop_layers > 0
 
 
 def _choice(what: str, value: str, valid: tuple[str, ...]) -> None:
@@ -161,38 +157,35 @@ class ShrinkPlan:
     rounding: str
 
 
-def _layer_param_counts(layer: nn.Module, layouts: Mapping[str, UnitLayout]) -> dict[str, int]:
-    """Parameters of one decoder layer (``"layer"``) and owned by one unit of each kind."""
-    sides: dict[tuple[str, str], int] = {}
-    has_bias: dict[str, bool] = {}
-    for layout in layouts.values():
-        for cut in layout.cuts:
-            module = layer.get_submodule(cut.module)
-            for side in ("out", "in"):
-                sides[(cut.module, side)] = module.weight.shape[families.weight_dim(module, side)]
-            has_bias[cut.module] = getattr(module, "bias", None) is not None
-    counts = {kind: structured.unit_params(layout, sides, has_bias) for kind, layout in layouts.items()}
-    counts["layer"] = sum(p.numel() for p in layer.parameters())
-    return counts
+def _layer_params(model: nn.Module, family: Family, shape: Shape, bias_flags: tuple[str, ...]) -> int:
+    """Exact parameters of one decoder layer of ``shape`` (biases the flags add included),
+    counted on a layer built on the meta device from the shrunk config."""
+    layer = models.adapter_for(model).layers(model)[0]
+    config = families.shrunk_config(family, model.config, shape, [0], bias_flags)
+    with torch.device("meta"):
+        return sum(p.numel() for p in type(layer)(config, layer_idx=0).parameters())
 
 
-def _mlp_for_target(config: ShrinkConfig, counts: Mapping[str, int], dense: Shape, heads: Shape, layers: int) -> tuple[int, str]:
-    """The widest multiple-of MLP width that keeps at most ``target_params`` of the layer parameters."""
-    removed_attn = 0
-    if heads.heads is not None and dense.heads is not None:
-        removed_attn = (dense.heads - heads.heads) * counts[Q] + (dense.kv_heads - heads.kv_heads) * counts[KV]
+def _mlp_for_target(
+    config: ShrinkConfig, model: nn.Module, family: Family, heads: Shape, layers: int
+) -> tuple[int, str]:
+    """The widest multiple-of MLP width whose layers keep at most ``target_params`` of the dense
+    decoder-layer parameters (after dropped layers, removed heads and compensation biases)."""
+    dense = families.shape_of(family, model.config)
+    structured.check_multiple(config.multiple_of, dense.intermediate, "MLP")
+    budget = config.target_params * sum(p.numel() for p in models.adapter_for(model).layers(model).parameters())
     kept_layers = layers - config.drop_layers
-    budget = config.target_params * layers * counts["layer"] / kept_layers  # per kept layer
-    room = counts["layer"] - removed_attn - budget  # parameters still to remove per layer
-    width = dense.intermediate - max(0, math.ceil(room / counts[MLP]))
-    width = config.multiple_of * (width // config.multiple_of)
-    if width < config.multiple_of:
+    flags = _bias_flags(config, family, (Q, MLP) if heads != dense else (MLP,))
+    fits = [
+        w for w in [dense.intermediate, *range(config.multiple_of * (dense.intermediate // config.multiple_of), 0, -config.multiple_of)]
+        if kept_layers * _layer_params(model, family, replace(heads, intermediate=w), flags) <= budget
+    ]
+    if not fits:
         raise PrunescopeError(
             f"--target-params {config.target_params:g} cannot be reached by shrinking the MLP "
             f"(it would need fewer than {config.multiple_of} channels); remove heads or layers too"
         )
-    width = min(width, dense.intermediate)
-    return width, f"MLP width {width} solved for --target-params {config.target_params:g} (multiple of {config.multiple_of})"
+    return fits[0], f"MLP width {fits[0]} solved for --target-params {config.target_params:g} (multiple of {config.multiple_of})"
 
 
 def _head_shape(config: ShrinkConfig, family: Family, dense: Shape) -> Shape:
@@ -245,7 +238,6 @@ def make_plan(config: ShrinkConfig, model: nn.Module) -> ShrinkPlan:
             layer dropped, or bias compensation the family cannot save.
     """
     family = families.family_for(model)
-    layouts = family.layouts(model.config)
     dense = families.shape_of(family, model.config)
     layers = len(models.adapter_for(model).layers(model))
     if config.drop_layers >= layers:
@@ -253,16 +245,11 @@ def make_plan(config: ShrinkConfig, model: nn.Module) -> ShrinkPlan:
     reason = family.no_drop_reason(model.config) if config.drop_layers else None
     if reason:
         raise PrunescopeError(reason)
-    if config.multiple_of > dense.intermediate:
-        raise PrunescopeError(
-            f"--multiple-of {config.multiple_of} must not exceed the MLP width ({dense.intermediate})"
-        )
     heads = _head_shape(config, family, dense)
     if config.target_params is not None:
-        counts = _layer_param_counts(models.adapter_for(model).layers(model)[0], layouts)
-        width, rounding = _mlp_for_target(config, counts, dense, heads, layers)
+        width, rounding = _mlp_for_target(config, model, family, heads, layers)
     elif config.mlp_fraction > 0:
-        width = structured.kept_width(dense.intermediate, config.mlp_fraction, config.multiple_of, "MLP channels")
+        width = structured.kept_width(dense.intermediate, config.mlp_fraction, config.multiple_of, "MLP")
         rounding = (
             f"MLP {dense.intermediate} -> {width} channels: {config.mlp_fraction:g} requested, "
             f"{1 - width / dense.intermediate:.4f} removed (kept width a multiple of {config.multiple_of})"
@@ -301,12 +288,6 @@ class _Choice:
     errors: UnitErrors | None = None
 
 
-def _writer_matrix(layer: nn.Module, path: str) -> torch.Tensor:
-    """The writer's weight as ``[out, in]`` (a view)."""
-    module = layer.get_submodule(path)
-    return module.weight.T if families.is_conv1d(module) else module.weight
-
-
 def _writer_cut(layout: UnitLayout) -> families.Cut:
     return next(c for c in layout.cuts if c.module == layout.writer and c.side == "in")
 
@@ -328,7 +309,7 @@ def _scores(layer: nn.Module, layout: UnitLayout, criterion: str, stats: calib.I
     if criterion == "magnitude":
         return _magnitudes(layer, layout)
     assert stats is not None and stats.lin_sum is not None
-    w = _writer_matrix(layer, layout.writer)
+    w = families.weight_matrix(layer.get_submodule(layout.writer))
     cols = structured.column_scores(criterion, w, stats.sq_sum, stats.lin_sum, stats.tokens)
     return structured.per_unit(cols.cpu(), _writer_cut(layout).offset, layout.count, layout.width)
 
@@ -356,13 +337,14 @@ def _compensate(choice: _Choice, w: torch.Tensor, stats: calib.InputStats, metho
     """Fill the compensation (new kept columns or a bias) and every compensation's error."""
     assert stats.xtx is not None and stats.lin_sum is not None
     cols, n = choice.writer_cols, stats.tokens
+    gram = stats.xtx.double()  # [in, in], converted once for the four uses below
     removed = structured.removed_from(cols, w.shape[1])
     bias = structured.bias_compensation(w, stats.lin_sum / n, removed)
-    refit = structured.lstsq_compensation(w, stats.xtx, cols, damp)
+    refit = structured.lstsq_compensation(w, gram, cols, damp)
     choice.errors = UnitErrors(
-        none=structured.output_error(w, stats.xtx, stats.lin_sum, n, cols),
-        bias=structured.output_error(w, stats.xtx, stats.lin_sum, n, cols, bias=bias),
-        lstsq=structured.output_error(w, stats.xtx, stats.lin_sum, n, cols, new_kept=refit),
+        none=structured.output_error(w, gram, stats.lin_sum, n, cols),
+        bias=structured.output_error(w, gram, stats.lin_sum, n, cols, bias=bias),
+        lstsq=structured.output_error(w, gram, stats.lin_sum, n, cols, new_kept=refit),
     )
     if method == "bias":
         choice.bias = bias
@@ -428,7 +410,7 @@ class _LayerShrinker:
         cols = structured.unit_columns(units, layout.width, _writer_cut(layout).offset)
         choice = _Choice(kept, cols)
         if stats is not None:
-            _compensate(choice, _writer_matrix(layer, layout.writer), stats, self.config.compensation, self.config.damp)
+            _compensate(choice, families.weight_matrix(layer.get_submodule(layout.writer)), stats, self.config.compensation, self.config.damp)
         return choice
 
 
@@ -609,7 +591,7 @@ def _recover(
     )
     return recover.distill(
         model, teacher, windows, batch_size=config.recover_batch_size, mode=config.recover_mode,
-        lr=config.recover_lr, rank=config.recover_rank,
+        lr=config.recover_lr, rank=config.recover_rank, seed=config.seed,
     )
 
 
@@ -620,6 +602,8 @@ def run_shrink(
 
     Returns the result and the shrunk model (a new object; ``save_pretrained`` it anywhere).
     """
+    if (model is None) != (tokenizer is None):
+        raise ValueError("pass both a model and its tokenizer, or neither (config.model is loaded)")
     if model is None or tokenizer is None:
         log.info("loading model %s", config.model)
         model, tokenizer = models.load(config.model)

@@ -31,6 +31,7 @@ Compensation of the writer after its columns ``R`` are removed (``K`` kept):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -181,8 +182,8 @@ def lstsq_compensation(
     lhs = g_kk + torch.diag(ridge)
     rhs = g[kept] @ w.T + ridge[:, None] * w[:, kept].T  # [k, out]
     chol, info = torch.linalg.cholesky_ex(lhs)
-    if int(info) != 0:
-        return torch.linalg.lstsq(lhs, rhs).solution.T
+    if int(info) != 0:  # near-singular: an SVD-based solve on the CPU (CUDA's lstsq assumes full rank)
+        return torch.linalg.lstsq(lhs.cpu(), rhs.cpu(), driver="gelsd").solution.T.to(w.device)
     return torch.cholesky_solve(rhs, chol).T  # [out, k]
 
 
@@ -229,20 +230,24 @@ def block_influence_sum(x_in: torch.Tensor, x_out: torch.Tensor) -> tuple[float,
     return float((1.0 - cos).double().sum()), a.shape[0]
 
 
+def check_multiple(multiple: int, count: int, what: str) -> None:
+    """``--multiple-of`` must be between 1 and the width it rounds."""
+    if multiple < 1 or multiple > count:
+        raise PrunescopeError(f"--multiple-of {multiple} must be between 1 and the {what} width ({count})")
+
+
 def kept_width(count: int, fraction: float, multiple: int, what: str) -> int:
-    """Units kept when removing ``fraction`` of ``count``, rounded to the nearest multiple.
+    """Units kept when removing ``fraction`` of ``count``, rounded to the nearest multiple
+    (halves round up, so the kept width never falls below what was asked by rounding a tie).
 
     Raises:
         PrunescopeError: the rounded width keeps every unit or none, or ``multiple`` exceeds
             ``count``.
     """
-    if multiple < 1 or multiple > count:
-        raise PrunescopeError(
-            f"--multiple-of {multiple} must be between 1 and the {what} size ({count})"
-        )
+    check_multiple(multiple, count, what)
     if not 0.0 < fraction < 1.0:
         raise PrunescopeError(f"the fraction of {what} to remove must be in (0, 1), got {fraction}")
-    keep = multiple * round(count * (1.0 - fraction) / multiple)
+    keep = multiple * math.floor(count * (1.0 - fraction) / multiple + 0.5)
     if keep >= count:
         raise PrunescopeError(
             f"removing {fraction:g} of {count} {what} rounds to {keep} kept (a multiple of "
@@ -254,19 +259,3 @@ def kept_width(count: int, fraction: float, multiple: int, what: str) -> int:
             f"every unit would be removed; lower the fraction or --multiple-of"
         )
     return keep
-
-
-def unit_params(layout: UnitLayout, side_sizes: Mapping[tuple[str, str], int], has_bias: Mapping[str, bool]) -> int:
-    """Parameters owned by one unit: over its cuts, ``width x`` the other side's size (+ biases).
-
-    Args:
-        layout: the units.
-        side_sizes: ``(module, side) -> number of features``.
-        has_bias: module -> whether it has a bias (each output feature owns one bias entry).
-    """
-    total = 0
-    for cut in layout.cuts:
-        other = side_sizes[(cut.module, "in" if cut.side == "out" else "out")]
-        total += layout.width * (other + (1 if cut.side == "out" and has_bias[cut.module] else 0))
-    return total
-

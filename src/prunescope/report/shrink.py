@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from prunescope.pruning.shrink import ShrinkResult, UnitErrors
+from prunescope.pruning.structured import COMPENSATIONS
 from prunescope.report.io import markdown_table
 from prunescope.report.plots import new_figure, save_figure
-
-_COMPENSATIONS = ("none", "bias", "lstsq")
 
 
 def _ppl(value: float | None) -> str:
@@ -77,7 +76,7 @@ def _summary_rows(result: ShrinkResult) -> list[tuple[str, str]]:
 
 
 def _errors(e: UnitErrors | None) -> str:
-    return "" if e is None else " / ".join(f"{getattr(e, c):.4f}" for c in _COMPENSATIONS)
+    return "" if e is None else " / ".join(f"{getattr(e, c):.4f}" for c in COMPENSATIONS)
 
 
 def layer_table(result: ShrinkResult) -> str:
@@ -129,7 +128,7 @@ def plot_layers(result: ShrinkResult, path: str | Path) -> Path:
         pts = [(o.index, getattr(o, part)) for o in result.layers if getattr(o, part) is not None]
         if not pts:
             continue
-        for comp in _COMPENSATIONS:
+        for comp in COMPENSATIONS:
             ax.plot([i for i, _ in pts], [getattr(e, comp) for _, e in pts], styles[comp], color=color,
                     marker="o", markersize=3, label=f"{'down_proj' if part == 'mlp_error' else 'o_proj'}, {comp}")
     if ax.lines:
