@@ -21,19 +21,19 @@ from pathlib import Path
 
 import torch
 
-from prunescope import data, evaluate, models
+from prunescope import evaluate, models
 from prunescope.pruning import job as pipeline
 from prunescope.pruning.apply import apply_weights
 from prunescope.pruning.patterns import parse_pattern
 from prunescope.report import markdown_table, to_jsonable
+import wikitext
 
-WIKITEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2"
 
 
 def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=models.DEFAULT_MODEL)
-    p.add_argument("--data", type=Path, default=WIKITEXT, help="folder with valid.txt and test.txt")
+    p.add_argument("--data", type=Path, default=wikitext.WIKITEXT, help="folder with valid.txt and test.txt")
     p.add_argument("--methods", default="magnitude,wanda,sparsegpt")
     p.add_argument("--patterns", default="0.5,2:4,4:8")
     p.add_argument("--magnitude-scope", default="layer", choices=("global", "layer", "row"))
@@ -57,10 +57,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     model, tokenizer = models.load(args.model)
-    calib = data.calibration_blocks(
-        data.tokenize(tokenizer, (args.data / "valid.txt").read_text()), args.calib_samples, args.calib_seqlen, args.seed
+    calib, blocks = wikitext.windows(
+        tokenizer, args.data, args.calib_samples, args.calib_seqlen, args.eval_tokens, args.eval_seqlen, args.seed
     )
-    blocks = data.eval_blocks(data.tokenize(tokenizer, (args.data / "test.txt").read_text()), args.eval_seqlen, args.eval_tokens)
     layers = pipeline.select_linear_layers(model)
     dense = {n: m.weight.detach().clone() for n, m in layers.items()}
     rows: list[dict] = []

@@ -33,13 +33,13 @@ from pathlib import Path
 
 import torch
 
-from prunescope import data, evaluate, models
+from prunescope import evaluate, models
 from prunescope.pruning import job as pipeline
 from prunescope.pruning.patterns import SparsityPattern
 from prunescope.pruning.shrink import ShrinkConfig, make_plan, save_model, shrink_model
 from prunescope.report import markdown_table, to_jsonable
+import wikitext
 
-WIKITEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2"
 SHAPES = {
     "mlp1152": dict(mlp=0.25),
     "mlp1024": dict(mlp=1 / 3),
@@ -68,7 +68,7 @@ print(base, loaded, field("VmHWM"))
 def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=models.DEFAULT_MODEL)
-    p.add_argument("--data", type=Path, default=WIKITEXT, help="folder with valid.txt and test.txt")
+    p.add_argument("--data", type=Path, default=wikitext.WIKITEXT, help="folder with valid.txt and test.txt")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {', '.join(SHAPES)}")
     p.add_argument("--criteria", default="magnitude,wanda-sp,flap")
     p.add_argument("--compensations", default="none,bias,lstsq")
@@ -100,10 +100,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     dense, tokenizer = models.load(args.model)
-    calib = data.calibration_blocks(
-        data.tokenize(tokenizer, (args.data / "valid.txt").read_text()), args.calib_samples, args.calib_seqlen, 0
+    calib, blocks = wikitext.windows(
+        tokenizer, args.data, args.calib_samples, args.calib_seqlen, args.eval_tokens, args.eval_seqlen, 0
     )
-    blocks = data.eval_blocks(data.tokenize(tokenizer, (args.data / "test.txt").read_text()), args.eval_seqlen, args.eval_tokens)
     results: dict = {"args": vars(args), "rows": [], "costs": []}
 
     def dump() -> None:
