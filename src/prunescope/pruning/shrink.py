@@ -176,16 +176,16 @@ def _mlp_for_target(
     budget = config.target_params * sum(p.numel() for p in models.adapter_for(model).layers(model).parameters())
     kept_layers = layers - config.drop_layers
     flags = _bias_flags(config, family, (Q, MLP) if heads != dense else (MLP,))
-    fits = [
-        w for w in [dense.intermediate, *range(config.multiple_of * (dense.intermediate // config.multiple_of), 0, -config.multiple_of)]
-        if kept_layers * _layer_params(model, family, replace(heads, intermediate=w), flags) <= budget
-    ]
-    if not fits:
+    step = config.multiple_of
+    widths = [dense.intermediate, *range(step * (dense.intermediate // step), 0, -step)]  # widest first
+    params = (kept_layers * _layer_params(model, family, replace(heads, intermediate=w), flags) for w in widths)
+    width = next((w for w, n in zip(widths, params) if n <= budget), None)
+    if width is None:
         raise PrunescopeError(
             f"--target-params {config.target_params:g} cannot be reached by shrinking the MLP "
-            f"(it would need fewer than {config.multiple_of} channels); remove heads or layers too"
+            f"(it would need fewer than {step} channels); remove heads or layers too"
         )
-    return fits[0], f"MLP width {fits[0]} solved for --target-params {config.target_params:g} (multiple of {config.multiple_of})"
+    return width, f"MLP width {width} solved for --target-params {config.target_params:g} (multiple of {step})"
 
 
 def _head_shape(config: ShrinkConfig, family: Family, dense: Shape) -> Shape:
@@ -403,14 +403,15 @@ class _LayerShrinker:
         layout = self.layouts[kind]
         stats = None
         if inputs is not None:
-            writer = layer.get_submodule(layout.writer)
-            stats = calib.collect_stats(layer, {layout.writer: writer}, inputs, hessian=True, means=True)[layout.writer]
+            module = {layout.writer: layer.get_submodule(layout.writer)}
+            stats = calib.collect_stats(layer, module, inputs, hessian=True, means=True)[layout.writer]
         kept = _select(layer, self.layouts, kind, self.config.criterion, stats, self.plan)
         units = kept[kind if kind == MLP else Q][1]
         cols = structured.unit_columns(units, layout.width, _writer_cut(layout).offset)
         choice = _Choice(kept, cols)
         if stats is not None:
-            _compensate(choice, families.weight_matrix(layer.get_submodule(layout.writer)), stats, self.config.compensation, self.config.damp)
+            writer = families.weight_matrix(layer.get_submodule(layout.writer))
+            _compensate(choice, writer, stats, self.config.compensation, self.config.damp)
         return choice
 
 
