@@ -309,7 +309,7 @@ def test_bundled_model_shrinks_saves_and_reloads(bundled, tmp_path):
     from prunescope.pruning.shrink import run_shrink
 
     model, tok = bundled
-    config = ShrinkConfig(mlp=0.25, kv_groups=1, calib_samples=8, calib_seqlen=256, eval_tokens=4096,
+    config = ShrinkConfig(mlp=0.25, kv_groups=1, calib_samples=8, calib_seqlen=256, eval_tokens=2048,
                           latency_rounds=0, save_dir=tmp_path / "model")
     result, shrunk = run_shrink(config, copy.deepcopy(model), tok)
     assert result.shrunk_shape == Shape(1152, 6, 2)

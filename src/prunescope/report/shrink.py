@@ -163,7 +163,7 @@ def plot_summary(result: ShrinkResult) -> Any:
         ax.bar(["dense", "shrunk"], [dense, shrunk], color=["tab:gray", "tab:green"])
         ax.set_title(title, fontsize=9)
         for x, v in enumerate((dense, shrunk)):
-            ax.annotate(f"{v:.3g}", (x, v), ha="center", va="bottom", fontsize=8)
+            ax.annotate(f"{v:.4g}", (x, v), ha="center", va="bottom", fontsize=8)
     fig.suptitle(f"{result.model}: shrunk with {result.criterion} / {result.compensation}", fontsize=10)
     return fig
 
