@@ -72,6 +72,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {', '.join(SHAPES)}")
     p.add_argument("--criteria", default="magnitude,wanda-sp,flap")
     p.add_argument("--compensations", default="none,bias,lstsq")
+    p.add_argument("--rows", default=None, metavar="SHAPE:CRITERION:COMPENSATION,...",
+                   help="run only these variants instead of the grid of --shapes x --criteria x --compensations")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=32768)
@@ -82,6 +84,19 @@ def _args() -> argparse.Namespace:
                    help="saved folders for the size and memory figures (removed at the end)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here (updated after each row)")
     return p.parse_args()
+
+
+def _variants(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """(shape, criterion, compensation) of every variant to run, checked before any work."""
+    if args.rows:
+        variants = [tuple(r.split(":")) for r in args.rows.split(",")]
+    else:
+        variants = [(s, c, k) for s in args.shapes.split(",") for c in args.criteria.split(",")
+                    for k in args.compensations.split(",")]
+    for v in variants:
+        if len(v) != 3 or v[0] not in SHAPES:
+            raise SystemExit(f"bad variant {':'.join(v)!r}: want SHAPE:CRITERION:COMPENSATION, SHAPE in {', '.join(SHAPES)}")
+    return variants  # type: ignore[return-value]
 
 
 def _peak_memory(folder: Path) -> dict[str, int]:
@@ -97,6 +112,7 @@ def _safetensors_bytes(folder: Path) -> int:
 
 def main() -> None:
     args = _args()
+    variants = _variants(args)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     dense, tokenizer = models.load(args.model)
@@ -114,24 +130,22 @@ def main() -> None:
     dense_ppl = evaluate.perplexity(dense, blocks, progress=False)
     print(f"dense: ppl {dense_ppl:.3f}, {dense_params:,} parameters", flush=True)
     saved = {"dense": dense}
-    for shape in args.shapes.split(","):
-        for criterion in args.criteria.split(","):
-            for comp in args.compensations.split(","):
-                config = ShrinkConfig(model=args.model, criterion=criterion, compensation=comp, **SHAPES[shape])
-                model = copy.deepcopy(dense)
-                plan = make_plan(config, model)
-                t0 = time.perf_counter()
-                model, _, _ = shrink_model(model, config, plan, calib)
-                seconds = time.perf_counter() - t0
-                ppl = evaluate.perplexity(model, blocks, progress=False)
-                params = sum(p.numel() for p in model.parameters())
-                key = f"{shape}{'+bias' if plan.bias_flags else ''}"
-                saved.setdefault(key, model)
-                row = {"shape": shape, "criterion": criterion, "compensation": comp, "params": params,
-                       "removed": 1 - params / dense_params, "ppl": ppl, "shrink_seconds": seconds, "cost_key": key}
-                results["rows"].append(row)
-                dump()
-                print(f"{shape:>12} {criterion:>9} {comp:>5}  ppl {ppl:9.3f}  shrink {seconds:6.1f} s", flush=True)
+    for shape, criterion, comp in variants:
+        config = ShrinkConfig(model=args.model, criterion=criterion, compensation=comp, **SHAPES[shape])
+        model = copy.deepcopy(dense)
+        plan = make_plan(config, model)
+        t0 = time.perf_counter()
+        model, _, _ = shrink_model(model, config, plan, calib)
+        seconds = time.perf_counter() - t0
+        ppl = evaluate.perplexity(model, blocks, progress=False)
+        params = sum(p.numel() for p in model.parameters())
+        key = f"{shape}{'+bias' if plan.bias_flags else ''}"
+        saved.setdefault(key, model)
+        row = {"shape": shape, "criterion": criterion, "compensation": comp, "params": params,
+               "removed": 1 - params / dense_params, "ppl": ppl, "shrink_seconds": seconds, "cost_key": key}
+        results["rows"].append(row)
+        dump()
+        print(f"{shape:>12} {criterion:>9} {comp:>5}  ppl {ppl:9.3f}  shrink {seconds:6.1f} s", flush=True)
     if not args.no_sparsegpt:
         model = copy.deepcopy(dense)
         layers = pipeline.select_linear_layers(model)

@@ -343,3 +343,17 @@ def test_calibration_histogram_counts_every_value_and_zeros(tiny_model: nn.Modul
     assert int(hists[name].sum()) == x.numel()
     assert int(hists[name][-1]) == int((x == 0).sum()) > 0
     assert int(hists["model.layers.0.mlp.up_proj"].sum()) == 2 * 16 * 32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu-check.sh)")
+def test_job_on_cuda_matches_cpu(tiny_model_dir: Path, tmp_path: Path) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    kw = dict(model=str(tiny_model_dir), text=str(text), tokens=128, seqlen=32, thresholds=(0.5,),
+              calib_text=str(text), calib_tokens=128, eval_text=str(text), eval_tokens=128, eval_seqlen=32)
+    cpu = run_activations(ActivationsConfig(device="cpu", **kw))
+    gpu = run_activations(ActivationsConfig(device="cuda", **kw))
+    for a, b in zip(cpu.profile.activation_sites(), gpu.profile.activation_sites()):
+        assert a.near_zero_frac == pytest.approx(b.near_zero_frac, abs=0.02)
+    assert gpu.threshold.points[0].ppl == pytest.approx(cpu.threshold.points[0].ppl, rel=0.01)

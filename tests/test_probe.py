@@ -261,3 +261,14 @@ def test_exact_columns_limit_the_readout_and_save_forwards(dtok):
     config = ProbeConfig(rows=1, samples=4, batch_size=4, exact_columns=("Age",), calib_samples=2)
     result = run_probe_on(model, dtok, config, "tiny-digits")
     assert result.field(1, "Gender").exact_marginal is None and result.field(1, "Age digit 1").exact_marginal
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu-check.sh)")
+def test_probe_on_cuda_matches_cpu(dtok):
+    model = tiny_llama(vocab_size=max(384, len(dtok)))
+    config = ProbeConfig(rows=2, samples=6, batch_size=3, calib_samples=3)
+    cpu = run_probe_on(model, dtok, config, "tiny")
+    gpu = run_probe_on(model.cuda(), dtok, config, "tiny")
+    for a, b in zip(cpu.fields, gpu.fields):
+        assert a.exact_marginal == pytest.approx(b.exact_marginal, abs=1e-4)

@@ -34,7 +34,8 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
-    """The optional positional MODEL shared by commands that load a model."""
+    """The optional positional MODEL, with ``--device`` and ``--dtype``, shared by commands that
+    load a model."""
     parser.add_argument(
         "model",
         nargs="?",
@@ -43,6 +44,21 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
         help="'smollm2-135m' (the bundled SmolLM2-135M-Instruct, default), a local folder "
         "written by save_pretrained or by 'prunescope prune --save', or a Hugging Face model id",
     )
+    parser.add_argument(
+        "--device", default="auto",
+        help="where the model runs: auto (default: CUDA, then MPS, else the CPU), cpu, cuda, cuda:N or mps",
+    )
+    parser.add_argument(
+        "--dtype", default="auto",
+        help="parameter dtype: auto (default: the checkpoint's own, float32 if it names none or is "
+        "float16 on the CPU), float32, bfloat16 or float16; statistics and perplexity are "
+        "accumulated in float32/float64 whatever this is",
+    )
+
+
+def placement_options(args: argparse.Namespace) -> dict[str, str]:
+    """The :class:`~prunescope.models.Placement` keywords from options added by :func:`add_model_argument`."""
+    return dict(device=args.device, dtype=args.dtype)
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:

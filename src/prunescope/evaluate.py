@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from prunescope import devices
+
 log = logging.getLogger(__name__)
 
 
@@ -40,10 +42,10 @@ def perplexity(
     for start in tqdm(batches, desc=desc, disable=not progress, leave=False):
         batch = blocks[start : start + batch_size].to(device)  # [b, L]
         logits = model(input_ids=batch, use_cache=False).logits  # [b, L, V]
-        nll = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
+        nll = F.cross_entropy(  # [b * (L - 1)], float32 whatever the model's dtype
+            logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none"
         )
-        total_nll += nll.item()
+        total_nll += nll.double().sum().item()  # summed in float64
         total_tokens += batch[:, 1:].numel()
     return math.exp(total_nll / total_tokens)
 
@@ -76,28 +78,22 @@ def forward_latency(
         model(input_ids=input_ids)
     times = []
     for _ in range(repeats):
-        _sync(input_ids.device)
+        devices.synchronize(input_ids.device)
         start = time.perf_counter()
         model(input_ids=input_ids)
-        _sync(input_ids.device)
+        devices.synchronize(input_ids.device)
         times.append(time.perf_counter() - start)
     times.sort()
     return times[len(times) // 2]
 
 
-def _sync(device: torch.device) -> None:
-    """Wait for queued kernels (CUDA runs asynchronously; timings must include the work)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def prefill_seconds(model: nn.Module, input_ids: torch.Tensor) -> float:
     """Wall-clock seconds of one prefill: a forward over ``input_ids`` (``[b, L]``) building the KV cache."""
-    _sync(input_ids.device)
+    devices.synchronize(input_ids.device)
     start = time.perf_counter()
     model(input_ids=input_ids, use_cache=True)
-    _sync(input_ids.device)
+    devices.synchronize(input_ids.device)
     return time.perf_counter() - start
 
 
@@ -106,14 +102,14 @@ def decode_seconds(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> f
     """Wall-clock seconds of greedy generation of exactly ``new_tokens`` tokens after ``prompt``
     (``[1, L]``) with the KV cache, as ``generate`` does it for a user."""
     pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
-    _sync(prompt.device)
+    devices.synchronize(prompt.device)
     start = time.perf_counter()
     model.generate(
         input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
         min_new_tokens=new_tokens, do_sample=False, use_cache=True,
         pad_token_id=pad if pad is not None else 0,
     )
-    _sync(prompt.device)
+    devices.synchronize(prompt.device)
     return time.perf_counter() - start
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from prunescope import atomic
+from prunescope import atomic, devices
 from prunescope.errors import PrunescopeError
 
 if TYPE_CHECKING:
@@ -134,39 +134,68 @@ def _load_sparse_checkpoint(
 
 def load(
     name_or_path: str | os.PathLike[str] | None = DEFAULT_MODEL,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
 ) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     """Load ``(model, tokenizer)`` in eval mode.
 
     Args:
         name_or_path: ``"smollm2-135m"`` (bundled, default), a local HF folder, a compressed
             sparse checkpoint folder written by ``prunescope prune --save``, or an HF id.
-        dtype: parameter dtype (float32 by default, what the pruning maths expects).
-        device: where to put the model.
+        dtype: ``"auto"`` (the checkpoint's dtype; see :func:`prunescope.devices.resolve_dtype`),
+            ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``.
+        device: ``"auto"`` (the accelerator when there is one), ``"cpu"``, ``"cuda[:N]"``,
+            ``"mps"`` or a ``torch.device``.
 
     Raises:
-        PrunescopeError: the bundled package is missing, the path does not exist, or the id
-            cannot be found (offline or misspelt); the message says what to run or pass.
+        PrunescopeError: the bundled package is missing, the path does not exist, the id
+            cannot be found (offline or misspelt), or the device or dtype is unknown or cannot
+            be used here; the message says what to run or pass.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    sparse = _load_sparse_checkpoint(name_or_path, device)
+    target = devices.resolve_device(device)
+    sparse = _load_sparse_checkpoint(name_or_path, target)
     if sparse is not None:
-        return sparse
+        model, tokenizer = sparse
+        saved = next(model.parameters()).dtype
+        return model.to(devices.resolve_dtype(dtype, target, saved)).eval(), tokenizer
     source = resolve(name_or_path)
     try:
+        config = AutoConfig.from_pretrained(source)
+        chosen = devices.resolve_dtype(dtype, target, devices.checkpoint_dtype(config))
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=chosen)
     except OSError as exc:
         raise PrunescopeError(
             f"could not load model {str(name_or_path)!r}: {exc.__class__.__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}. Pass a local folder written by "
             f"save_pretrained, an HF id reachable from this machine, or {DEFAULT_MODEL!r}"
         ) from exc
-    model.to(device)
+    model.to(target)
     model.eval()
+    log.info("loaded %s on %s in %s", name_or_path, target, str(chosen).removeprefix("torch."))
     return model, tokenizer
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and in what a job loads its model: ``device`` and ``dtype`` as the user wrote them
+    (``auto`` or a name, see :mod:`prunescope.devices`). A base of the job configs."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def check_placement(self) -> None:
+        """Raise PrunescopeError for an unknown or absent device or an unusable dtype, before
+        any heavy work."""
+        device = devices.resolve_device(self.device)
+        if self.dtype != "auto":
+            devices.resolve_dtype(self.dtype, device)
+
+    def load_model(self, name: str) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+        """:func:`load` ``name`` on this device in this dtype."""
+        return load(name, dtype=self.dtype, device=self.device)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ DEFAULT_TARGETS = (0.0, 0.25, 0.4, 0.5, 0.65)
 
 
 @dataclass(frozen=True)
-class ActivationsConfig:
+class ActivationsConfig(models.Placement):
     """Options of the activations job; validated once, here."""
 
     model: str = models.DEFAULT_MODEL
@@ -54,6 +54,7 @@ class ActivationsConfig:
     eval_seqlen: int = 512
 
     def __post_init__(self) -> None:
+        self.check_placement()
         validate_profile_args(self.eps, self.token_eps, self.sample_every)
         if self.seqlen < 2 or self.eval_seqlen < 2 or self.batch_size < 1:
             raise PrunescopeError(
@@ -164,7 +165,7 @@ def run_activations(config: ActivationsConfig, model: nn.Module | None = None,
     """Profile ``config.model`` (or the given model), then the optional threshold sweep and swap."""
     if model is None or tokenizer is None:
         log.info("loading model %s", config.model)
-        model, tokenizer = models.load(config.model)
+        model, tokenizer = config.load_model(config.model)
     blocks = token_blocks(tokenizer, config.text, config.tokens, config.seqlen, "profiling")
     eval_blocks = (token_blocks(tokenizer, config.eval_text, config.eval_tokens, config.eval_seqlen, "evaluation")
                    if config.needs_eval else None)

@@ -133,13 +133,13 @@ class SiteAccumulator:
         """Histogram, firing counts and per-token sparsity on the sampled rows ``s`` ([t, width])."""
         r = self.rms
         self.sampled += s.shape[0]
-        self.hist += torch.histc(s, HIST_BINS, -HIST_RANGE * r, HIST_RANGE * r).double()
+        self.hist += torch.histc(s, HIST_BINS, -HIST_RANGE * r, HIST_RANGE * r).double().cpu()  # counters stay on the CPU
         pos = s.gt(0).sum(0, dtype=torch.int32).long()  # [width]
         self.positive = pos if self.positive is None else self.positive + pos
         near = s.abs() < self.token_eps * r  # [t, width] bool
         per_token = near.sum(-1, dtype=torch.int32).float() / s.shape[1]  # [t]
         self.token_sum += float(per_token.sum())
-        self.token_hist += torch.histc(per_token, TOKEN_BINS, 0.0, 1.0).double()
+        self.token_hist += torch.histc(per_token, TOKEN_BINS, 0.0, 1.0).double().cpu()
 
     def near_zero(self, eps: float) -> float:
         """Fraction of sampled values with ``|x| < eps * rms`` (eps rounded to the bin width)."""

@@ -59,7 +59,7 @@ def calibrate_histograms(
         a = x.detach().float().abs().flatten()  # [T * in]
         zeros = a.numel() - int(torch.count_nonzero(a))
         h = torch.zeros(LOG_BINS + 1, dtype=torch.float64)
-        h[:-1] = torch.histc(a.clamp_min(1e-30).log10_(), LOG_BINS, LOG_MIN, LOG_MAX).double()
+        h[:-1] = torch.histc(a.clamp_min(1e-30).log10_(), LOG_BINS, LOG_MIN, LOG_MAX).double().cpu()  # [LOG_BINS] on the CPU
         huge = int(torch.count_nonzero(a >= 10**LOG_MAX))
         h[LOG_BINS - 1] += huge  # beyond the range: top bin
         h[0] += a.numel() - int(h.sum()) - zeros  # tiny non-zeros (below 1e-10): lowest bin

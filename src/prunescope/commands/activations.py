@@ -105,7 +105,7 @@ def _profile_config(args: argparse.Namespace):
         eps=tuple(args.eps), token_eps=args.token_eps, sample_every=args.sample_every, swap=args.swap,
         thresholds=tuple(args.threshold), threshold_include=tuple(args.threshold_include),
         calib_text=args.calib_text, calib_tokens=args.calib_tokens, eval_text=args.eval_text,
-        eval_tokens=args.eval_tokens, eval_seqlen=args.eval_seqlen,
+        eval_tokens=args.eval_tokens, eval_seqlen=args.eval_seqlen, **cli.placement_options(args),
     )
 
 

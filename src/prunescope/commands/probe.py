@@ -57,7 +57,7 @@ def _config(args: argparse.Namespace):
         mode=args.mode, draws=args.draws, temperature=args.temperature,
         exact_columns=None if args.exact_columns is None else tuple(c.strip() for c in args.exact_columns.split(",")), batch_size=args.batch, reference=args.reference,
         target=None if str(args.target).lower() == "none" else args.target,
-        calibrate=not args.no_calibration, calib_samples=args.calib_samples,
+        calibrate=not args.no_calibration, calib_samples=args.calib_samples, **cli.placement_options(args),
     )
 
 

@@ -100,6 +100,7 @@ def _config(args: argparse.Namespace, out: Path | None) -> "PruneConfig":
         exclude=tuple(args.exclude),
         skip_incompatible=args.skip_incompatible,
         **cli.text_options(args),
+        **cli.placement_options(args),
         sweep=tuple(args.sweep),
         sweep_methods=methods,
         save_dir=(out / "model") if args.save and out is not None else None,

@@ -103,7 +103,7 @@ def _config(args: argparse.Namespace, out: Path) -> "ShrinkConfig":
         recover_mode=args.recover_mode, recover_lr=args.recover_lr, recover_rank=args.recover_rank,
         recover_seqlen=args.recover_seqlen, recover_batch_size=args.recover_batch,
         save_dir=None if args.no_save else out / "model",
-        **cli.text_options(args),
+        **cli.text_options(args), **cli.placement_options(args),
     )
 
 

@@ -44,7 +44,7 @@ class Batch:
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        ids = torch.tensor([prompt_ids])  # (1, L)
+        ids = torch.tensor([prompt_ids], device=_device(model))  # (1, L)
         out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         cache.batch_repeat_interleave(batch_size)
         n = len(prompt_ids)
@@ -53,7 +53,7 @@ class Batch:
             cache=cache,
             mask=torch.ones(batch_size, n, dtype=torch.long),
             pos=torch.full((batch_size,), n, dtype=torch.long),
-            logits=out.logits[0, -1].float().expand(batch_size, -1).clone(),
+            logits=out.logits[0, -1].float().cpu().expand(batch_size, -1).clone(),
             pad_id=pad_id,
             tokens_fed=n,
         )
@@ -75,11 +75,12 @@ class Batch:
         positions = self.pos[:, None] + torch.arange(length)[None, :]  # (B, L)
         self.mask = torch.cat([self.mask, new_mask], dim=1)  # (B, T+L)
         self.tokens_fed += b * length
+        device = _device(self.model)  # bookkeeping stays on the CPU; only the forward moves
         out = self.model(
-            input_ids=ids, attention_mask=self.mask, position_ids=positions,
+            input_ids=ids.to(device), attention_mask=self.mask.to(device), position_ids=positions.to(device),
             cache=self.cache, use_cache=True,
         )
-        logits = out.logits.float()  # (B, L, V)
+        logits = out.logits.float().cpu()  # (B, L, V)
         self.pos = self.pos + active.long() * length
         self.logits = torch.where(active[:, None], logits[:, -1], self.logits)
         return logits
@@ -118,3 +119,8 @@ class Batch:
         self.cache.crop(-len(fed))  # negative: remove that many tokens
         self.mask, self.pos, self.logits = saved
         return logp, after
+
+
+def _device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go (its first parameter's device)."""
+    return next(model.parameters()).device

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prunescope import models
 from prunescope.errors import PrunescopeError
 from prunescope.probe import stats
 from prunescope.probe.sampling import DRAWS
@@ -33,7 +34,7 @@ DIGITS = tuple(str(d) for d in range(10))
 
 
 @dataclass(frozen=True)
-class ProbeConfig:
+class ProbeConfig(models.Placement):
     """Options of a probe run, validated on construction.
 
     Attributes:
@@ -71,6 +72,7 @@ class ProbeConfig:
     calib_samples: int = 32
 
     def __post_init__(self) -> None:
+        self.check_placement()
         for name in ("rows", "samples", "batch_size", "calib_samples"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -369,10 +371,8 @@ def _name_counts(template: Template, obs: list[list[CellObservations]], top: int
     return tops, firsts, lasts
 
 
-def load_for_probe(name: str):
+def load_for_probe(name: str, placement: models.Placement | None = None):
     """Load ``(model, tokenizer)``; a model folder without a tokenizer is a clear error."""
-    from prunescope import models
-
     source = models.resolve(name)
     try:
         from transformers import AutoTokenizer
@@ -383,7 +383,7 @@ def load_for_probe(name: str):
             f"model {name!r} has no usable tokenizer ({exc.__class__.__name__}); the probe needs one: "
             "save the tokenizer next to the model (tokenizer.save_pretrained)"
         ) from exc
-    return models.load(name)
+    return (placement or models.Placement()).load_model(name)
 
 
 def run_probe(config: ProbeConfig) -> ProbeResult:
@@ -391,5 +391,5 @@ def run_probe(config: ProbeConfig) -> ProbeResult:
     template = load_template(config.template)  # fail on bad input before loading a model
     check_exact_columns(config.exact_columns, template)
     load_reference(config.reference, template)
-    model, tokenizer = load_for_probe(config.model)
+    model, tokenizer = load_for_probe(config.model, config)
     return run_probe_on(model, tokenizer, config)

@@ -57,7 +57,7 @@ def _check_method(method: str) -> None:
 
 
 @dataclass(frozen=True)
-class PruneConfig(data.TextOptions):
+class PruneConfig(data.TextOptions, models.Placement):
     """Everything the prune job needs; validated once, here, at the edge.
 
     The calibration and evaluation options are those of :class:`~prunescope.data.TextOptions`.
@@ -90,6 +90,7 @@ class PruneConfig(data.TextOptions):
                 f"{', '.join(SCOPES[self.method])}"
             )
         self.check_text_options()
+        self.check_placement()
         if self.sweep and pattern.is_nm:
             raise PrunescopeError("--sweep varies unstructured sparsity; it cannot be combined with an N:M pattern")
         for s in self.sweep:
@@ -394,7 +395,7 @@ def run_prune(
         raise ValueError("pass both a model and its tokenizer, or neither (config.model is loaded)")
     if model is None or tokenizer is None:
         log.info("loading model %s", config.model)
-        model, tokenizer = models.load(config.model)
+        model, tokenizer = config.load_model(config.model)
     layers, skipped = split_incompatible(
         select_linear_layers(model, config.include, config.exclude), pattern, config.skip_incompatible
     )

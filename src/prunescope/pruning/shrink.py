@@ -51,7 +51,7 @@ RECOVER_MODES = ("lora", "full")
 
 
 @dataclass(frozen=True)
-class ShrinkConfig(data.TextOptions):
+class ShrinkConfig(data.TextOptions, models.Placement):
     """Everything the shrink job needs; validated once, here, at the edge.
 
     Sizes (uniform over layers, so plain transformers loads the result): ``mlp`` removes that
@@ -91,6 +91,7 @@ class ShrinkConfig(data.TextOptions):
 
     def __post_init__(self) -> None:
         self.check_text_options()
+        self.check_placement()
         _choice("criterion", self.criterion, CRITERIA)
         _choice("compensation", self.compensation, COMPENSATIONS)
         _choice("recover mode", self.recover_mode, RECOVER_MODES)
@@ -607,7 +608,7 @@ def run_shrink(
         raise ValueError("pass both a model and its tokenizer, or neither (config.model is loaded)")
     if model is None or tokenizer is None:
         log.info("loading model %s", config.model)
-        model, tokenizer = models.load(config.model)
+        model, tokenizer = config.load_model(config.model)
     plan = make_plan(config, model)
     log.info("%s: %s", plan.family, plan.rounding)
     calib_blocks = config.calibration_windows(tokenizer) if config.needs_data else None
