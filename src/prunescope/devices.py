@@ -77,7 +77,7 @@ def _check_present(device: torch.device) -> None:
                 f"cuda:0 to cuda:{count - 1}"
             )
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise PrunescopeError(f"device 'mps' is not present on this machine; use --device cpu or auto")
+        raise PrunescopeError("device 'mps' is not present on this machine; use --device cpu or auto")
 
 
 def checkpoint_dtype(config: Any) -> torch.dtype | None:
