@@ -102,9 +102,14 @@ def text_options(args: argparse.Namespace) -> dict[str, object]:
 
 def check_output_dir(out: Path | None, command: str, overwrite: bool) -> Path:
     """The output folder to use, checked but not created: refuses an existing non-empty folder
-    unless ``overwrite``, a file in its place, and a place that cannot be written."""
+    unless ``overwrite``, a file in its place, and a place that cannot be written. Only the main
+    process checks (the others write nothing)."""
+    from prunescope import distributed
+
     if out is None:
         out = Path("runs") / f"{command}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    if not distributed.is_main():
+        return out
     if out.exists() and not out.is_dir():
         raise PrunescopeError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -119,8 +124,11 @@ def check_output_dir(out: Path | None, command: str, overwrite: bool) -> Path:
 
 def prepare_output_dir(out: Path | None, command: str, overwrite: bool) -> Path:
     """Check the output folder (:func:`check_output_dir`) and create it."""
+    from prunescope import distributed
+
     out = check_output_dir(out, command, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -141,6 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _join_processes(args: argparse.Namespace) -> None:
+    """Under torchrun: join the process group (prune, shrink) or refuse in one line (the rest)."""
+    from prunescope import distributed
+
+    if not distributed.launched():
+        return
+    if args.command not in DISTRIBUTED_COMMANDS:
+        distributed.refuse(f"prunescope {args.command}")
+    from prunescope import devices
+
+    distributed.init_from_env(devices.resolve_device(args.device))
+
+
 def _configure_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -152,15 +173,22 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
         hf_logging.disable_progress_bar()
 
 
+# commands whose calibration and evaluation split across processes (torchrun)
+DISTRIBUTED_COMMANDS = ("prune", "shrink")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``prunescope`` console script; returns the exit code."""
+    if os.environ.get("RANK", "0") != "0":  # launched in several processes: one set of progress bars
+        os.environ.setdefault("TQDM_DISABLE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    _configure_logging(args.verbose, args.quiet)
+    _configure_logging(args.verbose, args.quiet or os.environ.get("RANK", "0") != "0")
     try:
+        _join_processes(args)
         return int(args.func(args) or 0)
     except PrunescopeError as exc:
         print(f"prunescope {args.command}: error: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ perplexity sums its negative log-likelihoods in float64 (see :mod:`prunescope.pr
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -49,6 +50,8 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
             device = torch.device(spec)
         except (RuntimeError, TypeError) as exc:
             raise PrunescopeError(f"unknown device {spec!r}; choose one of {DEVICE_CHOICES}") from exc
+    if device.type == "cuda" and device.index is None and _local_rank() is not None:
+        device = torch.device("cuda", _local_rank())  # torchrun: one GPU per process
     if device.type not in ("cpu", "cuda", "mps", _SHAPE_ONLY):
         raise PrunescopeError(f"unsupported device {str(device)!r}; choose one of {DEVICE_CHOICES}")
     _check_present(device)
@@ -57,10 +60,16 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
 
 def _auto_device() -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cuda", _local_rank() or torch.cuda.current_device())
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _local_rank() -> int | None:
+    """The launcher's per-machine process index (torchrun's LOCAL_RANK), if launched."""
+    value = os.environ.get("LOCAL_RANK")
+    return int(value) if value is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
 
 
 def _check_present(device: torch.device) -> None:

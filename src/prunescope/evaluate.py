@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunescope import devices
+from prunescope import devices, distributed
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,12 @@ def perplexity(
 
     Each window is scored independently; the result is ``exp`` of the mean next-token negative
     log-likelihood over all predicted tokens (``n * (seqlen - 1)``), which equals the usual
-    ``exp(mean of per-window mean NLL)`` since all windows have the same length.
+    ``exp(mean of per-window mean NLL)`` since all windows have the same length. Launched in
+    several processes, each scores its share of the windows and the sums are added up.
     """
     if blocks.ndim != 2 or blocks.shape[0] == 0:
         raise ValueError(f"blocks must be LongTensor[n, seqlen] with n >= 1, got {tuple(blocks.shape)}")
+    blocks = distributed.shard(blocks, "evaluation windows")
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     batches = range(0, blocks.shape[0], batch_size)
@@ -47,6 +49,7 @@ def perplexity(
         )
         total_nll += nll.double().sum().item()  # summed in float64
         total_tokens += batch[:, 1:].numel()
+    total_nll, total_tokens = distributed.sum_numbers(total_nll, total_tokens)
     return math.exp(total_nll / total_tokens)
 
 

@@ -109,6 +109,7 @@ def _config(args: argparse.Namespace, out: Path | None) -> "PruneConfig":
 
 def run(args: argparse.Namespace) -> int:
     """Validate the options, run the prune job, and write the report files."""
+    from prunescope import distributed
     from prunescope.pruning.job import run_prune
     from prunescope.report import write_json, write_text
     from prunescope.report.prune import layer_table, plot_layer_sparsity, plot_sweep, render_markdown
@@ -116,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     _config(args, None)  # validate every option before touching the output folder
     out = cli.prepare_output_dir(args.out, "prune", args.overwrite)
     result, _model = run_prune(_config(args, out))
+    if not distributed.is_main():
+        return 0  # process 0 writes
     write_json(result, out / "report.json")
     write_text(render_markdown(result), out / "report.md")
     plot_layer_sparsity(result, out / "sparsity.png")

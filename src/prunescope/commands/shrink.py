@@ -109,12 +109,15 @@ def _config(args: argparse.Namespace, out: Path) -> "ShrinkConfig":
 
 def run(args: argparse.Namespace) -> int:
     """Validate, shrink, and write the report files; nothing is written before the plan holds."""
+    from prunescope import distributed
     from prunescope.pruning.shrink import run_shrink
     from prunescope.report import write_json, write_text
     from prunescope.report.shrink import layer_table, plot_layers, render_markdown, save_summary
 
     out = cli.check_output_dir(args.out, "shrink", args.overwrite)
     result, _model = run_shrink(_config(args, out))
+    if not distributed.is_main():
+        return 0  # process 0 writes
     out.mkdir(parents=True, exist_ok=True)
     write_json(result, out / "report.json")
     write_text(render_markdown(result), out / "report.md")

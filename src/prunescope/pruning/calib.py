@@ -16,7 +16,7 @@ so each Hessian is accumulated once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunescope import models
+from prunescope import distributed, models
 from prunescope.models import DecoderAdapter
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,11 @@ class LayerInputs:
 def capture_first_layer_inputs(
     model: nn.Module, adapter: DecoderAdapter, blocks: torch.Tensor, batch_size: int = 8
 ) -> LayerInputs:
-    """Run ``blocks`` (``LongTensor[n, seqlen]``) up to the first decoder layer and keep its inputs."""
+    """Run ``blocks`` (``LongTensor[n, seqlen]``) up to the first decoder layer and keep its inputs.
+
+    Launched in several processes, each keeps only its share of the windows
+    (:func:`prunescope.distributed.shard`); the statistics are summed over processes later."""
+    blocks = distributed.shard(blocks)
     first = adapter.layers(model)[0]
     captured = LayerInputs([], [], [])
 
@@ -199,7 +203,17 @@ def collect_stats(
     missing = [n for n in modules if n not in collector.stats]
     if missing:
         raise RuntimeError(f"calibration never reached {', '.join(missing)}")
+    _sum_over_processes(collector.stats.values())
     return collector.stats
+
+
+def _sum_over_processes(stats: Iterable[InputStats]) -> None:
+    """Each process saw its share of the windows: sum the statistics over all of them."""
+    if not distributed.active():
+        return
+    for st in {id(s): s for s in stats}.values():  # shared objects (q/k/v) summed once
+        distributed.all_sum(t for t in (st.sq_sum, st.xtx, st.lin_sum) if t is not None)
+        st.tokens = int(distributed.sum_numbers(st.tokens)[0])
 
 
 LayerStep = Callable[[int, nn.Module, LayerInputs], None]

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from prunescope import data, evaluate, models
+from prunescope import data, distributed, evaluate, models
 from prunescope.errors import PrunescopeError
 from prunescope.pruning import calib, masks, scoring, sparsegpt
 from prunescope.pruning.apply import apply_masks, apply_weights
@@ -443,6 +443,6 @@ def run_prune(
         calib_activation_bytes=held,
         seed=config.seed,
         sweep=sweep,
-        checkpoint=_save(model, tokenizer, config.save_dir) if config.save_dir else None,
+        checkpoint=_save(model, tokenizer, config.save_dir) if config.save_dir and distributed.is_main() else None,
     )
     return result, model

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunescope import data, evaluate, families, models
+from prunescope import data, distributed, evaluate, families, models
 from prunescope.errors import PrunescopeError
 from prunescope.families import KV, MLP, Q, Family, Shape, UnitLayout
 from prunescope.pruning import apply, calib, structured
@@ -104,6 +104,8 @@ class ShrinkConfig(data.TextOptions, models.Placement):
                 f"--target-params is the fraction of decoder-layer parameters to keep, in (0, 1), "
                 f"got {self.target_params}"
             )
+        if self.recover_steps:
+            distributed.refuse("recovery (--recover-steps)")
         for name in ("kv_groups", "heads_per_group", "drop_layers", "latency_rounds", "recover_steps"):
             if getattr(self, name) < 0:
                 raise PrunescopeError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
@@ -431,6 +433,7 @@ def block_influences(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8
         for x_in, x_out in zip(inputs.hidden, outputs.hidden):
             s, n = structured.block_influence_sum(x_in, x_out)
             total, tokens = total + s, tokens + n
+        total, tokens = distributed.sum_numbers(total, tokens)  # over processes, if launched in several
         scores.append(total / tokens)
         inputs = outputs
     return scores
@@ -659,7 +662,7 @@ def run_shrink(
         calib_activation_bytes=held, seed=config.seed,
         prune_seconds=prune_seconds, eval_seconds=eval_seconds, latency=latency, recovery=recovery,
         layers=outcomes,
-        saved=save_model(model, tokenizer, config.save_dir) if config.save_dir else None,
+        saved=save_model(model, tokenizer, config.save_dir) if config.save_dir and distributed.is_main() else None,
     )
     return result, model
 
