@@ -42,6 +42,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--eval-tokens", type=int, default=32768)
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    wikitext.add_placement(p)
     p.add_argument("--json", type=Path, default=None, help="also write the rows here (updated after each row)")
     return p.parse_args()
 
@@ -56,7 +57,7 @@ def main() -> None:
     args = _args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
-    model, tokenizer = models.load(args.model)
+    model, tokenizer = models.load(args.model, dtype=args.dtype, device=args.device)
     calib, blocks = wikitext.windows(
         tokenizer, args.data, args.calib_samples, args.calib_seqlen, args.eval_tokens, args.eval_seqlen, args.seed
     )
@@ -87,6 +88,7 @@ def main() -> None:
     print()
     print(f"{args.model}, WikiText-2: calibration {args.calib_samples} x {args.calib_seqlen} tokens of valid.txt, "
           f"perplexity on the first {blocks.numel():,} tokens of test.txt ({args.eval_seqlen}-token windows), "
+          f"{next(model.parameters()).device}, {str(next(model.parameters()).dtype).removeprefix('torch.')}, "
           f"{torch.get_num_threads()} threads")
     print(markdown_table(
         ["method", "pattern", "sparsity", "perplexity", "x dense", "prune time (s)"],

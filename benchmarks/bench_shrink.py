@@ -80,6 +80,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--latency-rounds", type=int, default=5)
     p.add_argument("--no-sparsegpt", action="store_true", help="leave out the 50%% SparseGPT row")
+    wikitext.add_placement(p)
     p.add_argument("--workdir", type=Path, default=Path("runs/bench_shrink_models"),
                    help="saved folders for the size and memory figures (removed at the end)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here (updated after each row)")
@@ -115,11 +116,13 @@ def main() -> None:
     variants = _variants(args)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
-    dense, tokenizer = models.load(args.model)
+    dense, tokenizer = models.load(args.model, dtype=args.dtype, device=args.device)
     calib, blocks = wikitext.windows(
         tokenizer, args.data, args.calib_samples, args.calib_seqlen, args.eval_tokens, args.eval_seqlen, 0
     )
-    results: dict = {"args": vars(args), "rows": [], "costs": []}
+    first = next(dense.parameters())
+    results: dict = {"args": vars(args), "rows": [], "costs": [],
+                     "placement": f"{first.device}, {str(first.dtype).removeprefix('torch.')}"}
 
     def dump() -> None:
         if args.json:
@@ -185,7 +188,7 @@ def _print_tables(results: dict, dense_ppl: float, args: argparse.Namespace, eva
     print()
     print(f"{args.model}, WikiText-2: calibration {args.calib_samples} x {args.calib_seqlen} tokens of valid.txt, "
           f"perplexity on the first {eval_tokens:,} tokens of test.txt ({args.eval_seqlen}-token windows), "
-          f"{torch.get_num_threads()} threads; dense perplexity {dense_ppl:.3f}")
+          f"{results['placement']}, {torch.get_num_threads()} threads; dense perplexity {dense_ppl:.3f}")
     print(markdown_table(
         ["shape", "criterion", "compensation", "parameters removed", "perplexity", "x dense", "shrink time (s)"],
         [(r["shape"], r["criterion"], r["compensation"], f"{100 * r['removed']:.1f}%", f"{r['ppl']:.2f}",

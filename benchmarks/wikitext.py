@@ -4,6 +4,7 @@ evaluation windows from the start of test.txt."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,12 @@ import torch
 from prunescope import data
 
 WIKITEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2"
+
+
+def add_placement(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype``, as on the command line (``auto``: the accelerator, the checkpoint's dtype)."""
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
 
 
 def windows(

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Run the tests that need a CUDA device (marked `gpu`; they skip on machines without one), on a
-# GPU machine, from a fresh clone: set-up as in the README, then only those tests, verbosely.
+# On a GPU machine, from a fresh clone: set-up as in the README, then the tests that need a CUDA
+# device (marked `gpu`; they skip elsewhere), then short GPU runs of the two LLM benchmarks in
+# bfloat16 (WikiText-2 protocol, 8,192 evaluation tokens). Results go to runs/gpu-check/.
 # A GPU machine may need a CUDA build of torch: PRUNESCOPE_TORCH='torch' bash scripts/gpu-check.sh
+# Tests only: GPU_CHECK_BENCH=0 bash scripts/gpu-check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -10,3 +12,11 @@ if [ -n "${PRUNESCOPE_TORCH:-}" ]; then
 fi
 .venv/bin/python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible to torch'; print(torch.cuda.get_device_name(0))"
 .venv/bin/python -m pytest -m gpu -v -rs
+if [ "${GPU_CHECK_BENCH:-1}" != 0 ]; then
+  mkdir -p runs/gpu-check
+  .venv/bin/python benchmarks/bench_llm_prune.py --device cuda --dtype bfloat16 --methods wanda,sparsegpt \
+    --patterns 0.5,2:4 --eval-tokens 8192 --json runs/gpu-check/bench_llm_prune.json
+  .venv/bin/python benchmarks/bench_shrink.py --device cuda --dtype bfloat16 --eval-tokens 8192 \
+    --rows mlp1152:flap:lstsq,mlp1152:wanda-sp:lstsq,mlp1152-kv2:flap:lstsq --no-sparsegpt \
+    --workdir runs/gpu-check/models --json runs/gpu-check/bench_shrink.json
+fi

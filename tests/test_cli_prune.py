@@ -3,6 +3,7 @@ import json
 import pytest
 
 from prunescope import cli
+from prunescope.errors import PrunescopeError
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +156,39 @@ def test_save_calls_the_sparse_checkpoint_writer(tiny_model_dir, text_file, tmp_
     report = json.loads((out / "report.json").read_text())
     assert report["checkpoint"] == {"file_bytes": 123, "dense_file_bytes": 456, "path": str(out / "model")}
     assert "checkpoint file_bytes" in (out / "report.md").read_text()
+
+
+def _failing_command(monkeypatch, exc: BaseException) -> None:
+    """Make ``prunescope prune`` raise ``exc`` from inside its run (after parsing)."""
+    from prunescope.commands import prune as command
+
+    def boom(args):
+        raise exc
+
+    monkeypatch.setattr(command, "run", boom)
+
+
+def test_an_os_error_is_one_line_exit_2(monkeypatch, capsys):
+    import errno
+
+    _failing_command(monkeypatch, OSError(errno.ENOSPC, "No space left on device", "/full/report.json"))
+    assert cli.main(["prune"]) == 2
+    err = capsys.readouterr().err
+    assert err == "prunescope prune: error: No space left on device (/full/report.json)\n"
+
+
+def test_a_bug_shows_its_traceback_and_asks_for_a_report(monkeypatch, capsys):
+    _failing_command(monkeypatch, ZeroDivisionError("division by zero"))
+    assert cli.main(["prune"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ZeroDivisionError: division by zero" in err
+    assert "internal error: this is a bug in prunescope; please report it" in err
+
+
+def test_debug_shows_the_traceback_of_expected_errors(monkeypatch, capsys):
+    _failing_command(monkeypatch, PrunescopeError("bad option"))
+    assert cli.main(["prune"]) == 2
+    assert capsys.readouterr().err == "prunescope prune: error: bad option\n"
+    assert cli.main(["--debug", "prune"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.endswith("prunescope prune: error: bad option\n")

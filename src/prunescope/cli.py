@@ -4,7 +4,10 @@ Each subcommand lives in ``prunescope.commands.<name>`` and exposes ``register(s
 which adds its parser and sets ``func`` to a ``run(args) -> int`` callable. Subcommand modules
 import heavy libraries (torch, transformers) inside ``run`` so ``--help`` stays fast.
 
-A :class:`~prunescope.errors.PrunescopeError` becomes one line on stderr and exit code 2.
+Errors: a :class:`~prunescope.errors.PrunescopeError` (bad input) or an ``OSError`` (a full disk,
+a folder that cannot be written) becomes one line on stderr and exit code 2 (``--debug`` adds
+the traceback); anything else is a bug in prunescope: its traceback, a request to report it,
+and exit code 1.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -143,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)"
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of every error, not only of bugs")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
@@ -190,12 +195,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _join_processes(args)
         return int(args.func(args) or 0)
-    except PrunescopeError as exc:
-        print(f"prunescope {args.command}: error: {exc}", file=sys.stderr)
+    except (PrunescopeError, OSError) as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"prunescope {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prunescope: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        traceback.print_exc()
+        print(
+            f"prunescope {args.command}: internal error: this is a bug in prunescope; please report it "
+            "with the traceback above and the command you ran",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of an expected failure: a PrunescopeError's text, or what the OS said and about which file."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return str(exc) or type(exc).__name__
 
 
 if __name__ == "__main__":
