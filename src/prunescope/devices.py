@@ -50,8 +50,9 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
             device = torch.device(spec)
         except (RuntimeError, TypeError) as exc:
             raise PrunescopeError(f"unknown device {spec!r}; choose one of {DEVICE_CHOICES}") from exc
-    if device.type == "cuda" and device.index is None and _local_rank() is not None:
-        device = torch.device("cuda", _local_rank())  # torchrun: one GPU per process
+    local = _local_rank()
+    if device.type == "cuda" and device.index is None and local is not None:
+        device = torch.device("cuda", local)  # torchrun: one GPU per process
     if device.type not in ("cpu", "cuda", "mps", _SHAPE_ONLY):
         raise PrunescopeError(f"unsupported device {str(device)!r}; choose one of {DEVICE_CHOICES}")
     _check_present(device)
@@ -60,7 +61,8 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
 
 def _auto_device() -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda", _local_rank() or torch.cuda.current_device())
+        local = _local_rank()  # under torchrun the process's own GPU, else the current one
+        return torch.device("cuda", torch.cuda.current_device() if local is None else local)
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
