@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from prunescope import models
@@ -48,11 +49,16 @@ def test_stats_match_inputs_seen_in_a_full_forward(tiny_model):
     inputs = calib.capture_first_layer_inputs(tiny_model, adapter, blocks, batch_size=2)
     stats = calib.collect_stats(layer, modules, inputs, hessian=True)
     direct = _direct_inputs(tiny_model, blocks, names)
+    hessians: dict[int, torch.Tensor] = {}
     for name in names:
         x = direct[name]  # [tokens, in]
         assert stats[name].tokens == 60
         assert torch.allclose(stats[name].sq_sum, x.pow(2).sum(0), rtol=1e-4, atol=1e-5)
-        assert torch.allclose(stats[name].hessian(), 2 * x.T @ x / 60, rtol=1e-4, atol=1e-5)
+        if id(stats[name]) not in hessians:  # taken once per object (in place)
+            hessians[id(stats[name])] = stats[name].hessian()
+        assert torch.allclose(hessians[id(stats[name])], 2 * x.T @ x / 60, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="taken already"):
+        stats[names[0]].hessian()
     # q and k read the same tensor: one shared statistics object, counted once
     assert stats[names[0]] is stats[names[1]]
     assert stats[names[2]] is not stats[names[0]]

@@ -192,3 +192,14 @@ def test_debug_shows_the_traceback_of_expected_errors(monkeypatch, capsys):
     assert cli.main(["--debug", "prune"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.endswith("prunescope prune: error: bad option\n")
+
+
+def test_a_model_folder_without_tokenizer_is_one_line(tiny_model_dir, tmp_path, capsys):
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((tiny_model_dir / name).read_bytes())
+    assert cli.main(["prune", str(folder), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no usable tokenizer" in err[0] and "tokenizer.save_pretrained" in err[0]
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

@@ -49,7 +49,13 @@ def _worker(rank: int, world: int, init_file: str, folder: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         assert distributed.active() and distributed.rank() == rank
-        torch.save(_run_all(), Path(folder) / f"rank{rank}.pt")
+        results = _run_all()
+        distributed.agree("the config", "same everywhere")  # passes
+        try:
+            distributed.agree("the config", f"method=wanda{rank}")
+        except PrunescopeError as exc:
+            results["disagreement"] = str(exc)
+        torch.save(results, Path(folder) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -138,3 +144,9 @@ def test_cli_under_torchrun_writes_one_report_matching_one_process(tiny_model_di
     for name in a:
         assert torch.equal(a[name] == 0, b[name] == 0), name
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_processes_started_differently_refuse_in_every_process(two_processes):
+    want = ("the 2 processes disagree on the config: process 0 has 'method=wanda0', process 1 has "
+            "'method=wanda1'; start every process with the same command")
+    assert [results.get("disagreement") for results in two_processes] == [want, want]

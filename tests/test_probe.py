@@ -211,6 +211,17 @@ def test_cli_bad_template_file(digit_model_dir, tmp_path, capsys):
     assert "unknown column type 'colour'" in capsys.readouterr().err
 
 
+def test_probe_with_offload_gives_the_in_memory_distributions(digit_model_dir, tmp_path):
+    args = ["-q", "probe", str(digit_model_dir), "--rows", "2", "--samples", "4", "--batch", "4",
+            "--calib-samples", "2", "--device", "cpu"]
+    assert cli.main([*args, "--out", str(tmp_path / "memory")]) == 0
+    assert cli.main([*args, "--offload", "--out", str(tmp_path / "disk")]) == 0
+    memory = json.loads((tmp_path / "memory" / "report.json").read_text())
+    disk = json.loads((tmp_path / "disk" / "report.json").read_text())
+    for key in ("fields", "text_fields", "top_values"):  # exact distributions and sampled tables
+        assert json.dumps(disk[key]) == json.dumps(memory[key]), key
+
+
 def test_cli_model_without_tokenizer(tmp_path, capsys):
     folder = tmp_path / "no-tok"
     tiny_llama().save_pretrained(folder)

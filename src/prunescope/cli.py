@@ -60,9 +60,27 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def placement_options(args: argparse.Namespace) -> dict[str, str]:
-    """The :class:`~prunescope.models.Placement` keywords from options added by :func:`add_model_argument`."""
-    return dict(device=args.device, dtype=args.dtype)
+def add_offload_arguments(parser: argparse.ArgumentParser, automatic: bool = False) -> None:
+    """``--offload`` and ``--offload-folder`` (commands that can keep the weights on disk)."""
+    parser.add_argument(
+        "--offload", action=argparse.BooleanOptionalAction, default=None,
+        help="keep the weights on disk and bring them to the device only while used, for models "
+        "larger than memory"
+        + (" (prune: one decoder layer at a time, needs a safetensors checkpoint; default: only "
+           "when the model does not fit the device's free memory; --no-offload: never)" if automatic
+           else " (accelerate's disk dispatch: each module's weights during its forward; slower)"),
+    )
+    parser.add_argument(
+        "--offload-folder", type=Path, default=None, metavar="DIR",
+        help="scratch folder for offloaded weights (default: the system's temporary folder)",
+    )
+
+
+def placement_options(args: argparse.Namespace) -> dict[str, object]:
+    """The :class:`~prunescope.models.Placement` keywords from options added by
+    :func:`add_model_argument` (and :func:`add_offload_arguments` where the command has them)."""
+    return dict(device=args.device, dtype=args.dtype, offload=getattr(args, "offload", None),
+                offload_folder=getattr(args, "offload_folder", None))
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -165,6 +183,8 @@ def _join_processes(args: argparse.Namespace) -> None:
     from prunescope import devices
 
     distributed.init_from_env(devices.resolve_device(args.device))
+    options = " ".join(f"{k}={v!r}" for k, v in sorted(vars(args).items()) if k != "func")
+    distributed.agree("the command line", options)
 
 
 def _configure_logging(verbose: int, quiet: bool) -> None:

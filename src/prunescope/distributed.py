@@ -109,6 +109,21 @@ def sum_numbers(*values: float) -> tuple[float, ...]:
     return tuple(float(v) for v in t.cpu())
 
 
+def agree(what: str, value: str) -> None:
+    """Refuse, in every process, when the processes were started with different ``value``s of
+    ``what`` (a command line, a config): they would compute different things and sum them."""
+    if not active():
+        return
+    values: list[object] = [None] * world_size()
+    dist.all_gather_object(values, value)
+    other = next((r for r, v in enumerate(values) if v != values[0]), None)
+    if other is not None:
+        raise PrunescopeError(
+            f"the {len(values)} processes disagree on {what}: process 0 has {values[0]!r}, process "
+            f"{other} has {values[other]!r}; start every process with the same command"
+        )
+
+
 def _collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())

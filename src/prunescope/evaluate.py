@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunescope import devices, distributed
+from prunescope import devices, distributed, models
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +38,25 @@ def perplexity(
     if blocks.ndim != 2 or blocks.shape[0] == 0:
         raise ValueError(f"blocks must be LongTensor[n, seqlen] with n >= 1, got {tuple(blocks.shape)}")
     blocks = distributed.shard(blocks, "evaluation windows")
-    device = next(model.parameters()).device
+    device = models.input_device(model)
     total_nll, total_tokens = 0.0, 0
     batches = range(0, blocks.shape[0], batch_size)
     for start in tqdm(batches, desc=desc, disable=not progress, leave=False):
         batch = blocks[start : start + batch_size].to(device)  # [b, L]
         logits = model(input_ids=batch, use_cache=False).logits  # [b, L, V]
-        nll = F.cross_entropy(  # [b * (L - 1)], float32 whatever the model's dtype
-            logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none"
-        )
-        total_nll += nll.double().sum().item()  # summed in float64
+        total_nll += next_token_nll(logits, batch)
         total_tokens += batch[:, 1:].numel()
     total_nll, total_tokens = distributed.sum_numbers(total_nll, total_tokens)
     return math.exp(total_nll / total_tokens)
+
+
+def next_token_nll(logits: torch.Tensor, batch: torch.Tensor) -> float:
+    """Summed negative log-likelihood of ``batch[:, 1:]`` (``[b, L]``) under ``logits``
+    (``[b, L, V]``): computed in float32 whatever the model's dtype, summed in float64."""
+    nll = F.cross_entropy(  # [b * (L - 1)]
+        logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none"
+    )
+    return nll.double().sum().item()
 
 
 def perplexity_or_none(

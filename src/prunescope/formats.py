@@ -128,6 +128,7 @@ _ST_DTYPES: tuple[tuple[torch.dtype | None, str], ...] = (
     (getattr(torch, "uint64", None), "U64"),
 )
 _ST_NAME = {dt: name for dt, name in _ST_DTYPES if dt is not None}
+SAFETENSORS_DTYPE_NAMES = _ST_NAME  # torch dtype -> the name a safetensors header uses
 _ST_RANK = {dt: rank for rank, (dt, _) in enumerate(_ST_DTYPES) if dt is not None}
 
 _SHIFTS = torch.arange(8, dtype=torch.uint8)  # bit k of a byte holds entry 8 * byte + k

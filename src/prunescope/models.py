@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -113,6 +115,24 @@ def resolve(name_or_path: str | os.PathLike[str] | None) -> str:
     return name
 
 
+def load_tokenizer(source: str | os.PathLike[str], name: object = None) -> "PreTrainedTokenizerBase":
+    """The tokenizer saved with the model at ``source``; its absence is one clear error.
+
+    Raises:
+        PrunescopeError: the folder holds no tokenizer files (or ones transformers cannot read).
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PrunescopeError(
+            f"model {str(name if name is not None else source)!r} has no usable tokenizer ({first}); "
+            "save the tokenizer next to the model (tokenizer.save_pretrained(folder))"
+        ) from exc
+
+
 def _load_sparse_checkpoint(
     name_or_path: str | os.PathLike[str] | None, device: str | torch.device
 ) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"] | None:
@@ -136,6 +156,8 @@ def load(
     name_or_path: str | os.PathLike[str] | None = DEFAULT_MODEL,
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "auto",
+    offload: bool = False,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     """Load ``(model, tokenizer)`` in eval mode.
 
@@ -146,15 +168,25 @@ def load(
             ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``.
         device: ``"auto"`` (the accelerator when there is one), ``"cpu"``, ``"cuda[:N]"``,
             ``"mps"`` or a ``torch.device``.
+        offload: keep the weights on disk and bring each module's weights to ``device`` only
+            during its forward (accelerate's big-model dispatch: ``device_map`` with every module
+            on ``"disk"``; a safetensors checkpoint is read in place, memory-mapped). For
+            inference-only work (activations, probe) on models larger than memory; the model
+            must not be modified. ``prunescope prune --offload`` has its own layer-by-layer loop
+            (:mod:`prunescope.offload`).
+        offload_folder: where accelerate writes weights it cannot map in place (``.bin``
+            checkpoints, dtype conversions); default a temporary folder.
 
     Raises:
         PrunescopeError: the bundled package is missing, the path does not exist, the id
             cannot be found (offline or misspelt), or the device or dtype is unknown or cannot
             be used here; the message says what to run or pass.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     target = devices.resolve_device(device)
+    if offload:
+        return _load_offloaded(name_or_path, dtype, target, offload_folder)
     sparse = _load_sparse_checkpoint(name_or_path, target)
     if sparse is not None:
         model, tokenizer = sparse
@@ -164,7 +196,7 @@ def load(
     try:
         config = AutoConfig.from_pretrained(source)
         chosen = devices.resolve_dtype(dtype, target, devices.checkpoint_dtype(config))
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = load_tokenizer(source, name_or_path)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=chosen)
     except OSError as exc:
         raise PrunescopeError(
@@ -178,24 +210,114 @@ def load(
     return model, tokenizer
 
 
+def _load_offloaded(
+    name_or_path: str | os.PathLike[str] | None, dtype: str | torch.dtype, target: torch.device,
+    offload_folder: str | os.PathLike[str] | None,
+) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+    """:func:`load` with every weight on disk, dispatched by accelerate to ``target`` per forward."""
+    import tempfile
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if name_or_path is not None and (Path(name_or_path).expanduser() / "prunescope_sparse.json").is_file():
+        raise PrunescopeError(
+            f"{name_or_path} is a prunescope sparse checkpoint, which loads whole; --offload reads "
+            "Hugging Face folders (drop --offload, or save the model with save_pretrained)"
+        )
+    source = resolve(name_or_path)
+    scratch = offload_folder is None
+    folder = Path(tempfile.mkdtemp(prefix="prunescope-offload-")) if scratch else Path(offload_folder)
+    try:
+        config = AutoConfig.from_pretrained(source)
+        chosen = devices.resolve_dtype(dtype, target, devices.checkpoint_dtype(config))
+        tokenizer = load_tokenizer(source, name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=chosen, device_map={"": "disk"}, offload_folder=str(folder),
+        )
+    except OSError as exc:
+        raise PrunescopeError(f"could not load model {str(name_or_path)!r} with --offload: {exc}") from exc
+    finally:
+        if scratch and not any(folder.iterdir()):  # nothing needed converting: no scratch kept
+            folder.rmdir()
+    if scratch and folder.exists():  # weights accelerate converted: removed with the model
+        weakref.finalize(model, shutil.rmtree, folder, True)
+    _execute_on(model, target)
+    log.info("loaded %s offloaded to disk, computing on %s in %s", name_or_path, target,
+             str(chosen).removeprefix("torch."))
+    return model.eval(), tokenizer
+
+
+def _execute_on(model: nn.Module, target: torch.device) -> None:
+    """Point accelerate's hooks of a disk-dispatched model at ``target`` (they default to the
+    CPU when no module is on an accelerator)."""
+    if target.type == "cpu":
+        return
+    from accelerate.hooks import AlignDevicesHook
+
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        if isinstance(hook, AlignDevicesHook):
+            hook.execution_device = target
+    for module in model.modules():  # buffers (rotary frequencies) are not offloaded
+        for key, buf in module._buffers.items():
+            if buf is not None and buf.device.type not in ("meta", target.type):
+                module._buffers[key] = buf.to(target)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s inputs go: its first parameter's device or, for a model dispatched by
+    accelerate with its weights on disk (parameters on ``meta``), the hooks' execution device."""
+    param = next(model.parameters())
+    if not param.is_meta:
+        return param.device
+    for module in model.modules():
+        device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return param.device
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """``module.weight``, read from disk when accelerate keeps it there (the parameter is on
+    ``meta`` and the module's hook holds the map of offloaded weights)."""
+    weight = module.weight
+    if weight.is_meta:
+        weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        if weights_map is not None:
+            return weights_map["weight"]
+    return weight
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where and in what a job loads its model: ``device`` and ``dtype`` as the user wrote them
-    (``auto`` or a name, see :mod:`prunescope.devices`). A base of the job configs."""
+    (``auto`` or a name, see :mod:`prunescope.devices`), and whether its weights stay on disk
+    (``offload``: True, False, or None for the job's default; ``offload_folder``). A base of the
+    job configs."""
 
     device: str = "auto"
     dtype: str = "auto"
+    offload: bool | None = None
+    offload_folder: Path | None = None
 
     def check_placement(self) -> None:
-        """Raise PrunescopeError for an unknown or absent device or an unusable dtype, before
-        any heavy work."""
+        """Raise PrunescopeError for an unknown or absent device, an unusable dtype or an
+        offload folder that cannot be written, before any heavy work."""
         device = devices.resolve_device(self.device)
         if self.dtype != "auto":
             devices.resolve_dtype(self.dtype, device)
+        if self.offload_folder is not None:
+            folder = Path(self.offload_folder)
+            existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+            if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+                raise PrunescopeError(
+                    f"--offload-folder {folder} cannot be used: {existing} is not a writable folder"
+                )
 
     def load_model(self, name: str) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
-        """:func:`load` ``name`` on this device in this dtype."""
-        return load(name, dtype=self.dtype, device=self.device)
+        """:func:`load` ``name`` on this device in this dtype (weights on disk with ``offload``)."""
+        return load(name, dtype=self.dtype, device=self.device, offload=bool(self.offload),
+                    offload_folder=self.offload_folder)
 
 
 @dataclass(frozen=True)
@@ -206,11 +328,13 @@ class DecoderAdapter:
         layers_path: dotted path of the ``nn.ModuleList`` of decoder layers.
         embed_path: dotted path of the input token embedding.
         head_path: dotted path of the output projection (lm_head).
+        norm_path: dotted path of the norm between the last layer and the head, if known.
     """
 
     layers_path: str
     embed_path: str
     head_path: str
+    norm_path: str | None = None
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         """The decoder layers of ``model``."""
@@ -220,10 +344,10 @@ class DecoderAdapter:
 # Llama, Mistral, Qwen2, Gemma, Phi-3 ... keep layers at model.layers; GPT-2 at transformer.h;
 # OPT at model.decoder.layers. Order matters: the first whose path exists wins.
 _ADAPTERS: tuple[DecoderAdapter, ...] = (
-    DecoderAdapter("model.layers", "model.embed_tokens", "lm_head"),
-    DecoderAdapter("model.decoder.layers", "model.decoder.embed_tokens", "lm_head"),
-    DecoderAdapter("transformer.h", "transformer.wte", "lm_head"),
-    DecoderAdapter("gpt_neox.layers", "gpt_neox.embed_in", "embed_out"),
+    DecoderAdapter("model.layers", "model.embed_tokens", "lm_head", "model.norm"),
+    DecoderAdapter("model.decoder.layers", "model.decoder.embed_tokens", "lm_head", "model.decoder.final_layer_norm"),
+    DecoderAdapter("transformer.h", "transformer.wte", "lm_head", "transformer.ln_f"),
+    DecoderAdapter("gpt_neox.layers", "gpt_neox.embed_in", "embed_out", "gpt_neox.final_layer_norm"),
 )
 
 

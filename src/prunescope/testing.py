@@ -115,7 +115,7 @@ def tiny_family_model(family: str, vocab_size: int = 384, seed: int = 0, **overr
     hidden_key = "n_embd" if family == "gpt2" else "hidden_size"
     config = getattr(transformers, class_name)(
         vocab_size=vocab_size, **{hidden_key: 32, layers_key: 3}, max_position_embeddings=512,
-        tie_word_embeddings=False, **{**fields, **overrides},
+        **{"tie_word_embeddings": False, **fields, **overrides},
     )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)

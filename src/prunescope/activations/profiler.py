@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from prunescope import models
 from prunescope.activations.sites import find_activations, find_linears, hooked
 from prunescope.activations.stats import SiteAccumulator, SiteStats, check_eps
 from prunescope.errors import PrunescopeError
@@ -78,7 +79,7 @@ class _Costs:
         self.sample_every = sample_every
         self.colnnz = {}
         for name, m in linears.items():
-            nnz = (m.weight.detach() != 0).sum(0).float()  # [in] non-zero weights per input column
+            nnz = (models.weight_of(m).detach() != 0).sum(0).float()  # [in] non-zero weights per input column
             if float(nnz.sum()) < m.weight.numel():
                 self.colnnz[name] = nnz
         self.macs = dict.fromkeys(self.colnnz, 0.0)
@@ -102,7 +103,7 @@ def _linear_costs(linears: dict[str, nn.Linear], shared: dict[str, list[str]],
         site = sites.get(owner.get(name, ""))
         if site is None:  # never called in the forward (unused head, ...)
             continue
-        w_density = float((m.weight != 0).float().mean())
+        w_density = float((models.weight_of(m) != 0).float().mean())
         x_density = 1.0 - site.zero_frac
         if name in costs.colnnz and costs.tokens[name]:
             eff = costs.macs[name] / (costs.tokens[name] * m.weight.numel())
@@ -137,7 +138,7 @@ def profile(
     linears = find_linears(model)
     accs: dict[str, SiteAccumulator] = {}
     costs = _Costs(linears, sample_every)
-    device = next(model.parameters()).device
+    device = models.input_device(model)
 
     def sink(site: str, x: torch.Tensor) -> None:
         acc = accs.get(site)

@@ -74,7 +74,7 @@ def calibrate_histograms(
         return hook
 
     handles = [model.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in targets]
-    device = next(model.parameters()).device
+    device = models.input_device(model)
     try:
         for start in tqdm(range(0, blocks.shape[0], batch_size), desc="calibrate thresholds",
                           disable=not progress, leave=False):

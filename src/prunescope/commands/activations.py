@@ -91,6 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "named 'study' is reached as ./study.)",
     )
     cli.add_model_argument(parser)
+    cli.add_offload_arguments(parser)
     _add_profile_arguments(parser)
     _add_study_arguments(parser)
     cli.add_output_arguments(parser)

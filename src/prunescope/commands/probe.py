@@ -23,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "report.md and plots.",
     )
     cli.add_model_argument(parser)
+    cli.add_offload_arguments(parser)
     parser.add_argument("--template", default="people", help="built-in 'people' (default) or a YAML/JSON file")
     parser.add_argument("--rows", type=int, default=10, help="rows per table (default 10)")
     parser.add_argument("--samples", type=int, default=50, help="tables written (default 50: about a minute on 2 cores)")

@@ -61,7 +61,9 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_save_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--save", action="store_true", help="write the pruned model as a compressed sparse checkpoint to OUT/model"
+        "--save", action="store_true",
+        help="write the pruned model to OUT/model: a compressed sparse checkpoint, or with --offload a "
+        "Hugging Face folder of safetensors shards written one layer at a time",
     )
 
 
@@ -79,6 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_method_arguments(parser)
     cli.add_text_arguments(parser)
     _add_save_argument(parser)
+    cli.add_offload_arguments(parser, automatic=True)
     cli.add_output_arguments(parser)
     parser.set_defaults(func=run)
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from prunescope import models
+
 
 @dataclass
 class Batch:
@@ -123,4 +125,4 @@ class Batch:
 
 def _device(model: nn.Module) -> torch.device:
     """Where the model's inputs go (its first parameter's device)."""
-    return next(model.parameters()).device
+    return models.input_device(model)

@@ -372,17 +372,9 @@ def _name_counts(template: Template, obs: list[list[CellObservations]], top: int
 
 
 def load_for_probe(name: str, placement: models.Placement | None = None):
-    """Load ``(model, tokenizer)``; a model folder without a tokenizer is a clear error."""
-    source = models.resolve(name)
-    try:
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise PrunescopeError(
-            f"model {name!r} has no usable tokenizer ({exc.__class__.__name__}); the probe needs one: "
-            "save the tokenizer next to the model (tokenizer.save_pretrained)"
-        ) from exc
+    """Load ``(model, tokenizer)``; a model folder without a tokenizer is a clear error (checked
+    before the weights are loaded)."""
+    models.load_tokenizer(models.resolve(name), name)
     return (placement or models.Placement()).load_model(name)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,13 +56,15 @@ class LayerInputs:
 
 @torch.no_grad()
 def capture_first_layer_inputs(
-    model: nn.Module, adapter: DecoderAdapter, blocks: torch.Tensor, batch_size: int = 8
+    model: nn.Module, adapter: DecoderAdapter, blocks: torch.Tensor, batch_size: int = 8,
+    what: str = "calibration windows",
 ) -> LayerInputs:
     """Run ``blocks`` (``LongTensor[n, seqlen]``) up to the first decoder layer and keep its inputs.
 
-    Launched in several processes, each keeps only its share of the windows
-    (:func:`prunescope.distributed.shard`); the statistics are summed over processes later."""
-    blocks = distributed.shard(blocks)
+    Only the parts before the first layer need their weights (the layers may be on ``meta``,
+    see :mod:`prunescope.offload`). Launched in several processes, each keeps only its share of
+    the windows (:func:`prunescope.distributed.shard`); the sums are added up over processes later."""
+    blocks = distributed.shard(blocks, what)
     first = adapter.layers(model)[0]
     captured = LayerInputs([], [], [])
 
@@ -74,7 +76,7 @@ def capture_first_layer_inputs(
         captured.kwargs.append(kwargs)
         raise _StopForward
 
-    device = next(model.parameters()).device
+    device = model.get_submodule(adapter.embed_path).weight.device
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for start in range(0, blocks.shape[0], batch_size):
@@ -124,10 +126,14 @@ class InputStats:
         self.tokens += flat.shape[0]
 
     def hessian(self) -> torch.Tensor:
-        """``H = 2 X X^T / tokens`` ([in, in]), the SparseGPT Hessian (mean over tokens)."""
+        """``H = 2 X X^T / tokens`` ([in, in]), the SparseGPT Hessian (mean over tokens).
+
+        Computed in place: the statistics give up their ``xtx`` (no second ``[in, in]`` copy,
+        127 MB for a 5632-wide input), so call this once per statistics object."""
         if self.xtx is None:
-            raise ValueError("these statistics were collected without a Hessian")
-        return self.xtx * (2.0 / max(self.tokens, 1))
+            raise ValueError("these statistics were collected without a Hessian (or it was taken already)")
+        h, self.xtx = self.xtx.mul_(2.0 / max(self.tokens, 1)), None
+        return h
 
 
 @dataclass
@@ -217,28 +223,36 @@ def _sum_over_processes(stats: Iterable[InputStats]) -> None:
 
 
 LayerStep = Callable[[int, nn.Module, LayerInputs], None]
+# index -> context in which decoder layer ``index`` has its weights (offload: onload, write, free)
+LayerVisit = Callable[[int], AbstractContextManager[Any]]
 
 
 @torch.no_grad()
 def sequential(
-    model: nn.Module, blocks: torch.Tensor, step: LayerStep, last: int, batch_size: int = 8, desc: str = "layers"
+    model: nn.Module, blocks: torch.Tensor, step: LayerStep, last: int, batch_size: int = 8,
+    desc: str = "layers", visit: LayerVisit | None = None,
+    front: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> int:
     """The one layer-by-layer loop of every calibrated method, unstructured or structured.
 
     For each decoder layer ``0..last``: ``step(index, layer, inputs)`` scores, selects and
     applies (it may replace the layer in the model); then the layer now in the model is run on
     the inputs to give the next layer's inputs, so each layer sees the outputs of the already
-    pruned layers before it.
+    pruned layers before it. With ``visit`` (an offloaded model), both happen inside
+    ``visit(index)``, the only time the layer's weights are on the device, and the first
+    layer's inputs are computed inside ``front()`` (which loads the embeddings).
 
     Returns:
         Bytes of calibration activations held (this layer's inputs and outputs).
     """
     adapter = models.adapter_for(model)
-    inputs = capture_first_layer_inputs(model, adapter, blocks, batch_size)
+    with front() if front is not None else nullcontext():
+        inputs = capture_first_layer_inputs(model, adapter, blocks, batch_size)
     log.info("calibration activations: %.1f MB per copy, two copies held", inputs.nbytes() / 2**20)
     decoder = adapter.layers(model)
     for index in tqdm(range(last + 1), desc=desc, unit="layer", leave=False):
-        step(index, decoder[index], inputs)
-        if index < last:
-            inputs = run_layer(decoder[index], inputs)
+        with visit(index) if visit is not None else nullcontext():
+            step(index, decoder[index], inputs)
+            if index < last:
+                inputs = run_layer(decoder[index], inputs)
     return 2 * inputs.nbytes()

@@ -19,8 +19,10 @@ pass over the dense layer, the layer is pruned, and a second pass gives the next
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,8 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from prunescope import data, distributed, evaluate, models
+from prunescope import data, devices, distributed, evaluate, models
 from prunescope.errors import PrunescopeError
 from prunescope.pruning import calib, masks, scoring, sparsegpt
 from prunescope.pruning.apply import apply_masks, apply_weights
@@ -38,6 +41,8 @@ from prunescope.pruning.patterns import SparsityPattern, parse_pattern
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from prunescope import offload
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +105,19 @@ class PruneConfig(data.TextOptions, models.Placement):
             raise PrunescopeError("--sweep measures perplexity; it cannot be combined with --no-eval")
         if len(self.sweep_methods) > 1 and not self.sweep:
             raise PrunescopeError("several methods need --sweep (one method per plain prune run)")
+        self._check_offload()
+
+    def _check_offload(self) -> None:
+        """What layer-by-layer offloading cannot do, refused before any work."""
+        if not self.offload:
+            return
+        if self.sweep:
+            raise PrunescopeError("--sweep cannot be combined with --offload (it restores the dense weights in memory)")
+        if self.method == "magnitude" and self.effective_scope == "global":
+            raise PrunescopeError(
+                "global magnitude compares all weights at once, which --offload never holds; "
+                "pass --scope layer or row, or --method wanda / sparsegpt"
+            )
 
     @property
     def sparsity_pattern(self) -> SparsityPattern:
@@ -162,6 +180,8 @@ class PruneResult:
     seed: int = 0
     sweep: tuple[SweepPoint, ...] = ()
     checkpoint: Mapping[str, Any] | None = None
+    offloaded: bool = False
+    peak_rss_bytes: int | None = None
 
 
 def select_linear_layers(
@@ -297,10 +317,28 @@ def prune_sequential(
     def step(index: int, layer: nn.Module, inputs: calib.LayerInputs) -> None:
         targets = grouped.get(index)
         if targets:
-            stats = calib.collect_stats(layer, targets, inputs, hessian=method == "sparsegpt")
-            _prune_decoder_layer(model, targets, stats, method, pattern, scope)
+            _prune_step(model, layer, targets, inputs, method, pattern, scope)
 
     return calib.sequential(model, calib_blocks, step, max(grouped), batch_size, f"{method} {pattern.label}")
+
+
+def _prune_step(
+    model: nn.Module,
+    layer: nn.Module,
+    targets: dict[str, nn.Linear],
+    inputs: calib.LayerInputs | None,
+    method: str,
+    pattern: SparsityPattern,
+    scope: str,
+) -> None:
+    """Prune the ``targets`` inside one decoder layer (calibrated methods read ``inputs``)."""
+    if method == "magnitude":
+        apply_masks(model, magnitude_masks(targets, pattern, scope))
+        return
+    if inputs is None:
+        raise ValueError(f"{method} needs the layer's calibration inputs")
+    stats = calib.collect_stats(layer, targets, inputs, hessian=method == "sparsegpt")
+    _prune_decoder_layer(model, targets, stats, method, pattern, scope)
 
 
 @torch.no_grad()
@@ -388,14 +426,20 @@ def run_prune(
 ) -> tuple[PruneResult, nn.Module]:
     """Prune ``config.model`` (or the given model) and measure perplexity before and after.
 
-    Returns the result and the pruned model (so callers can save it).
+    With ``config.offload`` (or, when it is None, a model that does not fit the device's free
+    memory) the model never sits in memory whole: see :func:`run_prune_offloaded`.
+
+    Returns the result and the pruned model (so callers can save it; offloaded, its decoder
+    layers are on the ``meta`` device and the pruned weights are in the saved folder).
     """
-    pattern, scope = config.sparsity_pattern, config.effective_scope
     if (model is None) != (tokenizer is None):
         raise ValueError("pass both a model and its tokenizer, or neither (config.model is loaded)")
+    if model is None and _offload_wanted(config):
+        return run_prune_offloaded(dataclasses.replace(config, offload=True))
     if model is None or tokenizer is None:
         log.info("loading model %s", config.model)
         model, tokenizer = config.load_model(config.model)
+    pattern, scope = config.sparsity_pattern, config.effective_scope
     layers, skipped = split_incompatible(
         select_linear_layers(model, config.include, config.exclude), pattern, config.skip_incompatible
     )
@@ -418,31 +462,155 @@ def run_prune(
     t0 = time.perf_counter()
     pruned_ppl = evaluate.perplexity_or_none(model, blocks, config.eval_batch_size, "pruned perplexity")
     eval_seconds += time.perf_counter() - t0
-    n_zero, n_total = actual_sparsity(layers)
-    result = PruneResult(
+    checkpoint = _save(model, tokenizer, config.save_dir) if config.save_dir and distributed.is_main() else None
+    result = _result(
+        config, calibrated, layer_sparsities(layers), actual_sparsity(layers), skipped,
+        sum(p.numel() for p in model.parameters()),
+        dense_ppl=dense_ppl, pruned_ppl=pruned_ppl, eval_tokens=0 if blocks is None else blocks.numel(),
+        prune_seconds=prune_seconds, eval_seconds=eval_seconds, calib_activation_bytes=held, sweep=sweep,
+        checkpoint=checkpoint,
+    )
+    return result, model
+
+
+def _result(
+    config: PruneConfig,
+    calibrated: bool,
+    layers: tuple[LayerSparsity, ...],
+    counts: tuple[int, int],
+    skipped: tuple[str, ...],
+    total_parameters: int,
+    **measured: Any,
+) -> PruneResult:
+    """The :class:`PruneResult` of a run from its config, the pruned layers, their
+    ``(zeros, total)`` weights and ``measured`` (perplexities, times, checkpoint, ...)."""
+    pattern = config.sparsity_pattern
+    zeros, total = counts
+    return PruneResult(
         model=config.model,
         method=config.method,
         pattern=pattern.label,
-        scope=scope,
+        scope=config.effective_scope,
         sparsity_requested=pattern.sparsity,
-        sparsity_actual=n_zero / n_total,
-        pruned_parameters=n_zero,
-        total_parameters=sum(p.numel() for p in model.parameters()),
-        dense_ppl=dense_ppl,
-        pruned_ppl=pruned_ppl,
+        sparsity_actual=zeros / total,
+        pruned_parameters=zeros,
+        total_parameters=total_parameters,
         eval_text=config.eval_text,
-        eval_tokens=0 if blocks is None else blocks.numel(),
         eval_seqlen=config.eval_seqlen,
-        prune_seconds=prune_seconds,
-        eval_seconds=eval_seconds,
-        layers=layer_sparsities(layers),
+        layers=layers,
         skipped_layers=skipped,
         calib_text=config.calib_text if calibrated else None,
         calib_samples=config.calib_samples if calibrated else 0,
         calib_seqlen=config.calib_seqlen if calibrated else 0,
-        calib_activation_bytes=held,
         seed=config.seed,
-        sweep=sweep,
-        checkpoint=_save(model, tokenizer, config.save_dir) if config.save_dir and distributed.is_main() else None,
+        peak_rss_bytes=_peak_rss_bytes(),
+        **measured,
+    )
+
+
+def _peak_rss_bytes() -> int | None:
+    """The most resident memory this process has held so far (Linux/macOS), else None."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
+
+
+def _offload_wanted(config: PruneConfig) -> bool:
+    """``config.offload`` when set; else whether the model, a local safetensors folder, fails to
+    fit in the device's free memory (a warning says so when it does not)."""
+    if config.offload is not None:
+        return config.offload
+    from prunescope import offload
+
+    folder = Path(models.resolve(config.model))
+    if not folder.is_dir() or not offload.is_safetensors_folder(folder):
+        return False
+    device = devices.resolve_device(config.device)
+    return not offload.fits_in_memory(folder, offload.dtype_for(folder, config.dtype, device), device)
+
+
+def run_prune_offloaded(config: PruneConfig) -> tuple[PruneResult, nn.Module]:
+    """The prune job with one decoder layer in memory at a time (:mod:`prunescope.offload`).
+
+    Weights are read from the checkpoint's safetensors shards, each pruned layer is written as
+    its own shard (to ``config.save_dir``, a Hugging Face sharded folder, or else to a scratch
+    folder in ``config.offload_folder``), and perplexity runs through the same per-layer loop.
+    """
+    from prunescope import offload
+
+    device = devices.resolve_device(config.device)
+    folder = offload.checkpoint_folder(config.model)
+    dtype = offload.dtype_for(folder, config.dtype, device)
+    save_dir = config.save_dir if distributed.is_main() else None
+    with offload.open_model(folder, dtype, device, save_dir, config.offload_folder) as (off, tokenizer):
+        model = off.model
+        layers, skipped = split_incompatible(
+            select_linear_layers(model, config.include, config.exclude), config.sparsity_pattern,
+            config.skip_incompatible,
+        )
+        grouped = _group_by_decoder_layer(model, layers)
+        calibrated = config.method in CALIBRATED
+        calib_blocks = config.calibration_windows(tokenizer) if calibrated else None
+        blocks = config.evaluation_windows(tokenizer)
+        offload.release_freed_memory()  # what tokenizing the whole text took
+        t0 = time.perf_counter()
+        dense_ppl = None if blocks is None else off.perplexity(blocks, config.eval_batch_size, "dense perplexity")
+        eval_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pruned, held = _prune_offloaded(off, grouped, config, calib_blocks)
+        prune_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        off.finish(tokenizer)
+        save_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pruned_ppl = None if blocks is None else off.perplexity(blocks, config.eval_batch_size, "pruned perplexity")
+        eval_seconds += time.perf_counter() - t0
+        checkpoint = None if save_dir is None else {
+            "path": str(save_dir), "format": "huggingface safetensors shards (dense)",
+            "file_bytes": off.sink.nbytes(), "shards": len(set(off.sink.weight_map.values())),
+            "save_seconds": save_seconds,
+        }
+    result = _result(
+        config, calibrated, *pruned, skipped, sum(p.numel() for p in model.parameters()),
+        dense_ppl=dense_ppl, pruned_ppl=pruned_ppl, eval_tokens=0 if blocks is None else blocks.numel(),
+        prune_seconds=prune_seconds, eval_seconds=eval_seconds, calib_activation_bytes=held,
+        checkpoint=checkpoint, offloaded=True,
     )
     return result, model
+
+
+def _prune_offloaded(
+    off: "offload.OffloadedModel", grouped: dict[int, dict[str, nn.Linear]], config: PruneConfig,
+    calib_blocks: torch.Tensor | None,
+) -> tuple[tuple[tuple[LayerSparsity, ...], tuple[int, int]], int]:
+    """Prune each decoder layer while it is on the device; returns ((its sparsities,
+    (zeros, total)), the calibration activation bytes held)."""
+    pattern, scope, method = config.sparsity_pattern, config.effective_scope, config.method
+    recorded: list[LayerSparsity] = []
+    counts = [0, 0]
+
+    def step(index: int, layer: nn.Module, inputs: calib.LayerInputs | None) -> None:
+        targets = grouped.get(index)
+        if targets:
+            _prune_step(off.model, layer, targets, inputs, method, pattern, scope)
+            recorded.extend(layer_sparsities(targets))
+            for i, n in enumerate(actual_sparsity(targets)):
+                counts[i] += n
+
+    def visit(index: int) -> Any:
+        return off.layer(index, write=index in grouped)
+
+    log.info("pruning %d Linear layers layer by layer: %s %s (%s) to %.0f%%",
+             sum(map(len, grouped.values())), method, pattern.label, scope, 100 * pattern.sparsity)
+    if method in CALIBRATED:
+        held = calib.sequential(off.model, calib_blocks, step, max(grouped), config.calib_batch_size,
+                                f"{method} {pattern.label}", visit=visit, front=off.front)
+    else:
+        held = 0
+        for index in tqdm(sorted(grouped), desc=f"{method} {pattern.label}", unit="layer", leave=False):
+            with visit(index) as layer:
+                step(index, layer, None)
+    return (tuple(recorded), (counts[0], counts[1])), held

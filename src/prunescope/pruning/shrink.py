@@ -92,6 +92,11 @@ class ShrinkConfig(data.TextOptions, models.Placement):
     def __post_init__(self) -> None:
         self.check_text_options()
         self.check_placement()
+        if self.offload:
+            raise PrunescopeError(
+                "shrink loads the whole model; offload (weights on disk) is available for prune, "
+                "activations and probe"
+            )
         _choice("criterion", self.criterion, CRITERIA)
         _choice("compensation", self.compensation, COMPENSATIONS)
         _choice("recover mode", self.recover_mode, RECOVER_MODES)

@@ -49,6 +49,10 @@ def _summary_rows(result: PruneResult) -> list[tuple[str, str]]:
         ))
     if result.skipped_layers:
         rows.append(("skipped (incompatible with N:M)", ", ".join(result.skipped_layers)))
+    if result.offloaded:
+        rows.append(("offloaded", "yes: weights on disk, one decoder layer in memory at a time"))
+    if result.peak_rss_bytes:
+        rows.append(("peak resident memory of the process", f"{result.peak_rss_bytes / 2**20:,.0f} MiB"))
     if result.checkpoint:
         rows += [(f"checkpoint {k}", str(v)) for k, v in result.checkpoint.items()]
     return rows
