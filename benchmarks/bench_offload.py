@@ -11,7 +11,9 @@ transformers and everything else included) is its own:
 * the same command with ``--no-offload`` (the whole model in memory, saved as a sparse checkpoint),
 
 for Wanda and SparseGPT at 50% with 8 x 256 calibration tokens, and compares the two saved
-models tensor by tensor (masks and values). The tokenizer is a small byte-level BPE (token ids
+models tensor by tensor (masks and values). The checkpoint is written and the models compared in
+processes of their own too: on Linux a child's peak RSS starts from the resident size of the
+process it was forked from, so this driver never holds a model. The tokenizer is a small byte-level BPE (token ids
 below the vocabulary size); the calibration text is the default (pydoc).
 
 ``--dtype`` is the compute dtype (default float32: this CPU computes bfloat16 matrix products
@@ -32,8 +34,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 TINYLLAMA = dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32,
                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048,
                  tie_word_embeddings=False, rms_norm_eps=1e-5)
@@ -41,6 +41,7 @@ TINYLLAMA = dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632,
 
 def write_checkpoint(folder: Path, layers: int, seed: int = 0) -> int:
     """The random TinyLlama-shaped bfloat16 checkpoint in ~500 MB shards; returns its weight bytes."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from prunescope.testing import tiny_tokenizer
@@ -73,6 +74,7 @@ def run_prune(ckpt: Path, out: Path, method: str, offload: bool, args: argparse.
 def compare(offloaded: Path, in_memory: Path) -> tuple[bool, bool, int]:
     """(masks equal, values equal, tensors compared) between the offloaded HF shards and the
     in-memory sparse checkpoint, one tensor at a time from the shards."""
+    import torch
     from safetensors import safe_open
 
     from prunescope import formats
@@ -89,7 +91,18 @@ def compare(offloaded: Path, in_memory: Path) -> tuple[bool, bool, int]:
     return masks_equal, values_equal, len(index)
 
 
+def in_child(*argv: str) -> str:
+    """Run this script with ``argv`` in a fresh process (so the driver stays small); its stdout."""
+    return subprocess.run([sys.executable, __file__, *argv], check=True, capture_output=True, text=True).stdout
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--child-write"]:
+        write_checkpoint(Path(sys.argv[2]), int(sys.argv[3]))
+        return
+    if sys.argv[1:2] == ["--child-compare"]:
+        print(json.dumps(compare(Path(sys.argv[2]), Path(sys.argv[3]))))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("runs/bench-offload"))
     parser.add_argument("--layers", type=int, default=22, help="decoder layers (TinyLlama: 22)")
@@ -106,7 +119,7 @@ def main() -> None:
     ckpt = args.work / "tinyllama-shaped-bf16"
     if not any(ckpt.glob("*.safetensors")):
         print(f"writing the random checkpoint to {ckpt} ...", flush=True)
-        write_checkpoint(ckpt, args.layers)
+        in_child("--child-write", str(ckpt), str(args.layers))
     ckpt_bytes = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
     print(f"checkpoint: {ckpt_bytes / 1e9:.3f} GB in {len(list(ckpt.glob('*.safetensors')))} shards, "
           f"{args.layers} layers; compute dtype {args.dtype}; calibration {args.calib_samples} x {args.calib_seqlen}")
@@ -118,8 +131,9 @@ def main() -> None:
             runs[offload] = run_prune(ckpt, out, method, offload, args)
         equal = "(not compared)"
         if not args.offload_only:
-            masks_equal, values_equal, n = compare(args.work / f"{method}-offload" / "model",
-                                                   args.work / f"{method}-memory" / "model")
+            masks_equal, values_equal, n = json.loads(in_child(
+                "--child-compare", str(args.work / f"{method}-offload" / "model"),
+                str(args.work / f"{method}-memory" / "model")))
             equal = f"{masks_equal} / {values_equal} ({n} tensors)"
         for offload, r in runs.items():
             rows.append((method, "offload" if offload else "in memory", r["prune_seconds"],
