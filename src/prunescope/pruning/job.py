@@ -509,7 +509,10 @@ def _result(
 
 
 def _peak_rss_bytes() -> int | None:
-    """The most resident memory this process has held so far (Linux/macOS), else None."""
+    """The most resident memory this process has held so far (Linux/macOS), else None.
+
+    On Linux the figure starts from the resident size of the process this one was forked from
+    (the kernel carries it over at exec): start it from a small parent (a shell) to measure it."""
     try:
         import resource
     except ImportError:  # Windows
