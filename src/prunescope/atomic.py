@@ -16,6 +16,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def nearest_existing(path: str | os.PathLike[str]) -> Path:
+    """``path`` itself if it exists, else its closest existing parent (where it would be created)."""
+    absolute = Path(path).absolute()
+    return next(p for p in (absolute, *absolute.parents) if p.exists())
+
+
+def unwritable_place(path: str | os.PathLike[str]) -> Path | None:
+    """The closest existing ancestor of ``path`` (or ``path``) when it is not a folder this
+    process can create entries in, else None: ``path`` can be created or written."""
+    existing = nearest_existing(path)
+    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+        return None
+    return existing
+
+
 def fsync_file(path: Path) -> None:
     """Flush one file's data to disk."""
     with open(path, "rb") as fh:

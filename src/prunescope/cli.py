@@ -126,7 +126,7 @@ def check_output_dir(out: Path | None, command: str, overwrite: bool) -> Path:
     """The output folder to use, checked but not created: refuses an existing non-empty folder
     unless ``overwrite``, a file in its place, and a place that cannot be written. Only the main
     process checks (the others write nothing)."""
-    from prunescope import distributed
+    from prunescope import atomic, distributed
 
     if out is None:
         out = Path("runs") / f"{command}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -138,8 +138,8 @@ def check_output_dir(out: Path | None, command: str, overwrite: bool) -> Path:
         raise PrunescopeError(
             f"output folder {out} already exists and is not empty; pass --overwrite or another --out"
         )
-    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    existing = atomic.unwritable_place(out)
+    if existing is not None:
         raise PrunescopeError(f"--out {out} cannot be created: {existing} is not a writable folder")
     return out
 

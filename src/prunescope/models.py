@@ -307,11 +307,10 @@ class Placement:
         if self.dtype != "auto":
             devices.resolve_dtype(self.dtype, device)
         if self.offload_folder is not None:
-            folder = Path(self.offload_folder)
-            existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
-            if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            existing = atomic.unwritable_place(self.offload_folder)
+            if existing is not None:
                 raise PrunescopeError(
-                    f"--offload-folder {folder} cannot be used: {existing} is not a writable folder"
+                    f"--offload-folder {self.offload_folder} cannot be used: {existing} is not a writable folder"
                 )
 
     def load_model(self, name: str) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:

@@ -411,7 +411,7 @@ def dense_bytes(model: nn.Module) -> int:
 
 def check_disk(folder: Path, needed: int, what: str) -> None:
     """Refuse before any work when ``folder``'s disk has less than ``needed`` bytes free."""
-    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    existing = atomic.nearest_existing(folder)
     free = shutil.disk_usage(existing).free
     if free < needed:
         raise PrunescopeError(
