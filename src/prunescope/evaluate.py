@@ -68,13 +68,16 @@ def perplexity_or_none(
 
 def parameter_bytes(module: nn.Module) -> int:
     """Bytes held by the module's parameters and buffers (masks included), shared storage counted once."""
-    seen: set[int] = set()
+    seen: set[tuple[str, int]] = set()
     total = 0
     for tensor in [*module.parameters(), *module.buffers()]:
-        key = tensor.untyped_storage().data_ptr()
+        if tensor.is_meta:  # an offloaded model's weights: what they will take, once per tensor
+            key, size = ("meta", id(tensor)), tensor.numel() * tensor.element_size()
+        else:
+            key, size = ("real", tensor.untyped_storage().data_ptr()), tensor.untyped_storage().nbytes()
         if key not in seen:
             seen.add(key)
-            total += tensor.untyped_storage().nbytes()
+            total += size
     return total
 
 

@@ -234,11 +234,18 @@ class OffloadedModel:
 
     def __init__(self, model: "PreTrainedModel", source: CheckpointFiles, sink: ShardWriter,
                  device: torch.device, dtype: torch.dtype) -> None:
-        self.model, self.source, self.sink = model, source, sink
+        self.source, self.sink = source, sink
         self.device, self.dtype = device, dtype
+        self.written: set[int] = set()  # layers whose current weights are in the sink
+        self._bind(model, list(range(len(models.adapter_for(model).layers(model)))))
+
+    def _bind(self, model: "PreTrainedModel", source_layers: list[int]) -> None:
+        """Take ``model`` (empty weights) as the skeleton; its decoder layer ``i`` is the
+        checkpoint's layer ``source_layers[i]``."""
+        self.model = model
+        self.source_layers = source_layers
         self.adapter = models.adapter_for(model)
         self.decoder = self.adapter.layers(model)
-        self.written: set[int] = set()  # layers whose current weights are in the sink
         self._prefix = getattr(model, "base_model_prefix", "model")
         self._tied = bool(getattr(model.config, "tie_word_embeddings", False))
         inside = self.adapter.layers_path + "."
@@ -253,8 +260,23 @@ class OffloadedModel:
         self._retie()
         for module in model.modules():  # buffers (rotary frequencies) are real: move them once
             for key, buf in module._buffers.items():
-                if buf is not None and buf.device != device and buf.device.type != "meta":
-                    module._buffers[key] = buf.to(device)
+                if buf is not None and buf.device != self.device and buf.device.type != "meta":
+                    module._buffers[key] = buf.to(self.device)
+
+    def keep_layers(self, kept: list[int], config: Any) -> None:
+        """Drop every decoder layer not in ``kept`` (positions in the current model), before
+        anything is written: the skeleton is rebuilt from ``config`` (which must say
+        ``len(kept)`` layers) and its layers read from the checkpoint's kept layers."""
+        if self.written:
+            raise RuntimeError("keep_layers must come before any layer is written")
+        self._bind(_empty_from_config(config, self.dtype), [self.source_layers[i] for i in kept])
+        self.sink.layers = len(kept)
+
+    def rebuild(self, config: Any) -> None:
+        """Rebuild the skeleton from ``config`` (a shrunk model's), the same layers: what
+        ``from_pretrained`` builds from the sink, whose config.json becomes ``config``. Every
+        layer whose shapes changed must have been written."""
+        self._bind(_empty_from_config(config, self.dtype), self.source_layers)
 
     def _retie(self) -> None:
         if self._tied:
@@ -270,8 +292,18 @@ class OffloadedModel:
         params = dict(self.model.named_parameters(remove_duplicate=False))
         return {n: (tuple(params[n].shape), params[n].dtype) for n in names}
 
+    def _source_name(self, name: str) -> str:
+        """The checkpoint's name of the model's tensor ``name`` (decoder layers renumbered
+        after :meth:`keep_layers`)."""
+        inside = self.adapter.layers_path + "."
+        if not name.startswith(inside):
+            return name
+        index, _, rest = name[len(inside):].partition(".")
+        return f"{inside}{self.source_layers[int(index)]}.{rest}"
+
     def _read(self, names: list[str], files: CheckpointFiles, device: torch.device) -> dict[str, torch.Tensor]:
-        keys = {n: files.key_for(n, self._prefix) for n in names}
+        stored = {n: self._source_name(n) if files is self.source else n for n in names}
+        keys = {n: files.key_for(stored[n], self._prefix) for n in names}
         return files.read(keys, {n: dtype for n, (_, dtype) in self._specs(names).items()}, device)
 
     @contextlib.contextmanager
@@ -301,11 +333,17 @@ class OffloadedModel:
         when ``write`` (and the body raised nothing), then freed."""
         names = self._layer_names(index)
         with self.loaded(names, self.sink.view() if index in self.written else self.source):
-            yield self.decoder[index]
-            if write:
-                params = dict(self.model.named_parameters())
-                self.sink.write(index, self._specs(names), lambda n: params[n])
-                self.written.add(index)
+            try:
+                yield self.decoder[index]
+                # the body may have replaced the layer (shrink): write and free what is there now
+                names_now = self._layer_names(index)
+                if write:
+                    params = dict(self.model.named_parameters())
+                    self.sink.write(index, self._specs(names_now), lambda n: params[n])
+                    self.written.add(index)
+            finally:
+                for name in set(self._layer_names(index)) - set(names):
+                    _set(self.model, name, None, "meta")
 
     def finish(self, tokenizer: Any) -> None:
         """Complete the sink: copy every layer not written yet and the outer parts from the
@@ -391,10 +429,16 @@ def checkpoint_folder(name_or_path: str | os.PathLike[str] | None) -> Path:
 
 
 def _empty_model(folder: Path, dtype: torch.dtype) -> "PreTrainedModel":
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(folder)
+    return _empty_from_config(AutoConfig.from_pretrained(folder), dtype)
+
+
+def _empty_from_config(config: Any, dtype: torch.dtype) -> "PreTrainedModel":
+    """The model ``config`` describes, every parameter on ``meta``, buffers real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.config.dtype = dtype  # what the sink's config.json will say
@@ -444,6 +488,19 @@ def fits_in_memory(folder: Path, dtype: torch.dtype, device: torch.device, margi
     log.warning("the model needs %.1f GB in %s and %s has %.1f GB free: offloading layer by layer",
                 needed / 1e9, str(dtype).removeprefix("torch."), device, free / 1e9)
     return False
+
+
+def wanted(model: str | None, placement: models.Placement) -> bool:
+    """Whether a job on ``model`` offloads: ``placement.offload`` when set; else whether the
+    model, a local safetensors folder, fails to fit in the device's free memory (a warning says
+    so when it does not). Models from a hub are not fetched to find out: they load whole."""
+    if placement.offload is not None:
+        return placement.offload
+    folder = Path(models.resolve(model))
+    if not folder.is_dir() or not is_safetensors_folder(folder):
+        return False
+    device = devices.resolve_device(placement.device)
+    return not fits_in_memory(folder, dtype_for(folder, placement.dtype, device), device)
 
 
 def is_safetensors_folder(folder: Path) -> bool:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunescope import data, devices, distributed, evaluate, models
+from prunescope import data, devices, distributed, evaluate, models, offload
 from prunescope.errors import PrunescopeError
 from prunescope.pruning import calib, masks, scoring, sparsegpt
 from prunescope.pruning.apply import apply_masks, apply_weights
@@ -41,8 +41,6 @@ from prunescope.pruning.patterns import SparsityPattern, parse_pattern
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-    from prunescope import offload
 
 log = logging.getLogger(__name__)
 
@@ -434,7 +432,7 @@ def run_prune(
     """
     if (model is None) != (tokenizer is None):
         raise ValueError("pass both a model and its tokenizer, or neither (config.model is loaded)")
-    if model is None and _offload_wanted(config):
+    if model is None and offload.wanted(config.model, config):
         return run_prune_offloaded(dataclasses.replace(config, offload=True))
     if model is None or tokenizer is None:
         log.info("loading model %s", config.model)
@@ -503,12 +501,12 @@ def _result(
         calib_samples=config.calib_samples if calibrated else 0,
         calib_seqlen=config.calib_seqlen if calibrated else 0,
         seed=config.seed,
-        peak_rss_bytes=_peak_rss_bytes(),
+        peak_rss_bytes=peak_rss_bytes(),
         **measured,
     )
 
 
-def _peak_rss_bytes() -> int | None:
+def peak_rss_bytes() -> int | None:
     """The most resident memory this process has held so far (Linux/macOS), else None.
 
     On Linux the figure starts from the resident size of the process this one was forked from
@@ -521,20 +519,6 @@ def _peak_rss_bytes() -> int | None:
     return int(peak) * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
 
 
-def _offload_wanted(config: PruneConfig) -> bool:
-    """``config.offload`` when set; else whether the model, a local safetensors folder, fails to
-    fit in the device's free memory (a warning says so when it does not)."""
-    if config.offload is not None:
-        return config.offload
-    from prunescope import offload
-
-    folder = Path(models.resolve(config.model))
-    if not folder.is_dir() or not offload.is_safetensors_folder(folder):
-        return False
-    device = devices.resolve_device(config.device)
-    return not offload.fits_in_memory(folder, offload.dtype_for(folder, config.dtype, device), device)
-
-
 def run_prune_offloaded(config: PruneConfig) -> tuple[PruneResult, nn.Module]:
     """The prune job with one decoder layer in memory at a time (:mod:`prunescope.offload`).
 
@@ -542,8 +526,6 @@ def run_prune_offloaded(config: PruneConfig) -> tuple[PruneResult, nn.Module]:
     its own shard (to ``config.save_dir``, a Hugging Face sharded folder, or else to a scratch
     folder in ``config.offload_folder``), and perplexity runs through the same per-layer loop.
     """
-    from prunescope import offload
-
     device = devices.resolve_device(config.device)
     folder = offload.checkpoint_folder(config.model)
     dtype = offload.dtype_for(folder, config.dtype, device)
@@ -586,7 +568,7 @@ def run_prune_offloaded(config: PruneConfig) -> tuple[PruneResult, nn.Module]:
 
 
 def _prune_offloaded(
-    off: "offload.OffloadedModel", grouped: dict[int, dict[str, nn.Linear]], config: PruneConfig,
+    off: offload.OffloadedModel, grouped: dict[int, dict[str, nn.Linear]], config: PruneConfig,
     calib_blocks: torch.Tensor | None,
 ) -> tuple[tuple[tuple[LayerSparsity, ...], tuple[int, int]], int]:
     """Prune each decoder layer while it is on the device; returns ((its sparsities,
