@@ -1,6 +1,7 @@
 """Pruning with weights on disk (--offload): same result as in memory, one layer in memory at a
 time, a checkpoint plain transformers loads, and clear refusals."""
 
+import contextlib
 import json
 import logging
 import types
@@ -297,8 +298,87 @@ def test_load_with_offload_keeps_the_weights_on_disk(llama_dir):
     assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
 
 
-def test_shrink_refuses_offload():
+# ---------------------------------------------------------------------- shrink
+
+
+def _shrink_config(folder: Path, text: str, **kw):
     from prunescope.pruning.shrink import ShrinkConfig
 
-    with pytest.raises(PrunescopeError, match="shrink loads the whole model"):
-        ShrinkConfig(offload=True)
+    base = dict(model=str(folder), calib_text=text, eval_text=text, multiple_of=8, latency_rounds=0,
+                calib_batch_size=2, **FAST)
+    return ShrinkConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("family, kw", [
+    ("llama", dict(mlp=0.25, kv_groups=1, drop_layers=1)),
+    ("llama", dict(mlp=0.5, heads_per_group=1, compensation="bias")),
+    ("llama", dict(mlp=0.5, criterion="magnitude", compensation="none")),  # no calibration data
+    ("llama", dict(drop_layers=2)),  # layers only: the kept layers are copied, renumbered
+    ("opt", dict(mlp=0.5, drop_layers=1)),
+])
+def test_offloaded_shrink_equals_the_in_memory_run(family, kw, text_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from prunescope.pruning.shrink import run_shrink
+
+    folder = _save(tiny_family_model(family), tmp_path / "dense")
+    memory, model = run_shrink(_shrink_config(folder, text_file, save_dir=tmp_path / "memory", **kw))
+    disk, _ = run_shrink(_shrink_config(folder, text_file, offload=True, save_dir=tmp_path / "disk", **kw))
+    assert disk.offloaded and not memory.offloaded and disk.latency is None
+    assert disk.dense_ppl == pytest.approx(memory.dense_ppl, rel=1e-6)
+    assert disk.pruned_ppl == pytest.approx(memory.pruned_ppl, rel=1e-6)
+    assert disk.pruned_ppl != pytest.approx(disk.dense_ppl, rel=1e-4)  # shrinking did something
+    assert disk.layers == memory.layers and disk.config_changes == memory.config_changes
+    for figure in ("dense_params", "shrunk_params", "dense_layer_params", "shrunk_layer_params",
+                   "dense_weight_bytes", "shrunk_weight_bytes"):
+        assert getattr(disk, figure) == getattr(memory, figure), figure
+    state, want = _sharded_state(tmp_path / "disk"), model.state_dict()
+    tied = set(want) - set(state)
+    assert tied <= {"lm_head.weight"}  # a tied head is saved once, as the embedding
+    for name in state:
+        assert torch.equal(state[name], want[name]), name
+    saved = json.loads((tmp_path / "disk" / "config.json").read_text())
+    assert saved == json.loads((tmp_path / "memory" / "config.json").read_text())
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "disk").eval()
+    ids = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_offloaded_shrink_holds_one_decoder_layer_at_a_time(llama_dir, text_file, monkeypatch):
+    from prunescope.pruning.shrink import run_shrink
+
+    seen: list[tuple[int, int]] = []
+    original = offload.OffloadedModel.layer
+
+    def watched(self, index, write=False):
+        with original(self, index, write) as layer:
+            real = sum(p.numel() for p in self.decoder.parameters() if not p.is_meta)
+            embed = self.model.get_submodule(self.adapter.embed_path).weight
+            seen.append((real, int(not embed.is_meta)))
+            yield layer
+
+    monkeypatch.setattr(offload.OffloadedModel, "layer", contextlib.contextmanager(watched))
+    run_shrink(_shrink_config(llama_dir, text_file, mlp=0.5, kv_groups=1, drop_layers=1, offload=True))
+    dense = sum(p.numel() for p in tiny_family_model("llama").model.layers[0].parameters())
+    assert len(seen) == 3 + 3 + 2 + 2  # dense perplexity, block influence, shrink, shrunk perplexity
+    assert all(real == dense for real, _ in seen[:8])  # each dense layer visits alone (shrunk on exit)
+    assert all(0 < real < dense for real, _ in seen[8:])  # the shrunk layers, read back from the sink
+    assert not any(embed for _, embed in seen)
+
+
+def test_cli_shrink_offload_end_to_end(llama_dir, text_file, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    args = ["shrink", str(llama_dir), "--offload", "--mlp", "0.5", "--multiple-of", "8",
+            "--calib-text", text_file, "--calib-samples", "4", "--calib-seqlen", "32",
+            "--eval-text", text_file, "--eval-tokens", "256", "--eval-seqlen", "32", "--device", "cpu"]
+    assert cli.main([*args, "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["offloaded"] and report["latency"] is None and report["peak_rss_bytes"] > 0
+    assert "offloaded" in (tmp_path / "out" / "report.md").read_text()
+    shrunk = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model")
+    assert shrunk.config.intermediate_size == report["shrunk_shape"]["intermediate"] < 64
+    assert cli.main([*args, "--recover-steps", "2", "--out", str(tmp_path / "bad")]) == 2
+    assert "cannot be combined with --offload" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

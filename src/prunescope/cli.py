@@ -66,7 +66,7 @@ def add_offload_arguments(parser: argparse.ArgumentParser, automatic: bool = Fal
         "--offload", action=argparse.BooleanOptionalAction, default=None,
         help="keep the weights on disk and bring them to the device only while used, for models "
         "larger than memory"
-        + (" (prune: one decoder layer at a time, needs a safetensors checkpoint; default: only "
+        + (" (one decoder layer at a time, needs a safetensors checkpoint; default: only "
            "when the model does not fit the device's free memory; --no-offload: never)" if automatic
            else " (accelerate's disk dispatch: each module's weights during its forward; slower)"),
     )

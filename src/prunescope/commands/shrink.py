@@ -27,7 +27,11 @@ other on calibration text, each seeing the already pruned layers before it.
 Writes OUT/report.json, report.md, summary.png, layers.png and OUT/model/, an ordinary Hugging
 Face folder that AutoModelForCausalLM.from_pretrained loads without prunescope. Families:
 Llama, Mistral, Qwen2, Qwen3, Phi-3 (heads, channels, layers); OPT and GPT-2 (channels, layers).
-With no size option: --mlp 0.25."""
+With no size option: --mlp 0.25.
+
+A model larger than memory (--offload, automatic when a local safetensors model does not fit):
+one decoder layer is read from disk, shrunk and written to OUT/model at a time; latency is then
+not measured and --recover-steps is refused."""
 
 
 def _add_size_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cli.add_model_argument(parser)
+    cli.add_offload_arguments(parser, automatic=True)
     _add_size_arguments(parser)
     _add_method_arguments(parser)
     cli.add_text_arguments(parser)

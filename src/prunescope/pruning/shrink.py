@@ -25,6 +25,7 @@ import copy
 import logging
 import time
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunescope import data, distributed, evaluate, families, models
+from prunescope import data, devices, distributed, evaluate, families, models, offload
 from prunescope.errors import PrunescopeError
 from prunescope.families import KV, MLP, Q, Family, Shape, UnitLayout
 from prunescope.pruning import apply, calib, structured
@@ -92,10 +93,10 @@ class ShrinkConfig(data.TextOptions, models.Placement):
     def __post_init__(self) -> None:
         self.check_text_options()
         self.check_placement()
-        if self.offload:
+        if self.offload and self.recover_steps:
             raise PrunescopeError(
-                "shrink loads the whole model; offload (weights on disk) is available for prune, "
-                "activations and probe"
+                "--recover-steps trains the shrunk model against the dense one, both in memory; "
+                "it cannot be combined with --offload (shrink offloaded, then recover the saved model)"
             )
         _choice("criterion", self.criterion, CRITERIA)
         _choice("compensation", self.compensation, COMPENSATIONS)
@@ -427,13 +428,19 @@ class _LayerShrinker:
 
 
 @torch.no_grad()
-def block_influences(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> list[float]:
-    """ShortGPT's block influence of every decoder layer of ``model`` on ``blocks``."""
+def block_influences(
+    model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, off: offload.OffloadedModel | None = None
+) -> list[float]:
+    """ShortGPT's block influence of every decoder layer of ``model`` on ``blocks`` (with
+    ``off``, each layer's weights on the device only while it runs)."""
     adapter = models.adapter_for(model)
-    inputs = calib.capture_first_layer_inputs(model, adapter, blocks, batch_size)
+    with off.front() if off is not None else nullcontext():
+        inputs = calib.capture_first_layer_inputs(model, adapter, blocks, batch_size)
     scores = []
-    for layer in tqdm(adapter.layers(model), desc="block influence", unit="layer", leave=False):
-        outputs = calib.run_layer(layer, inputs)
+    decoder = adapter.layers(model)
+    for index in tqdm(range(len(decoder)), desc="block influence", unit="layer", leave=False):
+        with off.layer(index) if off is not None else nullcontext():
+            outputs = calib.run_layer(decoder[index], inputs)
         total, tokens = 0.0, 0
         for x_in, x_out in zip(inputs.hidden, outputs.hidden):
             s, n = structured.block_influence_sum(x_in, x_out)
@@ -445,37 +452,45 @@ def block_influences(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8
 
 
 def shrink_model(
-    model: nn.Module, config: ShrinkConfig, plan: ShrinkPlan, calib_blocks: torch.Tensor | None
+    model: nn.Module, config: ShrinkConfig, plan: ShrinkPlan, calib_blocks: torch.Tensor | None,
+    off: offload.OffloadedModel | None = None,
 ) -> tuple[nn.Module, tuple[LayerOutcome, ...], int]:
     """Drop layers, then shrink heads and channels layer by layer; returns the new model, the
     per-layer outcomes and the calibration bytes held. ``model`` is consumed (its layers are
-    replaced); use the returned model."""
+    replaced); use the returned model.
+
+    With ``off`` (``model`` is ``off.model``), each layer's weights are on the device only while
+    it is visited, and each shrunk layer is written to ``off``'s sink as it is done; the
+    returned model is the shrunk skeleton (weights on ``meta``)."""
     family = families.family_for(model)
     adapter = models.adapter_for(model)
     kept_layers = list(range(plan.dense_layers))
     influence: list[float | None] = [None] * plan.dense_layers
     if plan.drop_layers:
         assert calib_blocks is not None
-        influence = list(block_influences(model, calib_blocks, config.calib_batch_size))
+        influence = list(block_influences(model, calib_blocks, config.calib_batch_size, off))
         dropped = set(sorted(range(plan.dense_layers), key=lambda i: influence[i])[: plan.drop_layers])
         kept_layers = [i for i in kept_layers if i not in dropped]
         log.info("dropping layers %s (lowest block influence)", sorted(dropped))
         config_after = families.shrunk_config(family, model.config, plan.dense, kept_layers)
-        model = apply.without_layers(model, adapter.layers_path, kept_layers, config_after)
+        if off is not None:
+            off.keep_layers(kept_layers, config_after)
+            model = off.model
+        else:
+            model = apply.without_layers(model, adapter.layers_path, kept_layers, config_after)
     held, errors = 0, {}
     if plan.kinds:
         new_config = families.shrunk_config(
             family, model.config, plan.shrunk, list(range(len(kept_layers))), plan.bias_flags
         )
         step = _LayerShrinker(model, config, plan, family.layouts(model.config), new_config, adapter.layers_path)
-        last = len(kept_layers) - 1
-        if calib_blocks is not None:
-            held = calib.sequential(model, calib_blocks, step, last, config.calib_batch_size, "shrink")
-        else:
-            for index in tqdm(range(last + 1), desc="shrink", unit="layer", leave=False):
-                step(index, adapter.layers(model)[index], None)
+        held = _shrink_layers(model, step, len(kept_layers), calib_blocks, config.calib_batch_size, off)
         errors = step.errors
-        model = apply.rebuild_model(model, new_config)
+        if off is not None:
+            off.rebuild(new_config)
+            model = off.model
+        else:
+            model = apply.rebuild_model(model, new_config)
     new_index = {old: new for new, old in enumerate(kept_layers)}
     outcomes = tuple(
         LayerOutcome(
@@ -485,6 +500,26 @@ def shrink_model(
         for i in range(plan.dense_layers)
     )
     return model.eval(), outcomes, held
+
+
+def _shrink_layers(
+    model: nn.Module, step: _LayerShrinker, count: int, calib_blocks: torch.Tensor | None, batch_size: int,
+    off: offload.OffloadedModel | None,
+) -> int:
+    """Run ``step`` on decoder layers ``0..count-1`` in order (sequentially calibrated when there
+    are calibration windows); returns the calibration bytes held."""
+    def visit(index: int) -> AbstractContextManager[Any]:
+        return off.layer(index, write=True) if off is not None else nullcontext()
+
+    if calib_blocks is not None:
+        return calib.sequential(model, calib_blocks, step, count - 1, batch_size, "shrink",
+                                visit=visit if off is not None else None,
+                                front=off.front if off is not None else None)
+    decoder = models.adapter_for(model).layers(model)
+    for index in tqdm(range(count), desc="shrink", unit="layer", leave=False):
+        with visit(index):
+            step(index, decoder[index], None)
+    return 0
 
 
 # --------------------------------------------------------------------------- the job
@@ -549,6 +584,8 @@ class ShrinkResult:
     recovery: "RecoveryResult | None"
     layers: tuple[LayerOutcome, ...]
     saved: Mapping[str, Any] | None = None
+    offloaded: bool = False
+    peak_rss_bytes: int | None = None
 
 
 def _decoder_params(model: nn.Module) -> int:
@@ -605,15 +642,35 @@ def _recover(
     )
 
 
+@dataclass(frozen=True)
+class _Dense:
+    """What the dense model was, taken before it is consumed."""
+
+    config: Any
+    params: int
+    layer_params: int
+    weight_bytes: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "_Dense":
+        return cls(copy.deepcopy(model.config), sum(p.numel() for p in model.parameters()),
+                   _decoder_params(model), evaluate.parameter_bytes(model))
+
+
 def run_shrink(
     config: ShrinkConfig, model: nn.Module | None = None, tokenizer: "PreTrainedTokenizerBase | None" = None
 ) -> tuple[ShrinkResult, nn.Module]:
     """Shrink ``config.model`` (or the given model, which is consumed) and measure it.
 
+    With ``config.offload`` (or, when it is None, a local model that does not fit the device's
+    free memory) the model is never in memory whole: see :func:`run_shrink_offloaded`.
+
     Returns the result and the shrunk model (a new object; ``save_pretrained`` it anywhere).
     """
     if (model is None) != (tokenizer is None):
         raise ValueError("pass both a model and its tokenizer, or neither (config.model is loaded)")
+    if model is None and offload.wanted(config.model, config):
+        return run_shrink_offloaded(replace(config, offload=True))
     if model is None or tokenizer is None:
         log.info("loading model %s", config.model)
         model, tokenizer = config.load_model(config.model)
@@ -621,9 +678,7 @@ def run_shrink(
     log.info("%s: %s", plan.family, plan.rounding)
     calib_blocks = config.calibration_windows(tokenizer) if config.needs_data else None
     blocks = config.evaluation_windows(tokenizer)
-    dense_config = copy.deepcopy(model.config)
-    dense_params, dense_layer_params = sum(p.numel() for p in model.parameters()), _decoder_params(model)
-    dense_bytes = evaluate.parameter_bytes(model)
+    before = _Dense.of(model)
     t0 = time.perf_counter()
     dense_ppl = evaluate.perplexity_or_none(model, blocks, config.eval_batch_size, "dense perplexity")
     eval_seconds = time.perf_counter() - t0
@@ -643,8 +698,71 @@ def run_shrink(
         recovered_ppl = evaluate.perplexity_or_none(model, blocks, config.eval_batch_size, "recovered perplexity")
     latency = _latency(dense, model, config) if dense is not None and config.latency_rounds else None
     del dense
+    saved = save_model(model, tokenizer, config.save_dir) if config.save_dir and distributed.is_main() else None
+    result = _result(
+        config, plan, before, model, outcomes, blocks, calib_blocks,
+        dense_ppl=dense_ppl, pruned_ppl=pruned_ppl, recovered_ppl=recovered_ppl, calib_activation_bytes=held,
+        prune_seconds=prune_seconds, eval_seconds=eval_seconds, latency=latency, recovery=recovery, saved=saved,
+    )
+    return result, model
+
+
+def run_shrink_offloaded(config: ShrinkConfig) -> tuple[ShrinkResult, nn.Module]:
+    """The shrink job with one decoder layer in memory at a time (:mod:`prunescope.offload`).
+
+    Weights are read from the checkpoint's safetensors shards; each shrunk layer is written as
+    its own shard of the new model (to ``config.save_dir``, else to a scratch folder in
+    ``config.offload_folder``); perplexity runs through the same per-layer loop. Latency, which
+    needs both models in memory, is not measured.
+    """
+    from prunescope.pruning.job import peak_rss_bytes
+
+    device = devices.resolve_device(config.device)
+    folder = offload.checkpoint_folder(config.model)
+    dtype = offload.dtype_for(folder, config.dtype, device)
+    save_dir = config.save_dir if distributed.is_main() else None
+    if config.latency_rounds:
+        log.info("latency is not measured with --offload: it needs the dense and shrunk models in memory")
+    with offload.open_model(folder, dtype, device, save_dir, config.offload_folder) as (off, tokenizer):
+        plan = make_plan(config, off.model)
+        log.info("%s: %s", plan.family, plan.rounding)
+        calib_blocks = config.calibration_windows(tokenizer) if config.needs_data else None
+        blocks = config.evaluation_windows(tokenizer)
+        offload.release_freed_memory()  # what tokenizing the whole text took
+        before = _Dense.of(off.model)
+        t0 = time.perf_counter()
+        dense_ppl = None if blocks is None else off.perplexity(blocks, config.eval_batch_size, "dense perplexity")
+        eval_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model, outcomes, held = shrink_model(off.model, config, plan, calib_blocks, off)
+        prune_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        off.finish(tokenizer)
+        save_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pruned_ppl = None if blocks is None else off.perplexity(blocks, config.eval_batch_size, "shrunk perplexity")
+        eval_seconds += time.perf_counter() - t0
+        saved = None if save_dir is None else {
+            "path": str(save_dir), "safetensors_bytes": off.sink.nbytes(), "save_seconds": save_seconds,
+            "shards": len(set(off.sink.weight_map.values())),
+        }
+    result = _result(
+        config, plan, before, model, outcomes, blocks, calib_blocks,
+        dense_ppl=dense_ppl, pruned_ppl=pruned_ppl, recovered_ppl=None, calib_activation_bytes=held,
+        prune_seconds=prune_seconds, eval_seconds=eval_seconds, latency=None, recovery=None, saved=saved,
+        offloaded=True, peak_rss_bytes=peak_rss_bytes(),
+    )
+    return result, model
+
+
+def _result(
+    config: ShrinkConfig, plan: ShrinkPlan, dense: _Dense, model: nn.Module, outcomes: tuple[LayerOutcome, ...],
+    blocks: torch.Tensor | None, calib_blocks: torch.Tensor | None, **measured: Any,
+) -> ShrinkResult:
+    """The :class:`ShrinkResult` from the config, the plan, the dense figures, the shrunk model
+    and ``measured`` (perplexities, times, latency, recovery, saved folder)."""
     shrunk_layer_params = _decoder_params(model)
-    result = ShrinkResult(
+    return ShrinkResult(
         model=config.model, family=plan.family, criterion=config.criterion,
         compensation=config.compensation, damp=config.damp, multiple_of=config.multiple_of,
         requested={"mlp": config.mlp_fraction if config.target_params is None else None,
@@ -653,21 +771,15 @@ def run_shrink(
         rounding=plan.rounding, dense_shape=plan.dense, shrunk_shape=plan.shrunk,
         dense_layers=plan.dense_layers, shrunk_layers=plan.dense_layers - plan.drop_layers,
         dropped_layers=tuple(o.index for o in outcomes if o.new_index is None),
-        config_changes=_config_changes(dense_config, model.config),
-        dense_params=dense_params, shrunk_params=sum(p.numel() for p in model.parameters()),
-        dense_layer_params=dense_layer_params, shrunk_layer_params=shrunk_layer_params,
-        layer_params_kept=shrunk_layer_params / dense_layer_params,
-        dense_weight_bytes=dense_bytes, shrunk_weight_bytes=evaluate.parameter_bytes(model),
-        dense_ppl=dense_ppl, pruned_ppl=pruned_ppl, recovered_ppl=recovered_ppl,
+        config_changes=_config_changes(dense.config, model.config),
+        dense_params=dense.params, shrunk_params=sum(p.numel() for p in model.parameters()),
+        dense_layer_params=dense.layer_params, shrunk_layer_params=shrunk_layer_params,
+        layer_params_kept=shrunk_layer_params / dense.layer_params,
+        dense_weight_bytes=dense.weight_bytes, shrunk_weight_bytes=evaluate.parameter_bytes(model),
         eval_text=config.eval_text, eval_tokens=0 if blocks is None else blocks.numel(),
         eval_seqlen=config.eval_seqlen,
         calib_text=config.calib_text if calib_blocks is not None else None,
         calib_samples=config.calib_samples if calib_blocks is not None else 0,
         calib_seqlen=config.calib_seqlen if calib_blocks is not None else 0,
-        calib_activation_bytes=held, seed=config.seed,
-        prune_seconds=prune_seconds, eval_seconds=eval_seconds, latency=latency, recovery=recovery,
-        layers=outcomes,
-        saved=save_model(model, tokenizer, config.save_dir) if config.save_dir and distributed.is_main() else None,
+        seed=config.seed, layers=outcomes, **measured,
     )
-    return result, model
-

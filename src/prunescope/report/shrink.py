@@ -30,7 +30,8 @@ def _sizes(result: ShrinkResult) -> list[tuple[str, str]]:
 def _latency_rows(result: ShrinkResult) -> list[tuple[str, str]]:
     lat = result.latency
     if lat is None:
-        return [("latency", "not measured")]
+        return [("latency", "not measured (offloaded: the models are never in memory whole)"
+                 if result.offloaded else "not measured")]
     where = f"{lat.device}, {lat.threads} threads, median of {lat.rounds} interleaved rounds"
     return [
         (f"prefill of {lat.prefill_tokens} tokens (batch 1)",
@@ -69,6 +70,10 @@ def _summary_rows(result: ShrinkResult) -> list[tuple[str, str]]:
         rows.append(("recovery", f"{r.mode}{f' r={r.rank}' if r.rank else ''}, {r.steps} steps x "
                      f"{r.batch_size} x {r.seqlen} tokens, lr {r.lr:g}: KL {r.losses[0]:.4f} -> "
                      f"{r.losses[-1]:.4f} in {r.seconds:.1f} s"))
+    if result.offloaded:
+        rows.append(("offloaded", "yes: weights on disk, one decoder layer in memory at a time"))
+    if result.peak_rss_bytes:
+        rows.append(("peak resident memory of the process", f"{result.peak_rss_bytes / 2**20:,.0f} MiB"))
     if result.saved:
         rows.append(("saved", f"{result.saved['path']} ({result.saved['safetensors_bytes'] / 2**20:.1f} MB "
                      "of safetensors; loads with AutoModelForCausalLM.from_pretrained)"))
