@@ -1,4 +1,4 @@
-"""Atomic folder writes: build a folder under a temporary sibling name, flush it, rename it.
+"""Atomic writes: build a file or folder under a temporary sibling name, flush it, rename it.
 
 A reader (or a later run) sees either the finished folder or nothing at that path: an interrupted
 write (Ctrl-C, a full disk, a crash) leaves at most a hidden ``.NAME.tmp-*`` sibling, never a
@@ -57,6 +57,26 @@ def fsync_tree(folder: Path) -> None:
         for name in files:
             fsync_file(Path(root) / name)
         fsync_dir(Path(root))
+
+
+@contextmanager
+def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary sibling of the file ``path`` to write (same suffix, so writers that go
+    by it still do); on success flush it to disk and rename it onto ``path``, on any exception
+    remove it and re-raise. Readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def publish(tmp: Path, folder: Path) -> None:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+from prunescope import atomic
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -42,16 +42,10 @@ def to_jsonable(obj: Any) -> Any:
 
 
 def _atomic_write(path: Path, data: str) -> None:
-    """Write text to ``path`` via a temporary file and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write text to ``path`` via a flushed temporary sibling and a rename, so readers never see
+    half a file (:func:`prunescope.atomic.replacing`)."""
+    with atomic.replacing(path) as tmp:
+        tmp.write_text(data, encoding="utf-8")
 
 
 def write_json(result: Any, path: str | Path) -> Path:

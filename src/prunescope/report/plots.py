@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from prunescope import atomic
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -17,8 +19,9 @@ def new_figure(width: float = 8.0, height: float = 4.5) -> "Figure":
 
 
 def save_figure(fig: "Figure", path: str | Path, dpi: int = 120) -> Path:
-    """Save ``fig`` as PNG to ``path`` (parents created) and return the path."""
+    """Save ``fig`` as PNG to ``path`` (parents created), atomically (a half-drawn plot never
+    replaces a finished one), and return the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    with atomic.replacing(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
     return path
