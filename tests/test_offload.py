@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from prunescope import cli, formats, offload
 from prunescope.errors import PrunescopeError
@@ -143,6 +143,42 @@ def test_bfloat16_checkpoint_is_pruned_and_written_in_bfloat16(text_file, tmp_pa
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
     for name, tensor in model.state_dict().items():
         assert torch.equal(state[name], tensor), name
+
+
+def test_embeddings_are_mapped_in_their_stored_dtype_and_computed_in_the_run_dtype(text_file, tmp_path, monkeypatch):
+    folder = _save(tiny_family_model("llama").to(torch.bfloat16), tmp_path / "bf16")
+    memory, model = run_prune(_config(folder, text_file, method="sparsegpt", dtype="float32"))
+    seen = []
+    original = offload.OffloadedModel.front
+
+    @contextlib.contextmanager
+    def watched(self):
+        with original(self):
+            embed = self.model.get_submodule(self.adapter.embed_path)
+            seen.append((embed.weight.dtype, embed(torch.tensor([[1, 2]])).dtype))
+            yield
+
+    monkeypatch.setattr(offload.OffloadedModel, "front", watched)
+    offloaded, _ = run_prune(_config(folder, text_file, method="sparsegpt", dtype="float32", offload=True,
+                                     save_dir=tmp_path / "out"))
+    assert seen and set(seen) == {(torch.bfloat16, torch.float32)}  # mapped as stored, computed in float32
+    assert offloaded.dense_ppl == pytest.approx(memory.dense_ppl, rel=1e-6)
+    assert offloaded.pruned_ppl == pytest.approx(memory.pruned_ppl, rel=1e-6)
+    state = _sharded_state(tmp_path / "out")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(state[name], tensor), name
+
+
+def test_a_mapped_tensor_reads_the_file_and_writing_it_leaves_the_file_alone(tmp_path):
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(4, 6).to(torch.bfloat16)}
+    path = tmp_path / offload.SINGLE_FILE
+    save_file(tensors, str(path))
+    files = offload.CheckpointFiles.scan(tmp_path)
+    for key, tensor in tensors.items():
+        mapped = files.mapped(key)
+        assert mapped.dtype == tensor.dtype and torch.equal(mapped, tensor)
+    files.mapped("b").zero_()  # copy-on-write
+    assert torch.equal(load_file(str(path))["b"], tensors["b"])
 
 
 def test_write_safetensors_streams_a_file_safetensors_reads(tmp_path):

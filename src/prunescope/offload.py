@@ -96,6 +96,28 @@ class CheckpointFiles:
             "tensor names the model itself uses (as save_pretrained writes them)"
         )
 
+    def mapped(self, key: str) -> torch.Tensor:
+        """Tensor ``key`` memory-mapped from its file, in its stored dtype, on the CPU: nothing is
+        read until used, and only the pages touched (an embedding's looked-up rows) become
+        resident. Copy-on-write: writing to it never changes the file."""
+        import mmap
+
+        from prunescope.formats import SAFETENSORS_DTYPE_NAMES
+
+        path = self.folder / self.weight_map[key]
+        try:
+            with open(path, "rb") as fh:
+                header_len = int.from_bytes(fh.read(8), "little")
+                entry = json.loads(fh.read(header_len))[key]
+                buffer = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            dtype = {name: dt for dt, name in SAFETENSORS_DTYPE_NAMES.items()}[entry["dtype"]]
+            start, end = entry["data_offsets"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise PrunescopeError(f"could not map {key} from {path}: {exc}") from exc
+        flat = torch.frombuffer(buffer, dtype=dtype, count=(end - start) // dtype.itemsize,
+                                offset=8 + header_len + start)
+        return flat.reshape(entry["shape"])
+
     def read(self, names: Mapping[str, str], dtypes: Mapping[str, torch.dtype],
              device: torch.device) -> dict[str, torch.Tensor]:
         """Read model tensors by ``{model name: checkpoint key}`` in ``dtypes[name]`` onto
@@ -323,9 +345,47 @@ class OffloadedModel:
 
     @contextlib.contextmanager
     def front(self) -> Iterator[None]:
-        """The parts before the first decoder layer (embeddings) loaded, for :func:`calib.capture_first_layer_inputs`."""
-        with self.loaded(self._front):
+        """The parts before the first decoder layer (embeddings) loaded, for
+        :func:`calib.capture_first_layer_inputs`.
+
+        On the CPU the weights of plain ``nn.Embedding`` modules are not read but memory-mapped
+        in their stored dtype, their output cast to the compute dtype (a lookup is exact in
+        either order): only the rows of the tokens looked up become resident, not the whole
+        table (262 MB in float32 for a 32000 x 2048 vocabulary)."""
+        mapped = self._mappable_embeddings()
+        with self.loaded([n for n in self._front if n not in mapped]), self._mapped(mapped):
             yield
+
+    def _mappable_embeddings(self) -> dict[str, nn.Embedding]:
+        """``{weight name: module}`` of the front's plain ``nn.Embedding`` modules (subclasses,
+        such as scaled embeddings, compute in the weight's dtype: they are read as usual)."""
+        if self.device.type != "cpu":
+            return {}
+        front = set(self._front)
+        return {f"{name}.weight": module for name, module in self.model.named_modules()
+                if type(module) is nn.Embedding and f"{name}.weight" in front}
+
+    @contextlib.contextmanager
+    def _mapped(self, embeddings: Mapping[str, nn.Embedding]) -> Iterator[None]:
+        dtype = self.dtype
+
+        def cast(_module: nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
+            return output.to(dtype)
+
+        handles = []
+        try:
+            for name, module in embeddings.items():
+                _set(self.model, name, self.source.mapped(self.source.key_for(self._source_name(name), self._prefix)),
+                     "cpu")
+                handles.append(module.register_forward_hook(cast))
+            self._retie()
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for name in embeddings:
+                _set(self.model, name, None, "meta")
+            self._retie()
 
     @contextlib.contextmanager
     def layer(self, index: int, write: bool = False) -> Iterator[nn.Module]:
