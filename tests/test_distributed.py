@@ -116,10 +116,14 @@ def test_launched_jobs_refuse_what_runs_in_one_process(monkeypatch):
         distributed.init_from_env(torch.device("cpu"))
 
 
-def _cli(folder: Path, text: Path, out: Path, launcher: list[str]) -> subprocess.CompletedProcess:
-    args = ["prune", str(folder), "--method", "sparsegpt", "--calib-text", str(text), "--eval-text", str(text),
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def _cli(folder: Path, text: Path, out: Path, launcher: list[str], *extra: str,
+         command: tuple[str, ...] = ("prune", "--method", "sparsegpt", "--save")) -> subprocess.CompletedProcess:
+    args = [command[0], str(folder), *command[1:], "--calib-text", str(text), "--eval-text", str(text),
             "--calib-samples", "4", "--calib-seqlen", "16", "--calib-batch", "2", "--eval-tokens", "64",
-            "--eval-seqlen", "16", "--save", "--device", "cpu", "--out", str(out)]
+            "--eval-seqlen", "16", "--device", "cpu", "--out", str(out), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([*launcher, "-m", "prunescope", *args], capture_output=True, text=True, env=env, timeout=600)
 
@@ -132,8 +136,7 @@ def test_cli_under_torchrun_writes_one_report_matching_one_process(tiny_model_di
     text.write_text(default_text()[:20_000])
     single = _cli(tiny_model_dir, text, tmp_path / "one", [sys.executable])
     assert single.returncode == 0, single.stderr
-    launched = _cli(tiny_model_dir, text, tmp_path / "two",
-                    [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"])
+    launched = _cli(tiny_model_dir, text, tmp_path / "two", TORCHRUN)
     assert launched.returncode == 0, launched.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "report.json").read_text())
     two = json.loads((tmp_path / "two" / "report.json").read_text())
@@ -144,6 +147,39 @@ def test_cli_under_torchrun_writes_one_report_matching_one_process(tiny_model_di
     for name in a:
         assert torch.equal(a[name] == 0, b[name] == 0), name
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def _shards(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    return {k: v for file in sorted(set(index.values())) for k, v in load_file(str(folder / file)).items()}
+
+
+@pytest.mark.parametrize("command", [
+    ("prune", "--method", "sparsegpt", "--save"),
+    ("shrink", "--mlp", "0.25", "--kv-groups", "1", "--drop-layers", "1", "--multiple-of", "8", "--latency-rounds", "0"),
+])
+def test_offloaded_runs_under_torchrun_match_one_process(tiny_model_dir, tmp_path, command):
+    from prunescope.data import default_text
+
+    text = tmp_path / "t.txt"
+    text.write_text(default_text()[:20_000])
+    single = _cli(tiny_model_dir, text, tmp_path / "one", [sys.executable], "--offload", command=command)
+    assert single.returncode == 0, single.stderr[-3000:]
+    launched = _cli(tiny_model_dir, text, tmp_path / "two", TORCHRUN, "--offload", command=command)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "report.json").read_text())
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert one["offloaded"] and two["offloaded"]
+    assert two["dense_ppl"] == pytest.approx(one["dense_ppl"], rel=1e-6)
+    assert two["pruned_ppl"] == pytest.approx(one["pruned_ppl"], rel=1e-4)
+    a, b = _shards(tmp_path / "one" / "model"), _shards(tmp_path / "two" / "model")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name] == 0, b[name] == 0), name
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+    assert not list(tmp_path.glob("*/.*tmp*"))  # no temporary folder left by any process
 
 
 def test_processes_started_differently_refuse_in_every_process(two_processes):

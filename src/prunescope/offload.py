@@ -553,14 +553,17 @@ def fits_in_memory(folder: Path, dtype: torch.dtype, device: torch.device, margi
 def wanted(model: str | None, placement: models.Placement) -> bool:
     """Whether a job on ``model`` offloads: ``placement.offload`` when set; else whether the
     model, a local safetensors folder, fails to fit in the device's free memory (a warning says
-    so when it does not). Models from a hub are not fetched to find out: they load whole."""
+    so when it does not; launched in several processes, when it fails to fit in any). Models
+    from a hub are not fetched to find out: they load whole."""
     if placement.offload is not None:
         return placement.offload
     folder = Path(models.resolve(model))
     if not folder.is_dir() or not is_safetensors_folder(folder):
         return False
     device = devices.resolve_device(placement.device)
-    return not fits_in_memory(folder, dtype_for(folder, placement.dtype, device), device)
+    misfit = not fits_in_memory(folder, dtype_for(folder, placement.dtype, device), device)
+    # several processes must take the same path: offload when any of them lacks the memory
+    return distributed.sum_numbers(float(misfit))[0] > 0
 
 
 def is_safetensors_folder(folder: Path) -> bool:
@@ -590,9 +593,12 @@ def open_model(
     Changed layers go to ``save_dir`` (written atomically: published when the block ends without
     an error) or, without one, to a temporary folder inside ``scratch`` (default: the system's
     temporary folder) removed at the end. The disk is checked for room first.
+
+    Launched in several processes, every process reads the checkpoint and writes the layers it
+    computed (the same in every process: the statistics are summed over processes before any
+    layer changes): process 0 to ``save_dir``, the others to their own scratch folders, which
+    later passes (perplexity after pruning) read.
     """
-    if distributed.launched():
-        distributed.refuse("--offload")
     source = CheckpointFiles.scan(folder)
     model = _empty_model(folder, dtype)
     tokenizer = models.load_tokenizer(folder)
