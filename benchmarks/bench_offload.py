@@ -16,6 +16,12 @@ processes of their own too: on Linux a child's peak RSS starts from the resident
 process it was forked from, so this driver never holds a model. The tokenizer is a small byte-level BPE (token ids
 below the vocabulary size); the calibration text is the default (pydoc).
 
+With ``--peer`` the same checkpoint is pruned by llm-compressor's ``oneshot`` with its
+sequential pipeline (Wanda / SparseGPT modifiers at 50%, the decoder layers' Linears, on the same
+calibration windows, which this driver writes from prunescope's own sampling), in the peer's own
+virtual environment (``benchmarks/peers``, made on first use) and its own process, for its prune
+time and peak RSS; its masks are its own (not compared).
+
 ``--dtype`` is the compute dtype (default float32: this CPU computes bfloat16 matrix products
 about 8x slower than float32; on a GPU pass bfloat16). The pruned model is written in it, so in
 float32 the written shards are twice the checkpoint's bytes. Run it alone:
@@ -91,6 +97,41 @@ def compare(offloaded: Path, in_memory: Path) -> tuple[bool, bool, int]:
     return masks_equal, values_equal, len(index)
 
 
+def write_windows(ckpt: Path, path: Path, samples: int, seqlen: int) -> None:
+    """The calibration windows prunescope's prune job takes from ``ckpt`` (same text, tokenizer,
+    sampling and seed), saved for the peer as a ``LongTensor[samples, seqlen]``."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from prunescope.pruning.job import PruneConfig
+
+    config = PruneConfig(model=str(ckpt), calib_samples=samples, calib_seqlen=seqlen, evaluate=False)
+    torch.save(config.calibration_windows(AutoTokenizer.from_pretrained(ckpt)), path)
+
+
+def run_peer(ckpt: Path, out: Path, method: str, windows: Path, args: argparse.Namespace) -> dict:
+    """llm-compressor's ``oneshot`` (its sequential pipeline) on the same checkpoint and windows,
+    in its own virtual environment and process (``benchmarks/peers``); its JSON record plus its
+    peak RSS and wall time."""
+    here = Path(__file__).resolve().parent / "peers"
+    python = subprocess.run(["bash", str(here / "llmcompressor_env.sh")], check=True, capture_output=True,
+                            text=True).stdout.strip().splitlines()[-1]
+    record = out.with_suffix(".json")
+    cmd = [python, str(here / "llmcompressor_run.py"), "--model", str(ckpt), "--windows", str(windows),
+           "--method", method, "--sparsity", "0.5", "--dtype", args.dtype, "--pipeline", "sequential",
+           "--save", str(out), "--json", str(record)]
+    start = time.perf_counter()
+    with open(out.with_suffix(".log"), "w") as log:  # its own logging, kept out of the table
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "TQDM_DISABLE": "1"})
+        _pid, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}, log in {out.with_suffix('.log')}): {' '.join(cmd)}")
+    report = json.loads(record.read_text())
+    return {"prune_seconds": report["seconds"], "peak_rss": usage.ru_maxrss * 1024, "wall": wall,
+            "version": report.get("llmcompressor_version", "?")}
+
+
 def in_child(*argv: str) -> str:
     """Run this script with ``argv`` in a fresh process (so the driver stays small); its stdout."""
     return subprocess.run([sys.executable, __file__, *argv], check=True, capture_output=True, text=True).stdout
@@ -99,6 +140,9 @@ def in_child(*argv: str) -> str:
 def main() -> None:
     if sys.argv[1:2] == ["--child-write"]:
         write_checkpoint(Path(sys.argv[2]), int(sys.argv[3]))
+        return
+    if sys.argv[1:2] == ["--child-windows"]:
+        write_windows(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
         return
     if sys.argv[1:2] == ["--child-compare"]:
         print(json.dumps(compare(Path(sys.argv[2]), Path(sys.argv[3]))))
@@ -114,6 +158,11 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint and the pruned models")
     parser.add_argument("--offload-only", action="store_true",
                         help="skip the in-memory reference runs (and the comparison of masks)")
+    parser.add_argument("--peer", action="store_true",
+                        help="also run llm-compressor's sequential pipeline (its own venv, made on first use: "
+                             "benchmarks/peers) on the same checkpoint and calibration windows")
+    parser.add_argument("--prunescope", action=argparse.BooleanOptionalAction, default=True,
+                        help="run prunescope (--no-prunescope: only the peer)")
     args = parser.parse_args()
 
     ckpt = args.work / "tinyllama-shaped-bf16"
@@ -124,7 +173,17 @@ def main() -> None:
     print(f"checkpoint: {ckpt_bytes / 1e9:.3f} GB in {len(list(ckpt.glob('*.safetensors')))} shards, "
           f"{args.layers} layers; compute dtype {args.dtype}; calibration {args.calib_samples} x {args.calib_seqlen}")
     rows = []
+    windows = args.work / "calibration-windows.pt"
+    if args.peer:
+        in_child("--child-windows", str(ckpt), str(windows), str(args.calib_samples), str(args.calib_seqlen))
     for method in args.methods.split(","):
+        if args.peer:
+            r = run_peer(ckpt, args.work / f"{method}-llmcompressor", method, windows, args)
+            rows.append((method, f"llm-compressor {r['version']} sequential", r["prune_seconds"],
+                         r["prune_seconds"] / args.layers, r["wall"], r["peak_rss"], r["peak_rss"] / ckpt_bytes,
+                         "(its own masks)"))
+        if not args.prunescope:
+            continue
         runs = {}
         for offload in (True,) if args.offload_only else (True, False):
             out = args.work / f"{method}-{'offload' if offload else 'memory'}"

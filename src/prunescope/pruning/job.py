@@ -283,7 +283,8 @@ def _prune_decoder_layer(
     pattern: SparsityPattern,
     scope: str,
 ) -> None:
-    """Compute the new weights of one decoder layer's Linears (pure), then apply them."""
+    """Prune one decoder layer's Linears from their statistics: Wanda's masks, or SparseGPT's
+    updated weights (each computed purely, then applied)."""
     if method == "wanda":
         keep = {
             n: keep_mask(scoring.wanda(m.weight, stats[n].sq_sum), pattern, scope)
