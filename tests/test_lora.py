@@ -328,3 +328,22 @@ def test_compress_embedding_and_conv_keep_peft_layout(tmp_path: Path) -> None:
         sigma = lowrank_singular_values(block.B, block.A, block.scale)
         got = lowrank_singular_values(nb.B, nb.A, nb.scale)
         assert torch.allclose(got, sigma[: nb.rank], rtol=1e-5)
+
+
+def test_an_interrupted_compression_leaves_no_adapter(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    adapter = load_adapter(hand_adapter(tmp_path / "a", _qa()))
+    real = safetensors.torch.save_file
+
+    def interrupted(tensors, path, **kw):
+        real(tensors, path, **kw)  # the weights are written, then Ctrl-C before the config
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compress_adapter(adapter, CompressConfig(), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no out folder, no temporary
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    compress_adapter(adapter, CompressConfig(), tmp_path / "out")
+    assert load_adapter(tmp_path / "out").blocks[0].rank >= 1

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from prunescope import atomic
 from prunescope.errors import PrunescopeError
 from prunescope.lora.io import CONFIG_FILE, Adapter, LoraBlock
 from prunescope.lora.spectrum import energy_rank, lowrank_svd
@@ -121,7 +122,9 @@ def _new_config(adapter: Adapter, infos: list[ModuleCompression], blocks: tuple[
 
 
 def compress_adapter(adapter: Adapter, config: CompressConfig, out: str | Path) -> CompressResult:
-    """Truncate every module of ``adapter`` and write a PEFT adapter folder at ``out``.
+    """Truncate every module of ``adapter`` and write a PEFT adapter folder at ``out``,
+    atomically (built in a temporary sibling and renamed into place, replacing a folder there:
+    an interrupted write leaves nothing that loads as an adapter).
 
     Raises:
         PrunescopeError: for DoRA adapters (the magnitude vector depends on the base weight and
@@ -141,10 +144,10 @@ def compress_adapter(adapter: Adapter, config: CompressConfig, out: str | Path) 
         new_b, new_a, info = truncate_block(block, config)
         state[block.a_key], state[block.b_key] = _stored(block, new_b, new_a)
         infos.append(info)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     new_config = _new_config(adapter, infos, adapter.blocks)
-    (out / CONFIG_FILE).write_text(json.dumps(new_config, indent=2) + "\n", encoding="utf-8")
+    with atomic.new_folder(out) as tmp:
+        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(new_config, indent=2) + "\n", encoding="utf-8")
     old = sum(i.old_parameters for i in infos)
     new = sum(i.new_parameters for i in infos)
     return CompressResult(
