@@ -32,10 +32,11 @@ import math
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 from torch import nn
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -241,6 +244,19 @@ def release_freed_memory() -> None:
             pass
 
 
+@dataclass(frozen=True)
+class Measured(Generic[T]):
+    """What :meth:`OffloadedModel.measured` returns: ``work()``'s value, the perplexities before
+    and after (None without evaluation) and the seconds of each step."""
+
+    value: T
+    dense_ppl: float | None
+    changed_ppl: float | None
+    work_seconds: float
+    eval_seconds: float
+    save_seconds: float
+
+
 class OffloadedModel:
     """A causal LM whose weights live on disk and visit the device only while used.
 
@@ -419,6 +435,26 @@ class OffloadedModel:
                 self.written.add(index)
         self.sink.write(len(self.decoder), self._specs(self._outer), copy)
         self.sink.finish(self.model, tokenizer)
+
+    def measured(self, work: Callable[[], T], tokenizer: Any, blocks: torch.Tensor | None, batch_size: int,
+                 changed: str) -> "Measured[T]":
+        """The offloaded jobs' sequence, each step timed: perplexity of the checkpoint (when
+        ``blocks``), ``work()`` (which visits and writes the layers it changes), :meth:`finish`,
+        perplexity of what was written (``"{changed} perplexity"`` on its progress bar)."""
+        def ppl(desc: str) -> float | None:
+            return None if blocks is None else self.perplexity(blocks, batch_size, desc)
+
+        t0 = time.perf_counter()
+        before = ppl("dense perplexity")
+        t1 = time.perf_counter()
+        value = work()
+        t2 = time.perf_counter()
+        self.finish(tokenizer)
+        t3 = time.perf_counter()
+        after = ppl(f"{changed} perplexity")
+        t4 = time.perf_counter()
+        return Measured(value, before, after, work_seconds=t2 - t1, eval_seconds=(t1 - t0) + (t4 - t3),
+                        save_seconds=t3 - t2)
 
     # ------------------------------------------------------------------ evaluation
     def _final_norm(self) -> nn.Module:

@@ -549,27 +549,18 @@ def run_prune_offloaded(config: PruneConfig) -> tuple[PruneResult, nn.Module]:
         calib_blocks = config.calibration_windows(tokenizer) if calibrated else None
         blocks = config.evaluation_windows(tokenizer)
         offload.release_freed_memory()  # what tokenizing the whole text took
-        t0 = time.perf_counter()
-        dense_ppl = None if blocks is None else off.perplexity(blocks, config.eval_batch_size, "dense perplexity")
-        eval_seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        pruned, held = _prune_offloaded(off, grouped, config, calib_blocks)
-        prune_seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        off.finish(tokenizer)
-        save_seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        pruned_ppl = None if blocks is None else off.perplexity(blocks, config.eval_batch_size, "pruned perplexity")
-        eval_seconds += time.perf_counter() - t0
+        run = off.measured(lambda: _prune_offloaded(off, grouped, config, calib_blocks), tokenizer, blocks,
+                           config.eval_batch_size, "pruned")
+        pruned, held = run.value
         checkpoint = None if save_dir is None else {
             "path": str(save_dir), "format": "huggingface safetensors shards (dense)",
             "file_bytes": off.sink.nbytes(), "shards": len(set(off.sink.weight_map.values())),
-            "save_seconds": save_seconds,
+            "save_seconds": run.save_seconds,
         }
     result = _result(
         config, calibrated, *pruned, skipped, sum(p.numel() for p in model.parameters()),
-        dense_ppl=dense_ppl, pruned_ppl=pruned_ppl, eval_tokens=0 if blocks is None else blocks.numel(),
-        prune_seconds=prune_seconds, eval_seconds=eval_seconds, calib_activation_bytes=held,
+        dense_ppl=run.dense_ppl, pruned_ppl=run.changed_ppl, eval_tokens=0 if blocks is None else blocks.numel(),
+        prune_seconds=run.work_seconds, eval_seconds=run.eval_seconds, calib_activation_bytes=held,
         checkpoint=checkpoint, offloaded=True,
     )
     return result, model

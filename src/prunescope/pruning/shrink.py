@@ -730,26 +730,17 @@ def run_shrink_offloaded(config: ShrinkConfig) -> tuple[ShrinkResult, nn.Module]
         blocks = config.evaluation_windows(tokenizer)
         offload.release_freed_memory()  # what tokenizing the whole text took
         before = _Dense.of(off.model)
-        t0 = time.perf_counter()
-        dense_ppl = None if blocks is None else off.perplexity(blocks, config.eval_batch_size, "dense perplexity")
-        eval_seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        model, outcomes, held = shrink_model(off.model, config, plan, calib_blocks, off)
-        prune_seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        off.finish(tokenizer)
-        save_seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        pruned_ppl = None if blocks is None else off.perplexity(blocks, config.eval_batch_size, "shrunk perplexity")
-        eval_seconds += time.perf_counter() - t0
+        run = off.measured(lambda: shrink_model(off.model, config, plan, calib_blocks, off), tokenizer, blocks,
+                           config.eval_batch_size, "shrunk")
+        model, outcomes, held = run.value
         saved = None if save_dir is None else {
-            "path": str(save_dir), "safetensors_bytes": off.sink.nbytes(), "save_seconds": save_seconds,
+            "path": str(save_dir), "safetensors_bytes": off.sink.nbytes(), "save_seconds": run.save_seconds,
             "shards": len(set(off.sink.weight_map.values())),
         }
     result = _result(
         config, plan, before, model, outcomes, blocks, calib_blocks,
-        dense_ppl=dense_ppl, pruned_ppl=pruned_ppl, recovered_ppl=None, calib_activation_bytes=held,
-        prune_seconds=prune_seconds, eval_seconds=eval_seconds, latency=None, recovery=None, saved=saved,
+        dense_ppl=run.dense_ppl, pruned_ppl=run.changed_ppl, recovered_ppl=None, calib_activation_bytes=held,
+        prune_seconds=run.work_seconds, eval_seconds=run.eval_seconds, latency=None, recovery=None, saved=saved,
         offloaded=True, peak_rss_bytes=peak_rss_bytes(),
     )
     return result, model
