@@ -49,7 +49,7 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
         "written by save_pretrained or by 'prunescope prune --save', or a Hugging Face model id",
     )
     parser.add_argument(
-        "--device", default="auto",
+        "--device", default="auto", type=_computing_device,
         help="where the model runs: auto (default: CUDA, then MPS, else the CPU), cpu, cuda, cuda:N or mps",
     )
     parser.add_argument(
@@ -152,6 +152,16 @@ def prepare_output_dir(out: Path | None, command: str, overwrite: bool) -> Path:
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _computing_device(spec: str) -> str:
+    """``--device``: refuse ``meta`` (shapes only, no data: useful from Python for planning, but a
+    command computes); other names are resolved, and checked, by the job."""
+    if spec.strip().lower().startswith("meta"):
+        raise argparse.ArgumentTypeError(
+            f"{spec!r} holds shapes but no data and cannot compute; choose one of auto, cpu, cuda, cuda:N, mps"
+        )
+    return spec
 
 
 def build_parser() -> argparse.ArgumentParser:
