@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 TINYLLAMA = dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32,
                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048,
@@ -60,21 +61,29 @@ def write_checkpoint(folder: Path, layers: int, seed: int = 0) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def timed_child(cmd: list[str], **popen: Any) -> tuple[int, float]:
+    """Run ``cmd`` to the end (progress bars off); its own peak RSS in bytes (``ru_maxrss`` from
+    ``os.wait4``) and wall seconds. A failure ends the benchmark with the command."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env={**os.environ, "TQDM_DISABLE": "1"}, **popen)
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        log = getattr(popen.get("stderr"), "name", None)
+        where = f", log in {log}" if log else ""
+        raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}{where}): {' '.join(cmd)}")
+    return usage.ru_maxrss * 1024, wall
+
+
 def run_prune(ckpt: Path, out: Path, method: str, offload: bool, args: argparse.Namespace) -> dict:
     """One ``prunescope prune`` in its own process; its report plus its peak RSS and wall time."""
     cmd = [sys.executable, "-m", "prunescope", "-q", "prune", str(ckpt), "--method", method,
            "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen),
            "--dtype", args.dtype, "--device", args.device, "--no-eval", "--save", "--out", str(out),
            "--overwrite", "--offload" if offload else "--no-offload"]
-    env = {**os.environ, "TQDM_DISABLE": "1"}
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env)
-    _pid, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}): {' '.join(cmd)}")
+    peak, wall = timed_child(cmd)
     report = json.loads((out / "report.json").read_text())
-    return {**report, "peak_rss": usage.ru_maxrss * 1024, "wall": wall}
+    return {**report, "peak_rss": peak, "wall": wall}
 
 
 def compare(offloaded: Path, in_memory: Path) -> tuple[bool, bool, int]:
@@ -120,15 +129,10 @@ def run_peer(ckpt: Path, out: Path, method: str, windows: Path, args: argparse.N
     cmd = [python, str(here / "llmcompressor_run.py"), "--model", str(ckpt), "--windows", str(windows),
            "--method", method, "--sparsity", "0.5", "--dtype", args.dtype, "--pipeline", "sequential",
            "--save", str(out), "--json", str(record)]
-    start = time.perf_counter()
     with open(out.with_suffix(".log"), "w") as log:  # its own logging, kept out of the table
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "TQDM_DISABLE": "1"})
-        _pid, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}, log in {out.with_suffix('.log')}): {' '.join(cmd)}")
+        peak, wall = timed_child(cmd, stdout=subprocess.DEVNULL, stderr=log)
     report = json.loads(record.read_text())
-    return {"prune_seconds": report["seconds"], "peak_rss": usage.ru_maxrss * 1024, "wall": wall,
+    return {"prune_seconds": report["seconds"], "peak_rss": peak, "wall": wall,
             "version": report.get("llmcompressor_version", "?")}
 
 

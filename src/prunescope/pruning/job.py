@@ -24,7 +24,6 @@ import fnmatch
 import logging
 import sys
 import time
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,20 +291,18 @@ def _prune_decoder_layer(
         }
         apply_masks(model, keep)
         return
-    # Memory: a Hessian ([in, in], 127 MB for a 5632-wide input) is freed after its last user
-    # (q/k/v share one), and each updated weight goes into its module at once, so the layer's
-    # old and new weights and all its Hessians are never held together.
-    users = Counter(id(stats[name]) for name in targets)
-    hessians: dict[int, torch.Tensor] = {}
-    for name, module in targets.items():
-        key = id(stats[name])
-        if key not in hessians:
-            hessians[key] = stats[name].hessian()  # [in, in]
-        users[key] -= 1
-        hessian = hessians[key] if users[key] else hessians.pop(key)
-        new_weight, _keep = sparsegpt.prune(module.weight, hessian, pattern)
+    # Memory: the Linears reading the same input (q/k/v) share one Hessian ([in, in], 127 MB for
+    # a 5632-wide input), freed once they are done; each updated weight goes into its module at
+    # once, so the layer's old and new weights are never held together.
+    by_input: dict[int, list[str]] = {}
+    for name in targets:
+        by_input.setdefault(id(stats[name]), []).append(name)
+    for names in by_input.values():
+        hessian = stats[names[0]].hessian()  # [in, in]
+        for name in names:
+            new_weight, _keep = sparsegpt.prune(targets[name].weight, hessian, pattern)
+            apply_weights(model, {name: new_weight})
         del hessian
-        apply_weights(model, {name: new_weight})
 
 
 def prune_sequential(
