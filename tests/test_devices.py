@@ -238,7 +238,9 @@ def test_bundled_model_pruned_in_bfloat16_matches_float32_perplexity(bundled, me
     half, _ = models.load(models.DEFAULT_MODEL, dtype="bfloat16", device="cpu")
     tokens = data.tokenize(tok, data.default_text())
     # small sizes: bfloat16 matmuls run about 5x slower than float32 on this CPU
-    calib = data.calibration_blocks(tokens, 4, 256, seed=0)  # [4, 256]
+    # 8 windows: with 4, SparseGPT's float32 and bfloat16 runs differ by up to 5% either way
+    # from seed to seed (rounding changes masks), which tests noise rather than precision
+    calib = data.calibration_blocks(tokens, 8, 256, seed=0)  # [8, 256]
     blocks = data.eval_blocks(tokens, 512, 1024)  # [2, 512]
     ppl = {}
     for name, model in (("float32", full), ("bfloat16", half)):

@@ -89,3 +89,59 @@ def test_keeps_input_dtype():
     w, _, h = _problem(rows=4, cols=8)
     out, _ = sparsegpt.prune(w.to(torch.bfloat16), h, SparsityPattern(0.5))
     assert out.dtype == torch.bfloat16 and out.shape == (4, 8)
+
+
+def _reference_factor(h: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
+    """The textbook route in float64: chol(inverse(H + damp I), upper), dampening raised tenfold until PD."""
+    h = h.double().clone()
+    diag = h.diagonal()
+    diag[diag == 0] = 1.0
+    undamped, damp = diag.clone(), percdamp * diag.mean()
+    while True:
+        diag.copy_(undamped + damp)
+        chol, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+        damp = damp * 10
+
+
+@pytest.mark.parametrize("n", [1, 5, 255, 256, 600])
+def test_blocked_in_place_factor_matches_dense_float64(n):
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(2 * n + 3, n, generator=gen)
+    h = x.T @ x / n  # [n, n]
+    if n > 3:
+        h[3, :] = 0.0
+        h[:, 3] = 0.0  # a dead input
+    u = sparsegpt.inverse_hessian_factor(h)
+    ref = _reference_factor(h)
+    assert u.dtype == torch.float32
+    assert torch.equal(u, u.triu())
+    assert ((u.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_factor_overwrites_the_given_hessian_instead_of_copying():
+    x = torch.randn(700, 300, generator=torch.Generator().manual_seed(1))
+    h = x.T @ x
+    ref = _reference_factor(h)
+    fac = sparsegpt.factor(h, overwrite=True)
+    assert fac.u.data_ptr() == h.data_ptr()  # one [in, in] matrix, not two
+    assert ((fac.u.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_failed_factorization_is_undone_and_retried_with_more_dampening(caplog):
+    x = torch.randn(50, 600, generator=torch.Generator().manual_seed(2))
+    h = x.T @ x  # rank 50: positive definite only once dampened
+    h[7, 7] = -20.0  # and not even then at 1%
+    u = sparsegpt.inverse_hessian_factor(h)
+    assert "raising dampening" in caplog.text
+    ref = _reference_factor(h)
+    assert ((u.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_shared_factor_gives_the_same_weights_as_the_hessian():
+    w, _, h = _problem(rows=6, cols=40)
+    direct, keep_direct = sparsegpt.prune(w.float(), h.float(), SparsityPattern(0.5), block_size=16)
+    fac = sparsegpt.factor(h.float().clone(), overwrite=True)
+    shared, keep_shared = sparsegpt.prune(w.float(), fac, SparsityPattern(0.5), block_size=16)
+    assert torch.equal(keep_direct, keep_shared) and torch.equal(direct, shared)

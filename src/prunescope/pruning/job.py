@@ -292,17 +292,18 @@ def _prune_decoder_layer(
         apply_masks(model, keep)
         return
     # Memory: the Linears reading the same input (q/k/v) share one Hessian ([in, in], 127 MB for
-    # a 5632-wide input), freed once they are done; each updated weight goes into its module at
-    # once, so the layer's old and new weights are never held together.
+    # a 5632-wide input), factored once in its own buffer and freed once they are done; each
+    # updated weight goes into its module at once, so the layer's old and new weights are never
+    # held together.
     by_input: dict[int, list[str]] = {}
     for name in targets:
         by_input.setdefault(id(stats[name]), []).append(name)
     for names in by_input.values():
-        hessian = stats[names[0]].hessian()  # [in, in]
+        factor = sparsegpt.factor(stats[names[0]].hessian(), overwrite=True)
         for name in names:
-            new_weight, _keep = sparsegpt.prune(targets[name].weight, hessian, pattern)
+            new_weight, _keep = sparsegpt.prune(targets[name].weight, factor, pattern)
             apply_weights(model, {name: new_weight})
-        del hessian
+        del factor
 
 
 def prune_sequential(
