@@ -42,6 +42,20 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
         "wanda: row (default) or layer; sparsegpt: block. N:M always compares within each group",
     )
     parser.add_argument(
+        "--allocation", default="uniform",
+        help="how the sparsity is spread over decoder layers: uniform (default: every layer the same) or owl "
+        "(Yin et al. 2024: layers with more outlier Wanda scores are pruned less, the mean kept; one extra "
+        "calibration pass; unstructured only). Helps most at 60-70%%",
+    )
+    parser.add_argument(
+        "--owl-m", type=float, default=5.0, metavar="M",
+        help="OWL: a score is an outlier above M times its layer's mean score (default 5)",
+    )
+    parser.add_argument(
+        "--owl-lambda", type=float, default=0.08, metavar="LAMBDA",
+        help="OWL: layers get sparsities within the target +- LAMBDA (default 0.08)",
+    )
+    parser.add_argument(
         "--include", action="append", default=[], metavar="GLOB",
         help="only prune Linear modules whose name matches GLOB (repeatable), e.g. '*.mlp.*'",
     )
@@ -102,6 +116,9 @@ def _config(args: argparse.Namespace, out: Path | None) -> "PruneConfig":
         include=tuple(args.include),
         exclude=tuple(args.exclude),
         skip_incompatible=args.skip_incompatible,
+        allocation=args.allocation,
+        owl_m=args.owl_m,
+        owl_lambda=args.owl_lambda,
         **cli.text_options(args),
         **cli.placement_options(args),
         sweep=tuple(args.sweep),

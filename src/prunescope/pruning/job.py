@@ -12,7 +12,9 @@ Methods:
 - ``sparsegpt`` (Frantar & Alistarh 2023): OBS saliency compared within blocks of 128 columns,
   kept weights updated to compensate (see :mod:`prunescope.pruning.sparsegpt`).
 
-N:M patterns compare within each group of M inputs for every method. The calibrated methods run
+N:M patterns compare within each group of M inputs for every method. ``allocation="owl"`` gives
+each decoder layer its own sparsity from its outlier ratio on the dense model (OWL, Yin et al.
+2024, :mod:`prunescope.pruning.owl`), the mean over layers the requested one. The calibrated methods run
 sequentially, layer by layer (:mod:`prunescope.pruning.calib`): statistics of a layer are collected in one
 pass over the dense layer, the layer is pruned, and a second pass gives the next layer's inputs.
 """
@@ -24,7 +26,7 @@ import fnmatch
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +37,7 @@ from tqdm.auto import tqdm
 
 from prunescope import data, devices, distributed, evaluate, models, offload
 from prunescope.errors import PrunescopeError
-from prunescope.pruning import calib, masks, scoring, sparsegpt
+from prunescope.pruning import calib, masks, owl, scoring, sparsegpt
 from prunescope.pruning.apply import apply_masks, apply_weights
 from prunescope.pruning.patterns import SparsityPattern, parse_pattern
 
@@ -52,6 +54,7 @@ SCOPES: dict[str, tuple[str, ...]] = {
     "wanda": ("row", "layer"),
     "sparsegpt": ("block",),
 }
+ALLOCATIONS = ("uniform", "owl")
 
 
 def _check_method(method: str) -> None:
@@ -81,6 +84,9 @@ class PruneConfig(data.TextOptions, models.Placement):
     sweep: tuple[float, ...] = ()
     sweep_methods: tuple[str, ...] = ()
     save_dir: Path | None = None
+    allocation: str = "uniform"
+    owl_m: float = owl.DEFAULT_M
+    owl_lambda: float = owl.DEFAULT_LAMBDA
 
     def __post_init__(self) -> None:
         _check_method(self.method)
@@ -103,7 +109,34 @@ class PruneConfig(data.TextOptions, models.Placement):
             raise PrunescopeError("--sweep measures perplexity; it cannot be combined with --no-eval")
         if len(self.sweep_methods) > 1 and not self.sweep:
             raise PrunescopeError("several methods need --sweep (one method per plain prune run)")
+        self._check_allocation()
         self._check_offload()
+
+    def _check_allocation(self) -> None:
+        """OWL's options, and the patterns and scopes it cannot serve, refused before any work."""
+        if self.allocation not in ALLOCATIONS:
+            raise PrunescopeError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if self.allocation != "owl":
+            return
+        if self.sparsity_pattern.is_nm:
+            raise PrunescopeError(
+                f"--allocation owl varies the sparsity from layer to layer, but an N:M pattern "
+                f"({self.pattern}) fixes it at N/M in every group of every layer; use an unstructured sparsity"
+            )
+        methods = self.sweep_methods or (self.method,)
+        if "magnitude" in methods and (self.scope or "global") == "global":
+            raise PrunescopeError(
+                "--allocation owl sets each decoder layer's sparsity, but global magnitude chooses its own "
+                "allocation over all layers; pass --scope layer or row, or --method wanda / sparsegpt"
+            )
+        if not self.owl_m > 0:
+            raise PrunescopeError(f"--owl-m must be a positive multiple of the mean score, got {self.owl_m}")
+        for s in (self.sparsity_pattern.sparsity, *self.sweep):
+            if not 0.0 <= self.owl_lambda < min(s, 1.0 - s):
+                raise PrunescopeError(
+                    f"--owl-lambda {self.owl_lambda:g} is out of range at sparsity {s:g}: every layer gets "
+                    f"sparsity +- lambda, so lambda must be in [0, {min(s, 1.0 - s):g})"
+                )
 
     def _check_offload(self) -> None:
         """What layer-by-layer offloading cannot do, refused before any work."""
@@ -116,6 +149,11 @@ class PruneConfig(data.TextOptions, models.Placement):
                 "global magnitude compares all weights at once, which --offload never holds; "
                 "pass --scope layer or row, or --method wanda / sparsegpt"
             )
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the run needs calibration windows (a calibrated method, or OWL's ratios)."""
+        return bool({self.method, *self.sweep_methods} & set(CALIBRATED)) or self.allocation == "owl"
 
     @property
     def sparsity_pattern(self) -> SparsityPattern:
@@ -136,6 +174,16 @@ class LayerSparsity:
 
     name: str
     shape: tuple[int, ...]
+    sparsity: float
+
+
+@dataclass(frozen=True)
+class LayerTarget:
+    """OWL's allocation for one decoder layer: its outlier ratio on the dense model and the
+    sparsity it was given."""
+
+    index: int
+    outlier_ratio: float
     sparsity: float
 
 
@@ -180,6 +228,8 @@ class PruneResult:
     checkpoint: Mapping[str, Any] | None = None
     offloaded: bool = False
     peak_rss_bytes: int | None = None
+    allocation: str = "uniform"
+    layer_targets: tuple[LayerTarget, ...] = ()
 
 
 def select_linear_layers(
@@ -314,6 +364,7 @@ def prune_sequential(
     scope: str,
     calib_blocks: torch.Tensor,
     batch_size: int = 8,
+    sparsities: Mapping[int, float] | None = None,
 ) -> int:
     """Wanda or SparseGPT, layer by layer on calibration blocks; returns activation bytes held."""
     grouped = _group_by_decoder_layer(model, layers)
@@ -321,7 +372,7 @@ def prune_sequential(
     def step(index: int, layer: nn.Module, inputs: calib.LayerInputs) -> None:
         targets = grouped.get(index)
         if targets:
-            _prune_step(model, layer, targets, inputs, method, pattern, scope)
+            _prune_step(model, layer, targets, inputs, method, layer_pattern(pattern, sparsities, index), scope)
 
     return calib.sequential(model, calib_blocks, step, max(grouped), batch_size, f"{method} {pattern.label}")
 
@@ -354,14 +405,67 @@ def prune_model(
     scope: str,
     calib_blocks: torch.Tensor | None = None,
     batch_size: int = 8,
+    sparsities: Mapping[int, float] | None = None,
 ) -> int:
-    """Prune ``layers`` of ``model`` in place; returns the calibration activation bytes held."""
-    if method == "magnitude":
+    """Prune ``layers`` of ``model`` in place; returns the calibration activation bytes held.
+
+    ``sparsities`` (decoder-layer index -> unstructured sparsity, e.g. from OWL) replaces the
+    pattern's sparsity layer by layer."""
+    if method == "magnitude" and sparsities is None:
         apply_masks(model, magnitude_masks(layers, pattern, scope))
+        return 0
+    if method == "magnitude":
+        for index, targets in _group_by_decoder_layer(model, layers).items():
+            apply_masks(model, magnitude_masks(targets, layer_pattern(pattern, sparsities, index), scope))
         return 0
     if calib_blocks is None:
         raise ValueError(f"{method} needs calibration blocks")
-    return prune_sequential(model, layers, method, pattern, scope, calib_blocks, batch_size)
+    return prune_sequential(model, layers, method, pattern, scope, calib_blocks, batch_size, sparsities)
+
+
+def layer_pattern(pattern: SparsityPattern, sparsities: Mapping[int, float] | None, index: int) -> SparsityPattern:
+    """The pattern decoder layer ``index`` is pruned to: its own sparsity when one is allocated."""
+    return pattern if sparsities is None else SparsityPattern(sparsities[index])
+
+
+@torch.no_grad()
+def owl_ratios(
+    model: nn.Module,
+    grouped: Mapping[int, Mapping[str, nn.Linear]],
+    calib_blocks: torch.Tensor,
+    m: float,
+    batch_size: int = 8,
+    visit: calib.LayerVisit | None = None,
+    front: Any = None,
+) -> dict[int, float]:
+    """OWL's outlier ratio of each decoder layer: one calibration pass over the dense model.
+
+    Each layer's Wanda scores (all its selected Linears pooled) are compared with ``m`` times
+    their mean; nothing is pruned. Offloaded, ``visit`` must not write the layers back."""
+    ratios: dict[int, float] = {}
+
+    def step(index: int, layer: nn.Module, inputs: calib.LayerInputs) -> None:
+        targets = grouped.get(index)
+        if targets:
+            stats = calib.collect_stats(layer, targets, inputs, hessian=False)
+
+            def scores() -> Iterator[torch.Tensor]:
+                return (scoring.wanda(t.weight, stats[n].sq_sum) for n, t in targets.items())
+
+            ratios[index] = owl.outlier_ratio(scores, m)
+
+    calib.sequential(model, calib_blocks, step, max(grouped), batch_size, "OWL outlier ratios", visit=visit, front=front)
+    return ratios
+
+
+def _allocation(
+    config: PruneConfig, ratios: Mapping[int, float] | None, sparsity: float
+) -> tuple[dict[int, float] | None, tuple[LayerTarget, ...]]:
+    """Per-layer sparsities at ``sparsity`` (None when uniform) and the report's rows."""
+    if ratios is None:
+        return None, ()
+    sparsities = owl.allocate_by_index(ratios, sparsity, config.owl_lambda)
+    return sparsities, tuple(LayerTarget(i, ratios[i], sparsities[i]) for i in sorted(ratios))
 
 
 def layer_sparsities(layers: dict[str, nn.Linear]) -> tuple[LayerSparsity, ...]:
@@ -378,14 +482,28 @@ def actual_sparsity(layers: dict[str, nn.Linear]) -> tuple[int, int]:
     return zeros, sum(m.weight.numel() for m in layers.values())
 
 
+def _owl_ratios_in_memory(
+    model: nn.Module, layers: dict[str, nn.Linear], config: PruneConfig, calib_blocks: torch.Tensor | None
+) -> dict[int, float] | None:
+    """OWL's outlier ratios of the dense in-memory model, or None for a uniform allocation."""
+    if config.allocation != "owl":
+        return None
+    assert calib_blocks is not None  # owl is calibrated
+    grouped = _group_by_decoder_layer(model, layers)
+    return owl_ratios(model, grouped, calib_blocks, config.owl_m, config.calib_batch_size)
+
+
 def _run_sweep(
     model: nn.Module,
     layers: dict[str, nn.Linear],
     config: PruneConfig,
     calib_blocks: torch.Tensor | None,
     eval_blocks: torch.Tensor | None,
+    ratios: Mapping[int, float] | None = None,
 ) -> tuple[SweepPoint, ...]:
-    """Prune from the dense weights at each sweep sparsity for each method; weights restored after."""
+    """Prune from the dense weights at each sweep sparsity for each method; weights restored after.
+
+    ``ratios``: OWL's outlier ratios of the dense model (allocated anew at each sparsity)."""
     dense = {n: m.weight.detach().clone() for n, m in layers.items()}
     points = []
     for method in config.sweep_methods or (config.method,):
@@ -393,7 +511,9 @@ def _run_sweep(
         for s in config.sweep:
             log.info("sweep: %s at %.0f%%", method, 100 * s)
             t0 = time.perf_counter()
-            prune_model(model, layers, method, SparsityPattern(s), scope, calib_blocks, config.calib_batch_size)
+            sparsities, _ = _allocation(config, ratios, s)
+            prune_model(model, layers, method, SparsityPattern(s), scope, calib_blocks, config.calib_batch_size,
+                        sparsities)
             seconds = time.perf_counter() - t0
             zeros, total = actual_sparsity(layers)
             ppl = evaluate.perplexity_or_none(model, eval_blocks, config.eval_batch_size, f"{method} {s:g} perplexity")
@@ -447,21 +567,25 @@ def run_prune(
     layers, skipped = split_incompatible(
         select_linear_layers(model, config.include, config.exclude), pattern, config.skip_incompatible
     )
-    if config.method in CALIBRATED or set(config.sweep_methods) & set(CALIBRATED):
+    calibrated = config.calibrated
+    if calibrated:
         _group_by_decoder_layer(model, layers)  # fail early on layers outside the decoder
-    calibrated = bool({config.method, *config.sweep_methods} & set(CALIBRATED))
     calib_blocks = config.calibration_windows(tokenizer) if calibrated else None
     blocks = config.evaluation_windows(tokenizer)
     t0 = time.perf_counter()
     dense_ppl = evaluate.perplexity_or_none(model, blocks, config.eval_batch_size, "dense perplexity")
     eval_seconds = time.perf_counter() - t0
-    sweep = _run_sweep(model, layers, config, calib_blocks, blocks) if config.sweep else ()
+    t0 = time.perf_counter()
+    ratios = _owl_ratios_in_memory(model, layers, config, calib_blocks)  # of the dense model
+    owl_seconds = time.perf_counter() - t0
+    sweep = _run_sweep(model, layers, config, calib_blocks, blocks, ratios) if config.sweep else ()
 
     log.info("pruning %d Linear layers: %s %s (%s) to %.0f%%", len(layers), config.method,
              pattern.label, scope, 100 * pattern.sparsity)
     t0 = time.perf_counter()
-    held = prune_model(model, layers, config.method, pattern, scope, calib_blocks, config.calib_batch_size)
-    prune_seconds = time.perf_counter() - t0
+    sparsities, targets = _allocation(config, ratios, pattern.sparsity)
+    held = prune_model(model, layers, config.method, pattern, scope, calib_blocks, config.calib_batch_size, sparsities)
+    prune_seconds = time.perf_counter() - t0 + owl_seconds
 
     t0 = time.perf_counter()
     pruned_ppl = evaluate.perplexity_or_none(model, blocks, config.eval_batch_size, "pruned perplexity")
@@ -472,7 +596,7 @@ def run_prune(
         sum(p.numel() for p in model.parameters()),
         dense_ppl=dense_ppl, pruned_ppl=pruned_ppl, eval_tokens=0 if blocks is None else blocks.numel(),
         prune_seconds=prune_seconds, eval_seconds=eval_seconds, calib_activation_bytes=held, sweep=sweep,
-        checkpoint=checkpoint,
+        checkpoint=checkpoint, layer_targets=targets,
     )
     return result, model
 
@@ -508,6 +632,7 @@ def _result(
         calib_seqlen=config.calib_seqlen if calibrated else 0,
         seed=config.seed,
         peak_rss_bytes=peak_rss_bytes(),
+        allocation=config.allocation,
         **measured,
     )
 
@@ -543,13 +668,13 @@ def run_prune_offloaded(config: PruneConfig) -> tuple[PruneResult, nn.Module]:
             config.skip_incompatible,
         )
         grouped = _group_by_decoder_layer(model, layers)
-        calibrated = config.method in CALIBRATED
+        calibrated = config.calibrated
         calib_blocks = config.calibration_windows(tokenizer) if calibrated else None
         blocks = config.evaluation_windows(tokenizer)
         offload.release_freed_memory()  # what tokenizing the whole text took
         run = off.measured(lambda: _prune_offloaded(off, grouped, config, calib_blocks), tokenizer, blocks,
                            config.eval_batch_size, "pruned")
-        pruned, held = run.value
+        pruned, held, targets = run.value
         checkpoint = None if save_dir is None else {
             "path": str(save_dir), "format": "huggingface safetensors shards (dense)",
             "file_bytes": off.sink.nbytes(), "shards": len(set(off.sink.weight_map.values())),
@@ -559,7 +684,7 @@ def run_prune_offloaded(config: PruneConfig) -> tuple[PruneResult, nn.Module]:
         config, calibrated, *pruned, skipped, sum(p.numel() for p in model.parameters()),
         dense_ppl=run.dense_ppl, pruned_ppl=run.changed_ppl, eval_tokens=0 if blocks is None else blocks.numel(),
         prune_seconds=run.work_seconds, eval_seconds=run.eval_seconds, calib_activation_bytes=held,
-        checkpoint=checkpoint, offloaded=True,
+        checkpoint=checkpoint, offloaded=True, layer_targets=targets,
     )
     return result, model
 
@@ -567,17 +692,22 @@ def run_prune_offloaded(config: PruneConfig) -> tuple[PruneResult, nn.Module]:
 def _prune_offloaded(
     off: offload.OffloadedModel, grouped: dict[int, dict[str, nn.Linear]], config: PruneConfig,
     calib_blocks: torch.Tensor | None,
-) -> tuple[tuple[tuple[LayerSparsity, ...], tuple[int, int]], int]:
+) -> tuple[tuple[tuple[LayerSparsity, ...], tuple[int, int]], int, tuple[LayerTarget, ...]]:
     """Prune each decoder layer while it is on the device; returns ((its sparsities,
-    (zeros, total)), the calibration activation bytes held)."""
+    (zeros, total)), the calibration activation bytes held, OWL's allocation)."""
     pattern, scope, method = config.sparsity_pattern, config.effective_scope, config.method
     recorded: list[LayerSparsity] = []
     counts = [0, 0]
+    ratios = None
+    if config.allocation == "owl":  # a first pass over the dense layers, read and never written
+        ratios = owl_ratios(off.model, grouped, calib_blocks, config.owl_m, config.calib_batch_size,
+                            visit=lambda index: off.layer(index, write=False), front=off.front)
+    sparsities, allocated = _allocation(config, ratios, pattern.sparsity)
 
     def step(index: int, layer: nn.Module, inputs: calib.LayerInputs | None) -> None:
         targets = grouped.get(index)
         if targets:
-            _prune_step(off.model, layer, targets, inputs, method, pattern, scope)
+            _prune_step(off.model, layer, targets, inputs, method, layer_pattern(pattern, sparsities, index), scope)
             recorded.extend(layer_sparsities(targets))
             for i, n in enumerate(actual_sparsity(targets)):
                 counts[i] += n
@@ -595,4 +725,4 @@ def _prune_offloaded(
         for index in tqdm(sorted(grouped), desc=f"{method} {pattern.label}", unit="layer", leave=False):
             with visit(index) as layer:
                 step(index, layer, None)
-    return (tuple(recorded), (counts[0], counts[1])), held
+    return (tuple(recorded), (counts[0], counts[1])), held, allocated

@@ -20,6 +20,12 @@ def layer_table(result: PruneResult) -> str:
     return markdown_table(["layer", "shape", "sparsity"], rows)
 
 
+def allocation_table(result: PruneResult) -> str:
+    """Markdown table of OWL's allocation: each decoder layer's outlier ratio and sparsity."""
+    rows = [(str(t.index), f"{100 * t.outlier_ratio:.3f}%", f"{100 * t.sparsity:.1f}%") for t in result.layer_targets]
+    return markdown_table(["decoder layer", "outlier ratio", "target sparsity"], rows)
+
+
 def sweep_table(result: PruneResult) -> str:
     """Markdown table of the sweep: method, sparsity, perplexity, prune time."""
     rows = [
@@ -33,7 +39,8 @@ def _summary_rows(result: PruneResult) -> list[tuple[str, str]]:
     rows = [
         ("model", result.model),
         ("method", f"{result.method} ({result.scope}, {result.pattern})"),
-        ("sparsity requested", f"{100 * result.sparsity_requested:.1f}%"),
+        ("sparsity requested", f"{100 * result.sparsity_requested:.1f}%"
+         + (" (mean over decoder layers, allocated by OWL)" if result.layer_targets else "")),
         ("sparsity actual (pruned layers)", f"{100 * result.sparsity_actual:.2f}%"),
         ("zeroed weights", f"{result.pruned_parameters:,} of {result.total_parameters:,} parameters"),
         ("dense perplexity", _ppl(result.dense_ppl)),
@@ -62,6 +69,11 @@ def render_markdown(result: PruneResult) -> str:
     """The human-readable report, rendered from the result alone."""
     summary = markdown_table(["", "value"], _summary_rows(result))
     text = f"# prunescope prune: {result.model}\n\n{summary}\n\n"
+    if result.layer_targets:
+        text += (
+            "## Allocation (OWL)\n\nEach decoder layer's share of Wanda scores above M x its mean, on the "
+            f"dense model, and the sparsity it was pruned to:\n\n{allocation_table(result)}\n\n"
+        )
     if result.sweep:
         text += f"## Sweep\n\n![perplexity against sparsity](sweep.png)\n\n{sweep_table(result)}\n\n"
     return text + f"![per-layer sparsity](sparsity.png)\n\n## Per-layer sparsity\n\n{layer_table(result)}\n"
