@@ -26,7 +26,7 @@ def _floats(text: str) -> tuple[float, ...]:
 def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method", default="magnitude",
-        help="magnitude (default), wanda or sparsegpt; with --sweep a comma-separated list, e.g. wanda,sparsegpt",
+        help="magnitude (default), wanda, ria or sparsegpt; with --sweep a comma-separated list, e.g. wanda,sparsegpt",
     )
     parser.add_argument(
         "--sparsity", type=float, default=None,
@@ -39,13 +39,20 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scope", default=None,
         help="comparison group for unstructured magnitude: global (default), layer or row; "
-        "wanda: row (default) or layer; sparsegpt: block. N:M always compares within each group",
+        "wanda: row (default) or layer; ria: layer (default) or row; sparsegpt: block. "
+        "N:M always compares within each group",
     )
     parser.add_argument(
         "--allocation", default="uniform",
         help="how the sparsity is spread over decoder layers: uniform (default: every layer the same) or owl "
         "(Yin et al. 2024: layers with more outlier Wanda scores are pruned less, the mean kept; one extra "
         "calibration pass; unstructured only). Helps most at 60-70%%",
+    )
+    parser.add_argument(
+        "--refine", default="none",
+        help="none (default) or dsnot: refine every mask without training (Zhang et al. 2024: swap pruned "
+        "and kept weights within each row where that lowers the layer's expected output error); works "
+        "after any method and pattern, SparseGPT's refined masks are solved again",
     )
     parser.add_argument(
         "--owl-m", type=float, default=5.0, metavar="M",
@@ -106,7 +113,7 @@ def _config(args: argparse.Namespace, out: Path | None) -> "PruneConfig":
 
     methods = tuple(m.strip() for m in args.method.split(",") if m.strip())
     if not methods:
-        raise PrunescopeError("--method is empty; choose magnitude, wanda or sparsegpt")
+        raise PrunescopeError("--method is empty; choose magnitude, wanda, ria or sparsegpt")
     return PruneConfig(
         model=args.model,
         method=methods[0],
@@ -117,6 +124,7 @@ def _config(args: argparse.Namespace, out: Path | None) -> "PruneConfig":
         exclude=tuple(args.exclude),
         skip_incompatible=args.skip_incompatible,
         allocation=args.allocation,
+        refine=args.refine,
         owl_m=args.owl_m,
         owl_lambda=args.owl_lambda,
         **cli.text_options(args),

@@ -9,10 +9,14 @@ Methods:
 - ``magnitude``: ``|w|``, compared over all pruned layers (``global``, the default), within each
   layer (``layer``) or within each output row (``row``);
 - ``wanda`` (Sun et al. 2023): ``|w| * ||x_j||``, compared within each output row;
+- ``ria`` (Zhang et al. 2024): relative importance times ``||x_j||^0.5``, compared over the layer
+  (the authors' default) or within rows (:mod:`prunescope.pruning.ria`);
 - ``sparsegpt`` (Frantar & Alistarh 2023): OBS saliency compared within blocks of 128 columns,
   kept weights updated to compensate (see :mod:`prunescope.pruning.sparsegpt`).
 
-N:M patterns compare within each group of M inputs for every method. ``allocation="owl"`` gives
+N:M patterns compare within each group of M inputs for every method. ``refine="dsnot"`` refines
+any method's masks without training (DSnoT, Zhang et al. 2024, :mod:`prunescope.pruning.dsnot`;
+for SparseGPT the refined mask is solved again). ``allocation="owl"`` gives
 each decoder layer its own sparsity from its outlier ratio on the dense model (OWL, Yin et al.
 2024, :mod:`prunescope.pruning.owl`), the mean over layers the requested one. The calibrated methods run
 sequentially, layer by layer (:mod:`prunescope.pruning.calib`): statistics of a layer are collected in one
@@ -37,7 +41,7 @@ from tqdm.auto import tqdm
 
 from prunescope import data, devices, distributed, evaluate, models, offload
 from prunescope.errors import PrunescopeError
-from prunescope.pruning import calib, masks, owl, scoring, sparsegpt
+from prunescope.pruning import calib, dsnot, masks, owl, ria, scoring, sparsegpt
 from prunescope.pruning.apply import apply_masks, apply_weights
 from prunescope.pruning.patterns import SparsityPattern, parse_pattern
 
@@ -46,15 +50,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
-CALIBRATED = ("wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "ria", "sparsegpt")
+CALIBRATED = ("wanda", "ria", "sparsegpt")
 # Comparison groups each method accepts for unstructured sparsity; the first is the default.
 SCOPES: dict[str, tuple[str, ...]] = {
     "magnitude": ("global", "layer", "row"),
     "wanda": ("row", "layer"),
+    "ria": ("layer", "row"),
     "sparsegpt": ("block",),
 }
 ALLOCATIONS = ("uniform", "owl")
+REFINES = ("none", "dsnot")
 
 
 def _check_method(method: str) -> None:
@@ -85,6 +91,7 @@ class PruneConfig(data.TextOptions, models.Placement):
     sweep_methods: tuple[str, ...] = ()
     save_dir: Path | None = None
     allocation: str = "uniform"
+    refine: str = "none"
     owl_m: float = owl.DEFAULT_M
     owl_lambda: float = owl.DEFAULT_LAMBDA
 
@@ -110,7 +117,18 @@ class PruneConfig(data.TextOptions, models.Placement):
         if len(self.sweep_methods) > 1 and not self.sweep:
             raise PrunescopeError("several methods need --sweep (one method per plain prune run)")
         self._check_allocation()
+        self._check_refine()
         self._check_offload()
+
+    def _check_refine(self) -> None:
+        if self.refine not in REFINES:
+            raise PrunescopeError(f"unknown refine {self.refine!r}; choose one of {', '.join(REFINES)}")
+        methods = self.sweep_methods or (self.method,)
+        if self.refine != "none" and "magnitude" in methods and (self.scope or "global") == "global":
+            raise PrunescopeError(
+                "--refine dsnot refines each layer's masks on its calibration inputs, but global magnitude "
+                "chooses all masks at once; pass --scope layer or row, or another --method"
+            )
 
     def _check_allocation(self) -> None:
         """OWL's options, and the patterns and scopes it cannot serve, refused before any work."""
@@ -153,7 +171,8 @@ class PruneConfig(data.TextOptions, models.Placement):
     @property
     def calibrated(self) -> bool:
         """Whether the run needs calibration windows (a calibrated method, or OWL's ratios)."""
-        return bool({self.method, *self.sweep_methods} & set(CALIBRATED)) or self.allocation == "owl"
+        methods = {self.method, *self.sweep_methods}
+        return bool(methods & set(CALIBRATED)) or self.allocation == "owl" or self.refine != "none"
 
     @property
     def sparsity_pattern(self) -> SparsityPattern:
@@ -230,6 +249,7 @@ class PruneResult:
     peak_rss_bytes: int | None = None
     allocation: str = "uniform"
     layer_targets: tuple[LayerTarget, ...] = ()
+    refine: str = "none"
 
 
 def select_linear_layers(
@@ -331,12 +351,15 @@ def _prune_decoder_layer(
     method: str,
     pattern: SparsityPattern,
     scope: str,
+    refine: str = "none",
 ) -> None:
-    """Prune one decoder layer's Linears from their statistics: Wanda's masks, or SparseGPT's
-    updated weights (each computed purely, then applied)."""
-    if method == "wanda":
+    """Prune one decoder layer's Linears from their statistics: masks from scores (magnitude,
+    Wanda, RIA), or SparseGPT's updated weights (each computed purely, then applied); with
+    ``refine="dsnot"`` each mask is refined first (SparseGPT's refined mask is solved again)."""
+    if method != "sparsegpt":
         keep = {
-            n: keep_mask(scoring.wanda(m.weight, stats[n].sq_sum), pattern, scope)
+            n: _refined(m.weight, keep_mask(_scores(method, m.weight, stats[n]), pattern, scope), stats[n],
+                        pattern, refine)
             for n, m in targets.items()
         }
         apply_masks(model, keep)
@@ -351,9 +374,38 @@ def _prune_decoder_layer(
     for names in by_input.values():
         factor = sparsegpt.factor(stats[names[0]].hessian(), overwrite=True)
         for name in names:
-            new_weight, _keep = sparsegpt.prune(targets[name].weight, factor, pattern)
+            weight = targets[name].weight
+            new_weight, keep = sparsegpt.prune(weight, factor, pattern)
+            if refine != "none":
+                keep = _refined(weight, keep, stats[name], pattern, refine)
+                new_weight, _ = sparsegpt.prune(weight, factor, keep=keep)
             apply_weights(model, {name: new_weight})
         del factor
+
+
+def _scores(method: str, weight: torch.Tensor, stats: calib.InputStats) -> torch.Tensor:
+    """``[out, in]`` importance of one weight by a mask method (higher = keep)."""
+    if method == "magnitude":
+        return scoring.magnitude(weight)
+    if method == "wanda":
+        return scoring.wanda(weight, stats.sq_sum)
+    if method == "ria":
+        return ria.score(weight, stats.sq_sum)
+    raise ValueError(f"{method} does not choose its masks from scores")
+
+
+def _refined(
+    weight: torch.Tensor, keep: torch.Tensor, stats: calib.InputStats, pattern: SparsityPattern, refine: str
+) -> torch.Tensor:
+    """``keep`` refined by DSnoT on the input means and mean squares (or as it is)."""
+    if refine == "none":
+        return keep
+    tokens = max(stats.tokens, 1)
+    assert stats.lin_sum is not None  # collected with means=True when refining
+    mean = (stats.lin_sum / tokens).float()  # [in]
+    sq_mean = (stats.sq_sum / tokens).float()  # [in]
+    n_m = (pattern.n, pattern.m) if pattern.is_nm else None
+    return dsnot.refine(weight, keep, mean, sq_mean, n_m=n_m)
 
 
 def prune_sequential(
@@ -365,14 +417,16 @@ def prune_sequential(
     calib_blocks: torch.Tensor,
     batch_size: int = 8,
     sparsities: Mapping[int, float] | None = None,
+    refine: str = "none",
 ) -> int:
-    """Wanda or SparseGPT, layer by layer on calibration blocks; returns activation bytes held."""
+    """A method on calibration inputs, layer by layer; returns activation bytes held."""
     grouped = _group_by_decoder_layer(model, layers)
 
     def step(index: int, layer: nn.Module, inputs: calib.LayerInputs) -> None:
         targets = grouped.get(index)
         if targets:
-            _prune_step(model, layer, targets, inputs, method, layer_pattern(pattern, sparsities, index), scope)
+            _prune_step(model, layer, targets, inputs, method, layer_pattern(pattern, sparsities, index), scope,
+                        refine)
 
     return calib.sequential(model, calib_blocks, step, max(grouped), batch_size, f"{method} {pattern.label}")
 
@@ -385,15 +439,16 @@ def _prune_step(
     method: str,
     pattern: SparsityPattern,
     scope: str,
+    refine: str = "none",
 ) -> None:
     """Prune the ``targets`` inside one decoder layer (calibrated methods read ``inputs``)."""
-    if method == "magnitude":
+    if method == "magnitude" and refine == "none":
         apply_masks(model, magnitude_masks(targets, pattern, scope))
         return
     if inputs is None:
         raise ValueError(f"{method} needs the layer's calibration inputs")
-    stats = calib.collect_stats(layer, targets, inputs, hessian=method == "sparsegpt")
-    _prune_decoder_layer(model, targets, stats, method, pattern, scope)
+    stats = calib.collect_stats(layer, targets, inputs, hessian=method == "sparsegpt", means=refine != "none")
+    _prune_decoder_layer(model, targets, stats, method, pattern, scope, refine)
 
 
 @torch.no_grad()
@@ -406,21 +461,22 @@ def prune_model(
     calib_blocks: torch.Tensor | None = None,
     batch_size: int = 8,
     sparsities: Mapping[int, float] | None = None,
+    refine: str = "none",
 ) -> int:
     """Prune ``layers`` of ``model`` in place; returns the calibration activation bytes held.
 
     ``sparsities`` (decoder-layer index -> unstructured sparsity, e.g. from OWL) replaces the
-    pattern's sparsity layer by layer."""
-    if method == "magnitude" and sparsities is None:
+    pattern's sparsity layer by layer; ``refine="dsnot"`` refines every mask (calibrated)."""
+    if method == "magnitude" and sparsities is None and refine == "none":
         apply_masks(model, magnitude_masks(layers, pattern, scope))
         return 0
-    if method == "magnitude":
+    if method == "magnitude" and refine == "none":
         for index, targets in _group_by_decoder_layer(model, layers).items():
             apply_masks(model, magnitude_masks(targets, layer_pattern(pattern, sparsities, index), scope))
         return 0
     if calib_blocks is None:
         raise ValueError(f"{method} needs calibration blocks")
-    return prune_sequential(model, layers, method, pattern, scope, calib_blocks, batch_size, sparsities)
+    return prune_sequential(model, layers, method, pattern, scope, calib_blocks, batch_size, sparsities, refine)
 
 
 def layer_pattern(pattern: SparsityPattern, sparsities: Mapping[int, float] | None, index: int) -> SparsityPattern:
@@ -513,7 +569,7 @@ def _run_sweep(
             t0 = time.perf_counter()
             sparsities, _ = _allocation(config, ratios, s)
             prune_model(model, layers, method, SparsityPattern(s), scope, calib_blocks, config.calib_batch_size,
-                        sparsities)
+                        sparsities, config.refine)
             seconds = time.perf_counter() - t0
             zeros, total = actual_sparsity(layers)
             ppl = evaluate.perplexity_or_none(model, eval_blocks, config.eval_batch_size, f"{method} {s:g} perplexity")
@@ -584,7 +640,8 @@ def run_prune(
              pattern.label, scope, 100 * pattern.sparsity)
     t0 = time.perf_counter()
     sparsities, targets = _allocation(config, ratios, pattern.sparsity)
-    held = prune_model(model, layers, config.method, pattern, scope, calib_blocks, config.calib_batch_size, sparsities)
+    held = prune_model(model, layers, config.method, pattern, scope, calib_blocks, config.calib_batch_size,
+                       sparsities, config.refine)
     prune_seconds = time.perf_counter() - t0 + owl_seconds
 
     t0 = time.perf_counter()
@@ -633,6 +690,7 @@ def _result(
         seed=config.seed,
         peak_rss_bytes=peak_rss_bytes(),
         allocation=config.allocation,
+        refine=config.refine,
         **measured,
     )
 
@@ -707,7 +765,8 @@ def _prune_offloaded(
     def step(index: int, layer: nn.Module, inputs: calib.LayerInputs | None) -> None:
         targets = grouped.get(index)
         if targets:
-            _prune_step(off.model, layer, targets, inputs, method, layer_pattern(pattern, sparsities, index), scope)
+            _prune_step(off.model, layer, targets, inputs, method, layer_pattern(pattern, sparsities, index), scope,
+                        config.refine)
             recorded.extend(layer_sparsities(targets))
             for i, n in enumerate(actual_sparsity(targets)):
                 counts[i] += n
@@ -717,7 +776,7 @@ def _prune_offloaded(
 
     log.info("pruning %d Linear layers layer by layer: %s %s (%s) to %.0f%%",
              sum(map(len, grouped.values())), method, pattern.label, scope, 100 * pattern.sparsity)
-    if method in CALIBRATED:
+    if method in CALIBRATED or config.refine != "none":
         held = calib.sequential(off.model, calib_blocks, step, max(grouped), config.calib_batch_size,
                                 f"{method} {pattern.label}", visit=visit, front=off.front)
     else:
