@@ -1,4 +1,8 @@
-"""WikiText-2 quality and prune time of magnitude, Wanda and SparseGPT on the bundled model.
+"""WikiText-2 quality and prune time of magnitude, Wanda, RIA and SparseGPT on the bundled model.
+
+A method may carry modifiers joined by ``+``: ``owl`` (OWL's layerwise allocation, outlier ratios
+measured once on the dense model, M = 5, lambda = 0.08) and ``dsnot`` (DSnoT mask refinement),
+e.g. ``--methods wanda,wanda+owl,sparsegpt+dsnot``; OWL's ratio pass is timed into each row.
 
 Protocol (as in the Wanda / SparseGPT papers): calibrate with 32 random windows of 512 tokens from
 valid.txt (seed 0); evaluate perplexity on the first 32,768 tokens of test.txt in non-overlapping
@@ -23,6 +27,7 @@ import torch
 
 from prunescope import evaluate, models
 from prunescope.pruning import job as pipeline
+from prunescope.pruning import owl
 from prunescope.pruning.apply import apply_weights
 from prunescope.pruning.patterns import parse_pattern
 from prunescope.report import markdown_table, to_jsonable
@@ -53,6 +58,15 @@ def _scope(method: str, pattern, magnitude_scope: str) -> str:
     return magnitude_scope if method == "magnitude" else pipeline.SCOPES[method][0]
 
 
+def _spec(text: str) -> tuple[str, str, bool]:
+    """``method[+owl][+dsnot]`` -> (method, refine, owl)."""
+    method, *mods = text.split("+")
+    unknown = set(mods) - {"owl", "dsnot"}
+    if unknown or method not in pipeline.METHODS:
+        raise SystemExit(f"bad method spec {text!r}: METHOD[+owl][+dsnot], METHOD one of {pipeline.METHODS}")
+    return method, "dsnot" if "dsnot" in mods else "none", "owl" in mods
+
+
 def main() -> None:
     args = _args()
     logging.basicConfig(level=logging.WARNING)
@@ -72,19 +86,31 @@ def main() -> None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(to_jsonable({"args": vars(args), "rows": rows}), indent=2))
 
+    ratios: dict[int, float] | None = None
+    ratio_seconds = 0.0
+    if "+owl" in args.methods:
+        t0 = time.perf_counter()
+        grouped = pipeline._group_by_decoder_layer(model, layers)
+        ratios = pipeline.owl_ratios(model, grouped, calib, owl.DEFAULT_M)
+        ratio_seconds = time.perf_counter() - t0
     dense_ppl = evaluate.perplexity(model, blocks, progress=False)
     record({"method": "dense", "pattern": "-", "sparsity": 0.0, "ppl": dense_ppl, "prune_seconds": 0.0})
     for text in args.patterns.split(","):
         pattern = parse_pattern(text)
-        for method in args.methods.split(","):
+        for spec in args.methods.split(","):
+            method, refine, use_owl = _spec(spec)
+            if use_owl and pattern.is_nm:
+                continue  # OWL varies unstructured sparsity only
             apply_weights(model, dense)
+            sparsities = owl.allocate_by_index(ratios, pattern.sparsity) if use_owl and ratios else None
             t0 = time.perf_counter()
-            pipeline.prune_model(model, layers, method, pattern, _scope(method, pattern, args.magnitude_scope), calib)
-            seconds = time.perf_counter() - t0
+            pipeline.prune_model(model, layers, method, pattern, _scope(method, pattern, args.magnitude_scope), calib,
+                                 sparsities=sparsities, refine=refine)
+            seconds = time.perf_counter() - t0 + (ratio_seconds if use_owl else 0.0)
             zeros, total = pipeline.actual_sparsity(layers)
-            label = "50% unstructured" if not pattern.is_nm else pattern.label
+            label = f"{100 * pattern.sparsity:.0f}% unstructured" if not pattern.is_nm else pattern.label
             ppl = evaluate.perplexity(model, blocks, progress=False)
-            record({"method": method, "pattern": label, "sparsity": zeros / total, "ppl": ppl, "prune_seconds": seconds})
+            record({"method": spec, "pattern": label, "sparsity": zeros / total, "ppl": ppl, "prune_seconds": seconds})
     print()
     print(f"{args.model}, WikiText-2: calibration {args.calib_samples} x {args.calib_seqlen} tokens of valid.txt, "
           f"perplexity on the first {blocks.numel():,} tokens of test.txt ({args.eval_seqlen}-token windows), "

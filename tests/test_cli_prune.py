@@ -23,10 +23,25 @@ def test_help_lists_prune(capsys):
     assert "prune" in capsys.readouterr().out
 
 
+def test_default_method_is_sparsegpt_and_says_how_to_go_further(tiny_model_dir, text_file, tmp_path, caplog):
+    out = tmp_path / "run"
+    caplog.set_level("INFO")
+    rc = cli.main([
+        "prune", str(tiny_model_dir), "--calib-text", text_file, "--calib-samples", "4", "--calib-seqlen", "16",
+        "--eval-text", text_file, "--eval-tokens", "64", "--eval-seqlen", "16", "--out", str(out),
+    ])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (report["method"], report["scope"], report["calib_samples"]) == ("sparsegpt", "block", 4)
+    assert report["sparsity_actual"] == pytest.approx(0.5)
+    assert "--allocation owl" in caplog.text and "prunescope shrink" in caplog.text
+    assert "--method magnitude" in caplog.text
+
+
 def test_prune_tiny_model_end_to_end(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     rc = cli.main([
-        "prune", str(tiny_model_dir), "--sparsity", "0.3", "--eval-tokens", "64",
+        "prune", str(tiny_model_dir), "--method", "magnitude", "--sparsity", "0.3", "--eval-tokens", "64",
         "--eval-seqlen", "16", "--out", str(out),
     ])
     assert rc == 0

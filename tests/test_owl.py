@@ -104,7 +104,7 @@ def test_cli_reports_the_allocation(tiny_model_dir, text_file, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--allocation", "bogus"], "unknown allocation 'bogus'; choose one of uniform, owl"),
     (["--allocation", "owl", "--method", "wanda", "--pattern", "2:4"], "an N:M pattern (2:4) fixes it"),
-    (["--allocation", "owl"], "global magnitude chooses its own allocation"),
+    (["--allocation", "owl", "--method", "magnitude"], "global magnitude chooses its own allocation"),
     (["--allocation", "owl", "--method", "wanda", "--sparsity", "0.05"], "--owl-lambda 0.08 is out of range"),
     (["--allocation", "owl", "--method", "wanda", "--owl-m", "0"], "--owl-m must be a positive"),
 ])

@@ -39,7 +39,7 @@ def _config(text_file):
 @pytest.mark.parametrize(
     "kw, message",
     [
-        (dict(method="obs"), "unknown method 'obs'; choose one of magnitude, wanda, sparsegpt"),
+        (dict(method="obs"), "unknown method 'obs'; choose one of magnitude, wanda, ria, sparsegpt"),
         (dict(method="wanda", scope="global"), "scope 'global' is not available for wanda"),
         (dict(pattern="3:2"), "0 < N < M"),
         (dict(pattern="2:4", sweep=(0.3,)), "cannot be combined with an N:M pattern"),
@@ -54,10 +54,11 @@ def test_config_rejects_bad_input(_config, kw, message):
         _config(**kw)
 
 
-def test_defaults_are_global_magnitude_half():
+def test_defaults_are_sparsegpt_half_and_magnitude_is_global():
     cfg = PruneConfig()
     assert cfg.sparsity_pattern == SparsityPattern(0.5)
-    assert cfg.effective_scope == "global" and cfg.method == "magnitude"
+    assert cfg.method == "sparsegpt" and cfg.effective_scope == "block" and cfg.calibrated
+    assert PruneConfig(method="magnitude").effective_scope == "global"
     assert PruneConfig(method="wanda").effective_scope == "row"
     assert PruneConfig(method="magnitude", pattern="2:4", scope="layer").effective_scope == "group"
 

@@ -116,7 +116,7 @@ def test_offloaded_ria_dsnot_equals_in_memory(tiny_model_dir, text_file, tmp_pat
 
 @pytest.mark.parametrize("argv, message", [
     (["--refine", "bogus"], "unknown refine 'bogus'; choose one of none, dsnot"),
-    (["--refine", "dsnot"], "global magnitude chooses all masks at once"),
+    (["--refine", "dsnot", "--method", "magnitude"], "global magnitude chooses all masks at once"),
     (["--method", "ria", "--scope", "block"], "scope 'block' is not available for ria"),
 ])
 def test_bad_refine_options_are_one_line(tiny_model_dir, tmp_path, capsys, argv, message):

@@ -80,7 +80,7 @@ class PruneConfig(data.TextOptions, models.Placement):
     """
 
     model: str = models.DEFAULT_MODEL
-    method: str = "magnitude"
+    method: str = "sparsegpt"
     sparsity: float | None = None
     pattern: str = "unstructured"
     scope: str | None = None
