@@ -16,9 +16,9 @@ Methods:
 
 N:M patterns compare within each group of M inputs for every method. ``refine="dsnot"`` refines
 any method's masks without training (DSnoT, Zhang et al. 2024, :mod:`prunescope.pruning.dsnot`;
-for SparseGPT the refined mask is solved again). ``allocation="owl"`` gives
-each decoder layer its own sparsity from its outlier ratio on the dense model (OWL, Yin et al.
-2024, :mod:`prunescope.pruning.owl`), the mean over layers the requested one. The calibrated methods run
+for SparseGPT the refined mask is solved again). ``allocation="owl"`` gives each decoder layer
+its own sparsity from its outlier ratio on the dense model (OWL, Yin et al. 2024,
+:mod:`prunescope.pruning.owl`), the mean over layers the requested one. The calibrated methods run
 sequentially, layer by layer (:mod:`prunescope.pruning.calib`): statistics of a layer are collected in one
 pass over the dense layer, the layer is pruned, and a second pass gives the next layer's inputs.
 """
@@ -121,6 +121,7 @@ class PruneConfig(data.TextOptions, models.Placement):
         self._check_offload()
 
     def _check_refine(self) -> None:
+        """An unknown refinement, or DSnoT after global magnitude, refused before any work."""
         if self.refine not in REFINES:
             raise PrunescopeError(f"unknown refine {self.refine!r}; choose one of {', '.join(REFINES)}")
         methods = self.sweep_methods or (self.method,)
