@@ -123,3 +123,24 @@ def test_eval_command_refuses_an_unknown_task_before_writing(tiny_model_dir, tas
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown lm-eval task 'nope_not_a_task'" in err[0]
     assert not out.exists()
+
+
+def test_prune_reports_accuracy_before_and_after(tiny_model_dir, task_dir, tmp_path):
+    out = tmp_path / "run"
+    code = cli.main(["prune", str(tiny_model_dir), "--method", "magnitude", "--sparsity", "0.5", "--no-eval",
+                     "--device", "cpu", "--tasks", TASK, "--tasks-include-path", str(task_dir),
+                     "--tasks-limit", "6", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    dense, pruned = report["dense_accuracy"][TASK], report["pruned_accuracy"][TASK]
+    assert 0.0 <= dense["acc"] <= 1.0 and 0.0 <= pruned["acc"] <= 1.0
+    assert "## Zero-shot accuracy (lm-eval)" in (out / "report.md").read_text()
+
+
+def test_prune_refuses_an_unknown_task_before_writing(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli.main(["prune", str(tiny_model_dir), "--method", "magnitude", "--no-eval",
+                     "--tasks", "prunescope_nope", "--out", str(out)])
+    assert code == 2
+    assert "unknown lm-eval task 'prunescope_nope'" in capsys.readouterr().err
+    assert not out.exists()
