@@ -28,6 +28,19 @@ def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def _missing_task_dir(tmp_path: Path) -> Path:
+    """A folder with task ``prunescope_missing``, whose data file does not exist (as a Hub dataset
+    does not, offline)."""
+    folder = tmp_path / "missing-task"
+    folder.mkdir()
+    (folder / "missing.yaml").write_text(
+        (DATA / f"{TASK}.yaml").read_text()
+        .replace(f"task: {TASK}", "task: prunescope_missing")
+        .replace("test: facts.jsonl", f"test: {tmp_path / 'absent.jsonl'}")
+    )
+    return folder
+
+
 def _items() -> list[dict]:
     return [json.loads(line) for line in (DATA / "facts.jsonl").read_text().splitlines() if line.strip()]
 
@@ -86,14 +99,9 @@ def test_unknown_task_is_named_with_close_names(model_and_tokenizer, task_dir):
 
 
 def test_a_task_whose_data_cannot_be_reached_is_named(model_and_tokenizer, tmp_path):
-    (tmp_path / "missing.yaml").write_text(
-        (DATA / f"{TASK}.yaml").read_text()
-        .replace(f"task: {TASK}", "task: prunescope_missing")
-        .replace("test: facts.jsonl", f"test: {tmp_path / 'absent.jsonl'}")
-    )
     model, tokenizer = model_and_tokenizer
     with pytest.raises(PrunescopeError, match="task 'prunescope_missing' could not load its dataset"):
-        zeroshot.accuracy(model, tokenizer, ["prunescope_missing"], include_path=tmp_path)
+        zeroshot.accuracy(model, tokenizer, ["prunescope_missing"], include_path=_missing_task_dir(tmp_path))
 
 
 def test_without_lm_eval_says_how_to_install_it(model_and_tokenizer, monkeypatch):
@@ -143,4 +151,14 @@ def test_prune_refuses_an_unknown_task_before_writing(tiny_model_dir, tmp_path, 
                      "--tasks", "prunescope_nope", "--out", str(out)])
     assert code == 2
     assert "unknown lm-eval task 'prunescope_nope'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_eval_command_refuses_unreachable_data_before_writing(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = cli.main(["eval", str(tiny_model_dir), "--tasks", "prunescope_missing", "--include-path",
+                     str(_missing_task_dir(tmp_path)), "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "task 'prunescope_missing' could not load its dataset" in err[0]
     assert not out.exists()

@@ -174,13 +174,17 @@ class ZeroShotConfig(models.Placement):
     batch_size: int = 8
 
     def check(self) -> tuple[str, ...]:
-        """Validate every option before any heavy work; return the task names."""
+        """Validate every option and reach every task's data before the model is loaded; return
+        the task names."""
         if self.limit is not None and self.limit < 1:
             raise PrunescopeError(f"--limit must be a positive number of items per task, got {self.limit}")
         if self.batch_size < 1:
             raise PrunescopeError(f"--batch-size must be a positive number of sequences, got {self.batch_size}")
         self.check_placement()
-        return check_tasks(self.tasks, task_manager(self.include_path))
+        manager = task_manager(self.include_path)
+        names = check_tasks(self.tasks, manager)
+        _check_reachable(names, manager)
+        return names
 
 
 @dataclass(frozen=True)
@@ -199,7 +203,7 @@ def run_zeroshot(config: ZeroShotConfig) -> ZeroShotResult:
     """Load the model and measure its zero-shot accuracy on the configured tasks."""
     from importlib.metadata import version
 
-    names = config.check()
+    names = check_tasks(config.tasks, task_manager(config.include_path))
     model, tokenizer = config.load_model(config.model)
     started = time.perf_counter()
     scores = accuracy(model, tokenizer, names, limit=config.limit, batch_size=config.batch_size,

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from prunescope.zeroshot import run_zeroshot
 
     config = _config(args)
-    config.check()  # unknown tasks and bad options fail before the output folder exists
+    config.check()  # bad options, unknown tasks and unreachable data fail before the output folder exists
     out = cli.prepare_output_dir(args.out, "eval", args.overwrite)
     result = run_zeroshot(config)
     write_json(result, out / "report.json")
