@@ -34,6 +34,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "prunescope.commands.lora",
     "prunescope.commands.probe",
     "prunescope.commands.activations",
+    "prunescope.commands.eval",
 )
 
 
@@ -201,7 +202,7 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if verbose < 2:  # transformers/datasets are chatty at INFO and draw a bar per weight load
-        for name in ("transformers", "datasets", "huggingface_hub", "urllib3", "filelock"):
+        for name in ("transformers", "datasets", "huggingface_hub", "urllib3", "filelock", "lm_eval"):
             logging.getLogger(name).setLevel(logging.WARNING)
         from transformers.utils import logging as hf_logging
 

@@ -90,6 +90,21 @@ def _add_save_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tasks", default="", metavar="T1,T2",
+        help="also measure zero-shot accuracy on these lm-evaluation-harness tasks before and after pruning "
+        "(needs prunescope[eval]; see `prunescope eval`)",
+    )
+    parser.add_argument(
+        "--tasks-include-path", type=Path, default=None, metavar="DIR",
+        help="folder of lm-eval YAML task definitions for --tasks",
+    )
+    parser.add_argument(
+        "--tasks-limit", type=int, default=None, metavar="N", help="score only the first N items of each task",
+    )
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``prune`` subcommand."""
     parser = subparsers.add_parser(
@@ -104,6 +119,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cli.add_model_argument(parser)
     _add_method_arguments(parser)
     cli.add_text_arguments(parser)
+    _add_task_arguments(parser)
     _add_save_argument(parser)
     cli.add_offload_arguments(parser, automatic=True)
     cli.add_output_arguments(parser)
@@ -135,6 +151,9 @@ def _config(args: argparse.Namespace, out: Path | None) -> "PruneConfig":
         sweep=tuple(args.sweep),
         sweep_methods=methods,
         save_dir=(out / "model") if args.save and out is not None else None,
+        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+        tasks_include_path=args.tasks_include_path,
+        tasks_limit=args.tasks_limit,
     )
 
 

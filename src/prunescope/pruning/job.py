@@ -94,6 +94,9 @@ class PruneConfig(data.TextOptions, models.Placement):
     refine: str = "none"
     owl_m: float = owl.DEFAULT_M
     owl_lambda: float = owl.DEFAULT_LAMBDA
+    tasks: tuple[str, ...] = ()
+    tasks_include_path: Path | None = None
+    tasks_limit: int | None = None
 
     def __post_init__(self) -> None:
         _check_method(self.method)
@@ -119,6 +122,22 @@ class PruneConfig(data.TextOptions, models.Placement):
         self._check_allocation()
         self._check_refine()
         self._check_offload()
+        self._check_tasks()
+
+    def _check_tasks(self) -> None:
+        """Zero-shot tasks (lm-eval) measured before and after pruning: known names, a model in
+        memory in one process."""
+        if not self.tasks:
+            return
+        if self.tasks_limit is not None and self.tasks_limit < 1:
+            raise PrunescopeError(f"--tasks-limit must be a positive number of items per task, got {self.tasks_limit}")
+        if self.offload:
+            raise PrunescopeError("--tasks scores the whole model in memory; it cannot be combined with --offload")
+        if distributed.launched():
+            raise PrunescopeError("--tasks runs in one process; drop it under torchrun or run `prunescope eval` after --save")
+        from prunescope import zeroshot
+
+        zeroshot.check_tasks(self.tasks, zeroshot.task_manager(self.tasks_include_path))
 
     def _check_refine(self) -> None:
         """An unknown refinement, or DSnoT after global magnitude, refused before any work."""
@@ -251,6 +270,8 @@ class PruneResult:
     allocation: str = "uniform"
     layer_targets: tuple[LayerTarget, ...] = ()
     refine: str = "none"
+    dense_accuracy: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    pruned_accuracy: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
 
 def select_linear_layers(
@@ -616,6 +637,11 @@ def run_prune(
     if (model is None) != (tokenizer is None):
         raise ValueError("pass both a model and its tokenizer, or neither (config.model is loaded)")
     if model is None and offload.wanted(config.model, config):
+        if config.tasks:
+            raise PrunescopeError(
+                f"{config.model} does not fit the device's free memory and would be offloaded, but --tasks "
+                "scores the whole model in memory; drop --tasks and run `prunescope eval` on the --save folder"
+            )
         return run_prune_offloaded(dataclasses.replace(config, offload=True))
     if model is None or tokenizer is None:
         log.info("loading model %s", config.model)
@@ -631,6 +657,7 @@ def run_prune(
     blocks = config.evaluation_windows(tokenizer)
     t0 = time.perf_counter()
     dense_ppl = evaluate.perplexity_or_none(model, blocks, config.eval_batch_size, "dense perplexity")
+    dense_accuracy = _zeroshot(model, tokenizer, config, "dense")
     eval_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     ratios = _owl_ratios_in_memory(model, layers, config, calib_blocks)  # of the dense model
@@ -647,6 +674,7 @@ def run_prune(
 
     t0 = time.perf_counter()
     pruned_ppl = evaluate.perplexity_or_none(model, blocks, config.eval_batch_size, "pruned perplexity")
+    pruned_accuracy = _zeroshot(model, tokenizer, config, "pruned")
     eval_seconds += time.perf_counter() - t0
     checkpoint = _save(model, tokenizer, config.save_dir) if config.save_dir and distributed.is_main() else None
     result = _result(
@@ -654,9 +682,23 @@ def run_prune(
         sum(p.numel() for p in model.parameters()),
         dense_ppl=dense_ppl, pruned_ppl=pruned_ppl, eval_tokens=0 if blocks is None else blocks.numel(),
         prune_seconds=prune_seconds, eval_seconds=eval_seconds, calib_activation_bytes=held, sweep=sweep,
-        checkpoint=checkpoint, layer_targets=targets,
+        checkpoint=checkpoint, layer_targets=targets, dense_accuracy=dense_accuracy,
+        pruned_accuracy=pruned_accuracy,
     )
     return result, model
+
+
+def _zeroshot(
+    model: nn.Module, tokenizer: "PreTrainedTokenizerBase", config: PruneConfig, label: str
+) -> dict[str, dict[str, float]]:
+    """Zero-shot accuracy on ``config.tasks`` (empty without tasks); ``label`` names the model in the log."""
+    if not config.tasks:
+        return {}
+    from prunescope import zeroshot
+
+    log.info("zero-shot accuracy of the %s model on %s", label, ", ".join(config.tasks))
+    return zeroshot.accuracy(model, tokenizer, config.tasks, limit=config.tasks_limit,
+                             include_path=config.tasks_include_path)
 
 
 def _result(

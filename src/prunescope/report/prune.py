@@ -35,6 +35,20 @@ def sweep_table(result: PruneResult) -> str:
     return markdown_table(["method", "sparsity", "actual", "perplexity", "prune time"], rows)
 
 
+def accuracy_table(result: PruneResult) -> str:
+    """Markdown table of zero-shot accuracy (lm-eval) per task, dense and pruned, with standard errors."""
+    def cell(scores, task: str, metric: str) -> str:
+        s = scores.get(task, {})
+        return "n/a" if metric not in s else f"{s[metric]:.4f} ± {s.get(metric + '_stderr', float('nan')):.4f}"
+
+    rows = [
+        (task, cell(result.dense_accuracy, task, "acc"), cell(result.pruned_accuracy, task, "acc"),
+         cell(result.dense_accuracy, task, "acc_norm"), cell(result.pruned_accuracy, task, "acc_norm"))
+        for task in result.dense_accuracy
+    ]
+    return markdown_table(["task", "dense acc", "pruned acc", "dense acc_norm", "pruned acc_norm"], rows)
+
+
 def _summary_rows(result: PruneResult) -> list[tuple[str, str]]:
     rows = [
         ("model", result.model),
@@ -74,6 +88,11 @@ def render_markdown(result: PruneResult) -> str:
         text += (
             "## Allocation (OWL)\n\nEach decoder layer's share of Wanda scores above M x its mean, on the "
             f"dense model, and the sparsity it was pruned to:\n\n{allocation_table(result)}\n\n"
+        )
+    if result.dense_accuracy:
+        text += (
+            "## Zero-shot accuracy (lm-eval)\n\nEach choice scored by its log-likelihood given the question "
+            f"(acc_norm: per character), 0-shot, with standard errors:\n\n{accuracy_table(result)}\n\n"
         )
     if result.sweep:
         text += f"## Sweep\n\n![perplexity against sparsity](sweep.png)\n\n{sweep_table(result)}\n\n"
