@@ -189,8 +189,8 @@ def _next_steps(result) -> str:
     """One line on how to go further from this run (what a newcomer would try next)."""
     hints = []
     if result.allocation == "uniform" and result.pattern == "unstructured":
-        hints.append("higher sparsity keeps more with OWL (--sparsity 0.7 --allocation owl)")
-    if result.refine == "none":
+        hints.append("at higher sparsity OWL spreads it by layer (--sparsity 0.7 --allocation owl)")
+    if result.refine == "none" and result.method != "sparsegpt":  # measured to hurt after SparseGPT
         hints.append("--refine dsnot refines the masks without training")
     hints.append("masks make no model faster: `prunescope shrink` removes channels, heads and layers for real")
     if result.method != "magnitude":
