@@ -259,6 +259,17 @@ def row_keep_masks(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return _keep_all_but_smallest(scores.detach(), round(sparsity * scores.shape[1]))
 
 
+def check_nm(scores: torch.Tensor, n: int, m: int) -> None:
+    """Raise ValueError unless ``0 < n < m`` and ``scores`` is ``[out, in]`` with ``in % m == 0``."""
+    if not 0 < n < m:
+        raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
+    if scores.ndim != 2 or scores.shape[1] % m:
+        raise ValueError(
+            f"N:M {n}:{m} needs a 2-D [out, in] score with in a multiple of {m}, "
+            f"got shape {tuple(scores.shape)}"
+        )
+
+
 def nm_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """N:M keep-mask: in every ``m`` consecutive inputs of each row, prune the ``n`` smallest.
 
@@ -267,13 +278,7 @@ def nm_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
         n: entries pruned per group, ``0 < n < m``.
         m: group size along the input (last) dimension.
     """
-    if not 0 < n < m:
-        raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
-    if scores.ndim != 2 or scores.shape[1] % m:
-        raise ValueError(
-            f"N:M {n}:{m} needs a 2-D [out, in] score with in a multiple of {m}, "
-            f"got shape {tuple(scores.shape)}"
-        )
+    check_nm(scores, n, m)
     rows, cols = scores.shape
     groups = scores.detach().reshape(rows, cols // m, m)  # [out, in/m, m]
     return _keep_all_but_smallest(groups, n).view(rows, cols)

@@ -86,17 +86,6 @@ def kept_score(scores: torch.Tensor, keep: torch.Tensor) -> float:
     return float(scores.detach().double()[keep.to(torch.bool)].sum())
 
 
-def _check_nm(scores: torch.Tensor, n: int, m: int) -> None:
-    """Raise ValueError unless ``scores`` is ``[out, in]``, ``in % m == 0`` and ``0 < n < m``."""
-    if not 0 < n < m:
-        raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
-    if scores.ndim != 2 or scores.shape[1] % m:
-        raise ValueError(
-            f"N:M {n}:{m} needs a 2-D [out, in] score with in a multiple of {m}, "
-            f"got shape {tuple(scores.shape)}"
-        )
-
-
 def _nm_total(scores: torch.Tensor, perm: torch.Tensor, n: int, m: int) -> float:
     """Score an N:M mask (``n`` pruned per ``m``) keeps on ``scores[:, perm]``: top ``m - n``."""
     rows, cols = scores.shape
@@ -201,7 +190,7 @@ def permute_for_nm(
         ``LongTensor [in]`` on ``scores.device``: column ``p`` of the permuted order is original
         column ``perm[p]``.
     """
-    _check_nm(scores, n, m)
+    masks.check_nm(scores, n, m)
     n_groups = scores.shape[1] // m
     if rounds < 0 or not 1 <= blocks <= n_groups:
         raise ValueError(
@@ -237,7 +226,7 @@ def nm_keep_mask_permuted(
     Returns:
         ``BoolTensor [out, in]``, True where kept.
     """
-    _check_nm(scores, n, m)
+    masks.check_nm(scores, n, m)
     if perm is None:
         perm = permute_for_nm(scores, n, m)
     cols = scores.shape[1]
