@@ -162,3 +162,46 @@ def test_eval_command_refuses_unreachable_data_before_writing(tiny_model_dir, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "task 'prunescope_missing' could not load its dataset" in err[0]
     assert not out.exists()
+
+
+def test_prune_refuses_unreachable_data_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    """The task's data are reached while the options are checked, so a missing dataset fails before
+    the model is loaded (a model path that does not exist would fail later, not here)."""
+    from prunescope import models
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the model was loaded before the tasks were checked")
+
+    monkeypatch.setattr(models, "load", no_load)
+    out = tmp_path / "run"
+    code = cli.main(["prune", "--method", "magnitude", "--no-eval", "--tasks", "prunescope_missing",
+                     "--tasks-include-path", str(_missing_task_dir(tmp_path)), "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "task 'prunescope_missing' could not load its dataset" in err[0]
+    assert not out.exists()
+
+
+def test_each_task_dataset_is_built_once_per_process(task_dir, monkeypatch):
+    """check -> run -> accuracy all ask whether the data can be reached; only the first builds it."""
+    manager = zeroshot.task_manager(task_dir)
+    zeroshot._REACHED.pop(manager, None)  # other tests in this process may have reached it already
+    calls: list[list[str]] = []
+    original = type(manager).load
+
+    def counting_load(self, names):
+        calls.append(list(names))
+        return original(self, names)
+
+    monkeypatch.setattr(type(manager), "load", counting_load)
+    for _ in range(3):
+        zeroshot.check_reachable([TASK], manager)
+    assert calls == [[TASK]]
+
+
+def test_limit_and_batch_size_are_checked_with_the_users_flag():
+    with pytest.raises(PrunescopeError, match="--tasks-limit must be a positive number"):
+        zeroshot.check_counts(0, flag="--tasks-")
+    with pytest.raises(PrunescopeError, match="--batch-size must be a positive number"):
+        zeroshot.check_counts(None, 0, flag="--")
+    zeroshot.check_counts(None)  # nothing given: fine

@@ -13,6 +13,7 @@ import difflib
 import functools
 import logging
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,10 +92,20 @@ def check_tasks(tasks: Sequence[str], manager: "TaskManager") -> tuple[str, ...]
     return names
 
 
-def _check_reachable(names: Sequence[str], manager: "TaskManager") -> None:
+# task names whose data each (cached) manager has already built once in this process
+_REACHED: "weakref.WeakKeyDictionary[TaskManager, set[str]]" = weakref.WeakKeyDictionary()
+
+
+def check_reachable(names: Sequence[str], manager: "TaskManager") -> None:
     """Build each task once, which downloads (or reads) its dataset, so that a task whose data
-    cannot be reached is named in one line instead of failing deep inside lm-eval."""
+    cannot be reached is named in one line instead of failing deep inside lm-eval.
+
+    A task already built by ``manager`` in this process is not built again: the option checks,
+    the dense and the pruned measurement all ask, and building a large dataset takes seconds."""
+    reached = _REACHED.setdefault(manager, set())
     for name in names:
+        if name in reached:
+            continue
         try:
             manager.load([name])
         except Exception as exc:  # datasets raises many types: ConnectionError, HfHubHTTPError, FileNotFoundError...
@@ -103,6 +114,16 @@ def _check_reachable(names: Sequence[str], manager: "TaskManager") -> None:
                 f"lm-eval task {name!r} could not load its dataset ({type(exc).__name__}: {first[:200]}); "
                 "it may need the internet: use a task whose data are local files (--include-path)"
             ) from exc
+        reached.add(name)
+
+
+def check_counts(limit: int | None, batch_size: int | None = None, flag: str = "") -> None:
+    """A PrunescopeError unless ``limit`` (items per task; None = all) and ``batch_size`` (None:
+    not given) are positive; ``flag`` is the option prefix the user typed (``"--"``, ``"--tasks-"``)."""
+    if limit is not None and limit < 1:
+        raise PrunescopeError(f"{flag}limit must be a positive number of items per task, got {limit}")
+    if batch_size is not None and batch_size < 1:
+        raise PrunescopeError(f"{flag}batch-size must be a positive number of sequences, got {batch_size}")
 
 
 def _scores(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -139,14 +160,11 @@ def accuracy(
         PrunescopeError: lm-eval is not installed, a task is unknown, or its data cannot be
             reached (offline), or ``limit``/``batch_size`` is not positive.
     """
-    if limit is not None and limit < 1:
-        raise PrunescopeError(f"limit must be a positive number of items per task, got {limit}")
-    if batch_size < 1:
-        raise PrunescopeError(f"batch_size must be a positive number of sequences, got {batch_size}")
+    check_counts(limit, batch_size)
     lm_eval = _lm_eval()
     manager = task_manager(include_path)
     names = check_tasks(tasks, manager)
-    _check_reachable(names, manager)
+    check_reachable(names, manager)
     lm = lm_eval.models.huggingface.HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     started = time.perf_counter()
     output = lm_eval.simple_evaluate(
@@ -176,14 +194,11 @@ class ZeroShotConfig(models.Placement):
     def check(self) -> tuple[str, ...]:
         """Validate every option and reach every task's data before the model is loaded; return
         the task names."""
-        if self.limit is not None and self.limit < 1:
-            raise PrunescopeError(f"--limit must be a positive number of items per task, got {self.limit}")
-        if self.batch_size < 1:
-            raise PrunescopeError(f"--batch-size must be a positive number of sequences, got {self.batch_size}")
+        check_counts(self.limit, self.batch_size, "--")
         self.check_placement()
         manager = task_manager(self.include_path)
         names = check_tasks(self.tasks, manager)
-        _check_reachable(names, manager)
+        check_reachable(names, manager)
         return names
 
 
@@ -200,10 +215,11 @@ class ZeroShotResult:
 
 
 def run_zeroshot(config: ZeroShotConfig) -> ZeroShotResult:
-    """Load the model and measure its zero-shot accuracy on the configured tasks."""
+    """Check the options and tasks (again cheap after :meth:`ZeroShotConfig.check`: each task's
+    data are built once per process), load the model and measure its zero-shot accuracy."""
     from importlib.metadata import version
 
-    names = check_tasks(config.tasks, task_manager(config.include_path))
+    names = config.check()
     model, tokenizer = config.load_model(config.model)
     started = time.perf_counter()
     scores = accuracy(model, tokenizer, names, limit=config.limit, batch_size=config.batch_size,

@@ -129,15 +129,16 @@ class PruneConfig(data.TextOptions, models.Placement):
         memory in one process."""
         if not self.tasks:
             return
-        if self.tasks_limit is not None and self.tasks_limit < 1:
-            raise PrunescopeError(f"--tasks-limit must be a positive number of items per task, got {self.tasks_limit}")
+        from prunescope import zeroshot
+
+        zeroshot.check_counts(self.tasks_limit, flag="--tasks-")
         if self.offload:
             raise PrunescopeError("--tasks scores the whole model in memory; it cannot be combined with --offload")
         if distributed.launched():
             raise PrunescopeError("--tasks runs in one process; drop it under torchrun or run `prunescope eval` after --save")
-        from prunescope import zeroshot
-
-        zeroshot.check_tasks(self.tasks, zeroshot.task_manager(self.tasks_include_path))
+        manager = zeroshot.task_manager(self.tasks_include_path)
+        # unknown names and data that cannot be reached fail here, before the model is loaded
+        zeroshot.check_reachable(zeroshot.check_tasks(self.tasks, manager), manager)
 
     def _check_refine(self) -> None:
         """An unknown refinement, or DSnoT after global magnitude, refused before any work."""
