@@ -26,9 +26,13 @@ def unwritable_place(path: str | os.PathLike[str]) -> Path | None:
     """The closest existing ancestor of ``path`` (or ``path``) when it is not a folder this
     process can create entries in, else None: ``path`` can be created or written."""
     existing = nearest_existing(path)
-    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
-        return None
-    return existing
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        return existing
+    try:  # permissions say yes; only creating something tells (root, read-only mounts, /proc)
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".prunescope-probe-"))
+    except OSError:
+        return existing
+    return None
 
 
 def fsync_file(path: Path) -> None:
@@ -73,6 +77,9 @@ def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         fsync_file(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        _raise_naming(exc, tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -107,6 +114,18 @@ def new_folder(folder: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         fsync_tree(tmp)
         publish(tmp, folder)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _raise_naming(exc, tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _raise_naming(exc: OSError, tmp: Path, final: Path) -> None:
+    """Re-raise ``exc`` about the path the user asked for instead of the temporary one (which no
+    longer exists): a full disk is reported as ``... (out/report.json)``."""
+    name = str(exc.filename or "")
+    if not name.startswith(str(tmp)):
+        raise exc
+    raise type(exc)(exc.errno, exc.strerror, str(final) + name[len(str(tmp)):]) from exc

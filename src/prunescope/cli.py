@@ -146,13 +146,10 @@ def check_output_dir(out: Path | None, command: str, overwrite: bool) -> Path:
 
 
 def prepare_output_dir(out: Path | None, command: str, overwrite: bool) -> Path:
-    """Check the output folder (:func:`check_output_dir`) and create it."""
-    from prunescope import distributed
-
-    out = check_output_dir(out, command, overwrite)
-    if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-    return out
+    """Check the output folder (:func:`check_output_dir`) before any work; it is created by the
+    first file written into it (every writer creates its folder), so a run that fails on its
+    input, or before it has a result, leaves no folder behind."""
+    return check_output_dir(out, command, overwrite)
 
 
 def _computing_device(spec: str) -> str:
@@ -202,8 +199,10 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if verbose < 2:  # transformers/datasets are chatty at INFO and draw a bar per weight load
-        for name in ("transformers", "datasets", "huggingface_hub", "urllib3", "filelock", "lm_eval"):
+        for name in ("transformers", "datasets", "huggingface_hub", "urllib3", "filelock"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # lm-eval warns on every run about how prunescope hands it the model (already loaded, zero-shot)
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -223,16 +222,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     _configure_logging(args.verbose, args.quiet or os.environ.get("RANK", "0") != "0")
+    out = getattr(args, "out", None)
+    out_existed = out is not None and out.exists()
     try:
         _join_processes(args)
         return int(args.func(args) or 0)
     except (PrunescopeError, OSError) as exc:
         if args.debug:
             traceback.print_exc()
+        _remove_if_new_and_empty(out, out_existed)
         print(f"prunescope {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("prunescope: interrupted", file=sys.stderr)
+        _remove_if_new_and_empty(out, out_existed)
+        print(f"prunescope {args.command}: interrupted; files being written were removed, "
+              "finished ones kept", file=sys.stderr)
         return 130
     except Exception:
         traceback.print_exc()
@@ -245,11 +249,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    """The message of an expected failure: a PrunescopeError's text, or what the OS said and about which file."""
+    """The message of an expected failure on one line: a PrunescopeError's text, or what the OS
+    said and about which file."""
     if isinstance(exc, OSError) and exc.strerror:
         where = f" ({exc.filename})" if exc.filename else ""
         return f"{exc.strerror}{where}"
-    return str(exc) or type(exc).__name__
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__
+
+
+def _remove_if_new_and_empty(out: Path | None, existed: bool) -> None:
+    """After a failed run: remove ``--out`` if this run created it and nothing finished in it."""
+    if out is None or existed or not out.is_dir():
+        return
+    try:
+        out.rmdir()  # only succeeds when empty
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

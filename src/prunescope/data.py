@@ -79,10 +79,30 @@ def load_text(source: str | Path | None = DEFAULT_TEXT) -> str:
             f"text source {text_source!r} is not a file; pass a UTF-8 text file, "
             f"'{DEFAULT_TEXT}' for the bundled text, or hf:NAME[:CONFIG][:SPLIT]"
         )
+    return _read_text_file(path)
+
+
+def _read_text_file(path: Path) -> str:
+    """The UTF-8 text of ``path``; a binary or empty file is one error naming it (it would
+    otherwise tokenize to garbage or to nothing, failing later without the file's name)."""
     try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PrunescopeError(f"cannot read text file {path}: {exc}") from exc
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PrunescopeError(f"cannot read text file {path}: {exc.strerror or exc}") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PrunescopeError(
+            f"text file {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "expected a UTF-8 text file"
+        ) from exc
+    if "\x00" in text:
+        raise PrunescopeError(
+            f"text file {path} looks binary (a NUL byte at character {text.index(chr(0))}); expected a UTF-8 text file"
+        )
+    if not text.strip():
+        raise PrunescopeError(f"text file {path} is empty ({len(data)} bytes, no text); expected UTF-8 text")
+    return text
 
 
 def tokenize(tokenizer: "PreTrainedTokenizerBase", text: str) -> torch.Tensor:

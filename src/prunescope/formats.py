@@ -752,7 +752,9 @@ def load_sparse_model(
         PrunescopeError: as :func:`load_sparse`, or the checkpoint has no ``config.json`` (it was
             saved from a plain state dict), or the tensors do not fit the model the config builds.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from prunescope import integrity, models
 
     folder = Path(folder)
     state = load_sparse(folder)
@@ -761,7 +763,9 @@ def load_sparse_model(
             f"{folder} has no config.json (saved from a plain state dict); use load_sparse for "
             "the tensors, or save the model itself with save_sparse(model, ...)"
         )
-    config = AutoConfig.from_pretrained(folder)
+    config = integrity.read_config(folder)
+    stored = {name: (str(folder / WEIGHTS_FILE), tuple(t.shape)) for name, t in state.items()}
+    integrity.check_fit(integrity.expected_shapes(config), stored, config, folder / "config.json", exact_names=True)
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     with _skip_weight_init():  # every parameter is overwritten below; random init only costs time
@@ -769,11 +773,12 @@ def load_sparse_model(
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise PrunescopeError(f"{folder}: the tensors do not fit {type(model).__name__}: {exc}") from exc
+        detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise PrunescopeError(f"{folder}: the tensors do not fit {type(model).__name__}: {detail[:400]}") from exc
     model.tie_weights()
     model.to(device).eval()
-    has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
+    has_tokenizer = any((folder / f).is_file() for f in models.TOKENIZER_FILES)
+    tokenizer = models.load_tokenizer(folder) if has_tokenizer else None
     return model, tokenizer
 
 

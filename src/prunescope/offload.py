@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunescope import atomic, devices, distributed, models
+from prunescope import atomic, devices, distributed, integrity, models
 from prunescope.errors import PrunescopeError
 
 if TYPE_CHECKING:
@@ -525,9 +525,7 @@ def checkpoint_folder(name_or_path: str | os.PathLike[str] | None) -> Path:
 
 
 def _empty_model(folder: Path, dtype: torch.dtype) -> "PreTrainedModel":
-    from transformers import AutoConfig
-
-    return _empty_from_config(AutoConfig.from_pretrained(folder), dtype)
+    return _empty_from_config(integrity.read_config(folder), dtype)
 
 
 def _empty_from_config(config: Any, dtype: torch.dtype) -> "PreTrainedModel":
@@ -610,9 +608,7 @@ def is_safetensors_folder(folder: Path) -> bool:
 def dtype_for(folder: Path, spec: str, device: torch.device) -> torch.dtype:
     """The compute dtype for ``--dtype spec`` given the checkpoint's own (see
     :func:`prunescope.devices.resolve_dtype`)."""
-    from transformers import AutoConfig
-
-    return devices.resolve_dtype(spec, device, devices.checkpoint_dtype(AutoConfig.from_pretrained(folder)))
+    return devices.resolve_dtype(spec, device, devices.checkpoint_dtype(integrity.read_config(folder)))
 
 
 @contextlib.contextmanager
@@ -635,6 +631,7 @@ def open_model(
     layer changes): process 0 to ``save_dir``, the others to their own scratch folders, which
     later passes (perplexity after pruning) read.
     """
+    integrity.check_model_folder(folder)  # whole files, shapes that fit the config: one clear error
     source = CheckpointFiles.scan(folder)
     model = _empty_model(folder, dtype)
     tokenizer = models.load_tokenizer(folder)

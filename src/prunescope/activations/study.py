@@ -181,6 +181,11 @@ def train_one(act: str, seed: int, config: StudyConfig, vocab: int, batches: tor
         opt.step()
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
+        if not math.isfinite(losses[-1]):  # the weights are NaN/inf from here on: nothing to measure
+            raise PrunescopeError(
+                f"the {act} network (seed {seed}) diverged at step {step + 1} (training loss {losses[-1]}); "
+                f"lower --lr (now {config.lr:g})"
+            )
     model.eval()
     prof = profile(model, val_blocks[:, :-1], eps=(0.01, 0.1), token_eps=0.1, sample_every=1,
                    batch_size=val_blocks.shape[0], progress=False)

@@ -58,8 +58,8 @@ def run_spectrum(args: argparse.Namespace) -> int:
     from prunescope.report import write_json, write_text
     from prunescope.report.lora import plot_effective_rank_heatmap, plot_spectra, render_spectrum_markdown
 
-    report = analyse_paths(args.adapters)
     out = cli.prepare_output_dir(args.out, "lora-spectrum", args.overwrite)
+    report = analyse_paths(args.adapters)
     write_json(report, out / "report.json")
     write_text(render_spectrum_markdown(report), out / "report.md")
     plot_spectra(report, out / "spectra.png")

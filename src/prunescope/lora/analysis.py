@@ -292,7 +292,7 @@ def analyse_paths(paths: Sequence[str | Path]) -> SpectrumReport:
         try:
             adapter = load_adapter(folder)
         except PrunescopeError as exc:
-            log.error("skipping %s: %s", folder, exc)
+            log.debug("skipping %s: %s", folder, exc)  # run_spectrum names every failure at the end
             failures.append(AdapterFailure(str(folder), str(exc)))
             continue
         overview, mods = analyse_adapter(adapter, label)

@@ -176,7 +176,7 @@ def load_reference(path: Path | None, template: Template) -> dict[str, dict[str,
 
     try:
         data = yaml.safe_load(Path(path).read_text("utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise PrunescopeError(f"reference file {path}: cannot read it as JSON/YAML: {exc}") from exc
     names = {c.name: c for c in template.columns if c.type != "text"}
     if not isinstance(data, dict) or any(k not in names for k in data):

@@ -76,8 +76,8 @@ def swap_table(result: "ActivationsResult") -> str:
     swap = result.swap
     if swap is None:
         return ""
-    e = f"{result.profile.token_eps:g}"
     before, after = result.profile.activation_sites(), swap.profile_after.activation_sites()
+    e = _measured_eps(result.profile.token_eps, result.profile.eps, [*before, *after])
     fam = ", ".join(sorted(set(swap.replaced.values())))
     rows = [
         (f"before ({fam})", f"{swap.ppl_before:.3f}", _pct(_mean([s.zero_frac for s in before])),
@@ -86,6 +86,15 @@ def swap_table(result: "ActivationsResult") -> str:
          _pct(_mean([s.near_zero_frac[e] for s in after])), sum(s.dead_neurons for s in after)),
     ]
     return markdown_table(["activation", "perplexity", "exact zeros", f"abs<{e} rms", "dead neurons"], rows)
+
+
+def _measured_eps(token_eps: float, eps: tuple[float, ...], sites: list["SiteStats"]) -> str:
+    """The key of the near-zero fraction to show: ``token_eps`` where every site measured it,
+    else the first of ``--eps`` (the fractions are measured only at those)."""
+    for key in (f"{token_eps:g}", *(f"{x:g}" for x in eps)):
+        if all(key in s.near_zero_frac for s in sites):
+            return key
+    return f"{eps[0]:g}"
 
 
 def render_markdown(result: "ActivationsResult") -> str:
@@ -118,7 +127,7 @@ def _layer_series(sites: tuple["SiteStats", ...]) -> dict[str, list["SiteStats"]
 def plot_sparsity(result: "ActivationsResult", path: str | Path) -> Path:
     """Near-zero fraction (token eps) and exact zeros per layer, one line per site role."""
     p = result.profile
-    e = f"{p.token_eps:g}"
+    e = _measured_eps(p.token_eps, p.eps, list(p.sites))
     fig = new_figure(9.0, 4.8)
     ax = fig.add_subplot()
     for role, sites in _layer_series(p.sites).items():
