@@ -4,6 +4,13 @@ A method may carry modifiers joined by ``+``: ``owl`` (OWL's layerwise allocatio
 measured once on the dense model, M = 5, lambda = 0.08) and ``dsnot`` (DSnoT mask refinement),
 e.g. ``--methods wanda,wanda+owl,sparsegpt+dsnot``; OWL's ratio pass is timed into each row.
 
+With ``--peer`` every Wanda / SparseGPT row (with or without ``+owl``) is also pruned by
+llm-compressor's ``oneshot`` (its sequential pipeline, its own OWL profile for ``+owl``) in its own
+virtual environment and process (``benchmarks/peers``, made on first use), on the same model folder
+and the very same calibration windows (saved by this script), with the same thread count; its
+pruned weights are then loaded here and evaluated on the same test windows. The peer's time is its
+``oneshot`` call (calibration and pruning, like prunescope's row), not its model load or save.
+
 Protocol (as in the Wanda / SparseGPT papers): calibrate with 32 random windows of 512 tokens from
 valid.txt (seed 0); evaluate perplexity on the first 32,768 tokens of test.txt in non-overlapping
 512-token windows. Every configuration is pruned from the same dense weights in one run, so the
@@ -20,6 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -49,6 +58,10 @@ def _args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     wikitext.add_placement(p)
     p.add_argument("--json", type=Path, default=None, help="also write the rows here (updated after each row)")
+    p.add_argument("--peer", action="store_true",
+                   help="also prune each wanda/sparsegpt row with llm-compressor (benchmarks/peers)")
+    p.add_argument("--work", type=Path, default=Path("runs/bench_llm_prune"),
+                   help="folder for the peer's windows, pruned models and logs (with --peer)")
     return p.parse_args()
 
 
@@ -65,6 +78,50 @@ def _spec(text: str) -> tuple[str, str, bool]:
     if unknown or method not in pipeline.METHODS:
         raise SystemExit(f"bad method spec {text!r}: METHOD[+owl][+dsnot], METHOD one of {pipeline.METHODS}")
     return method, "dsnot" if "dsnot" in mods else "none", "owl" in mods
+
+
+def _peer_python() -> str:
+    """The peer venv's python (``benchmarks/peers/llmcompressor_env.sh`` makes it on first use)."""
+    script = Path(__file__).resolve().parent / "peers" / "llmcompressor_env.sh"
+    out = subprocess.run(["bash", str(script)], check=True, capture_output=True, text=True).stdout
+    return out.strip().splitlines()[-1]
+
+
+def run_peer(python: str, model_dir: str, windows: Path, method: str, pattern, use_owl: bool, dtype: str,
+             out: Path) -> dict:
+    """llm-compressor's ``oneshot`` on ``model_dir`` with ``windows`` in its own process; its JSON
+    record (``seconds``: the oneshot call). Threads as in this process, progress bars off."""
+    cmd = [python, str(Path(__file__).resolve().parent / "peers" / "llmcompressor_run.py"),
+           "--model", model_dir, "--windows", str(windows), "--method", method,
+           "--sparsity", str(pattern.sparsity), "--mask-structure", "2:4" if pattern.is_nm else "0:0",
+           "--dtype", dtype, "--pipeline", "sequential", "--save", str(out), "--json", str(out.with_suffix(".json"))]
+    if use_owl:
+        cmd.append("--owl")
+    if pattern.is_nm and (pattern.n, pattern.m) != (2, 4):
+        raise SystemExit(f"the peer script prunes N:M only as 2:4, not {pattern.label}")
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    with open(out.with_suffix(".log"), "w") as log:
+        done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    if done.returncode != 0:
+        raise SystemExit(f"llm-compressor failed ({done.returncode}), log in {out.with_suffix('.log')}")
+    return json.loads(out.with_suffix(".json").read_text())
+
+
+def load_pruned(folder: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """The ``names`` modules' weights from a saved dense HF folder (the peer's output)."""
+    from safetensors import safe_open
+
+    wanted = {f"{n}.weight": n for n in names}
+    found: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as fh:
+            for key in fh.keys():
+                if key in wanted:
+                    found[wanted[key]] = fh.get_tensor(key)
+    missing = sorted(set(names) - set(found))
+    if missing:
+        raise SystemExit(f"{folder}: no weights for {missing[:3]}...")
+    return found
 
 
 def main() -> None:
@@ -93,6 +150,12 @@ def main() -> None:
         grouped = pipeline._group_by_decoder_layer(model, layers)
         ratios = pipeline.owl_ratios(model, grouped, calib, owl.DEFAULT_M)
         ratio_seconds = time.perf_counter() - t0
+    peer_python = _peer_python() if args.peer else None
+    windows_file = args.work / "calib.pt"
+    if args.peer:
+        args.work.mkdir(parents=True, exist_ok=True)
+        torch.save(calib, windows_file)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     dense_ppl = evaluate.perplexity(model, blocks, progress=False)
     record({"method": "dense", "pattern": "-", "sparsity": 0.0, "ppl": dense_ppl, "prune_seconds": 0.0})
     for text in args.patterns.split(","):
@@ -111,6 +174,15 @@ def main() -> None:
             label = f"{100 * pattern.sparsity:.0f}% unstructured" if not pattern.is_nm else pattern.label
             ppl = evaluate.perplexity(model, blocks, progress=False)
             record({"method": spec, "pattern": label, "sparsity": zeros / total, "ppl": ppl, "prune_seconds": seconds})
+            if peer_python and method in ("wanda", "sparsegpt") and refine == "none":
+                out = args.work / f"llmc-{spec}-{text}".replace(":", "_").replace(".", "p")  # no dot: with_suffix
+                rec = run_peer(peer_python, models.resolve(args.model), windows_file, method, pattern, use_owl,
+                               dtype, out)
+                apply_weights(model, load_pruned(out, list(layers)))
+                zeros, total = pipeline.actual_sparsity(layers)
+                record({"method": f"llm-compressor {spec}", "pattern": label, "sparsity": zeros / total,
+                        "ppl": evaluate.perplexity(model, blocks, progress=False),
+                        "prune_seconds": rec["seconds"], "peer_version": rec.get("llmcompressor_version")})
     print()
     print(f"{args.model}, WikiText-2: calibration {args.calib_samples} x {args.calib_seqlen} tokens of valid.txt, "
           f"perplexity on the first {blocks.numel():,} tokens of test.txt ({args.eval_seqlen}-token windows), "
