@@ -461,6 +461,9 @@ _INTERRUPTING = textwrap.dedent("""
     import os, signal, sys, time
     import safetensors.torch
 
+    # a shell's background job starts with SIGINT ignored, and Python then installs no handler:
+    # give Ctrl-C its usual meaning whatever started this test
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     real_save = safetensors.torch.save_file
 
     def save_then_interrupt(*args, **kwargs):
