@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from prunescope import __version__
-from prunescope.errors import PrunescopeError
+from prunescope.errors import PrunescopeError, joined_lines
 
 log = logging.getLogger("prunescope")
 
@@ -254,8 +254,7 @@ def _one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         where = f" ({exc.filename})" if exc.filename else ""
         return f"{exc.strerror}{where}"
-    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    return text or type(exc).__name__
+    return joined_lines(exc)
 
 
 def _remove_if_new_and_empty(out: Path | None, existed: bool) -> None:

@@ -73,7 +73,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunescope import atomic
-from prunescope.errors import PrunescopeError
+from prunescope.errors import PrunescopeError, joined_lines
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -773,8 +773,9 @@ def load_sparse_model(
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        raise PrunescopeError(f"{folder}: the tensors do not fit {type(model).__name__}: {detail[:400]}") from exc
+        raise PrunescopeError(
+            f"{folder}: the tensors do not fit {type(model).__name__}: {joined_lines(exc)[:400]}"
+        ) from exc
     model.tie_weights()
     model.to(device).eval()
     has_tokenizer = any((folder / f).is_file() for f in models.TOKENIZER_FILES)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from prunescope.errors import PrunescopeError
+from prunescope.errors import PrunescopeError, first_line
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -41,7 +41,7 @@ def read_config(folder: str | Path) -> "PretrainedConfig":
         return AutoConfig.from_pretrained(folder)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise PrunescopeError(
-            f"{path} cannot be read as a model config ({_first_line(exc)}); expected the JSON that "
+            f"{path} cannot be read as a model config ({first_line(exc)}); expected the JSON that "
             "save_pretrained writes, with a model_type transformers knows"
         ) from exc
 
@@ -59,7 +59,7 @@ def safetensors_shapes(path: Path) -> Shapes:
             return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     except (SafetensorError, OSError) as exc:
         raise PrunescopeError(
-            f"{path} is truncated or damaged (safetensors: {_first_line(exc)}); expected a whole "
+            f"{path} is truncated or damaged (safetensors: {first_line(exc)}); expected a whole "
             "safetensors file (8-byte header length, JSON header, every tensor's bytes): save or "
             "download it again"
         ) from exc
@@ -90,7 +90,7 @@ def _weight_map(index: Path) -> dict[str, str]:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise PrunescopeError(
-            f"{index} is not a safetensors shard index ({_first_line(exc)}); expected JSON with a "
+            f"{index} is not a safetensors shard index ({first_line(exc)}); expected JSON with a "
             "'weight_map' object from tensor name to shard file"
         ) from exc
     if not isinstance(weight_map, dict) or not all(
@@ -208,7 +208,7 @@ def check_model_folder(folder: Path) -> "PretrainedConfig":
     try:
         expected = expected_shapes(config)
     except ValueError as exc:  # not a causal LM transformers builds: from_pretrained says why
-        log.debug("shape check of %s skipped: %s", folder, _first_line(exc))
+        log.debug("shape check of %s skipped: %s", folder, first_line(exc))
         return config
     check_fit(expected, found, config, folder / "config.json")
     return config
@@ -232,8 +232,3 @@ def _size_fields(config: "PretrainedConfig", expected: tuple[int, ...], stored: 
         if isinstance(value, int) and not isinstance(value, bool) and value in differing
     ]
     return ", ".join(fields[:4]) or f"hidden_size={getattr(config, 'hidden_size', '?')}"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from prunescope import atomic, devices, integrity
-from prunescope.errors import PrunescopeError
+from prunescope.errors import PrunescopeError, first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -137,9 +137,8 @@ def load_tokenizer(source: str | os.PathLike[str], name: object = None) -> "PreT
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PrunescopeError(
-            f"model {str(name if name is not None else source)!r} has no usable tokenizer ({first}); "
+            f"model {str(name if name is not None else source)!r} has no usable tokenizer ({first_line(exc)}); "
             "save the tokenizer next to the model (tokenizer.save_pretrained(folder))"
         ) from exc
 
