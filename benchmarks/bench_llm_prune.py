@@ -40,6 +40,7 @@ from prunescope.pruning import owl
 from prunescope.pruning.apply import apply_weights
 from prunescope.pruning.patterns import parse_pattern
 from prunescope.report import markdown_table, to_jsonable
+import peer
 import wikitext
 
 
@@ -80,18 +81,11 @@ def _spec(text: str) -> tuple[str, str, bool]:
     return method, "dsnot" if "dsnot" in mods else "none", "owl" in mods
 
 
-def _peer_python() -> str:
-    """The peer venv's python (``benchmarks/peers/llmcompressor_env.sh`` makes it on first use)."""
-    script = Path(__file__).resolve().parent / "peers" / "llmcompressor_env.sh"
-    out = subprocess.run(["bash", str(script)], check=True, capture_output=True, text=True).stdout
-    return out.strip().splitlines()[-1]
-
-
 def run_peer(python: str, model_dir: str, windows: Path, method: str, pattern, use_owl: bool, dtype: str,
              out: Path) -> dict:
     """llm-compressor's ``oneshot`` on ``model_dir`` with ``windows`` in its own process; its JSON
     record (``seconds``: the oneshot call). Threads as in this process, progress bars off."""
-    cmd = [python, str(Path(__file__).resolve().parent / "peers" / "llmcompressor_run.py"),
+    cmd = [python, str(peer.PEERS / "llmcompressor_run.py"),
            "--model", model_dir, "--windows", str(windows), "--method", method,
            "--sparsity", str(pattern.sparsity), "--mask-structure", "2:4" if pattern.is_nm else "0:0",
            "--dtype", dtype, "--pipeline", "sequential", "--save", str(out), "--json", str(out.with_suffix(".json"))]
@@ -150,7 +144,7 @@ def main() -> None:
         grouped = pipeline._group_by_decoder_layer(model, layers)
         ratios = pipeline.owl_ratios(model, grouped, calib, owl.DEFAULT_M)
         ratio_seconds = time.perf_counter() - t0
-    peer_python = _peer_python() if args.peer else None
+    peer_python = peer.llmcompressor_python() if args.peer else None
     windows_file = args.work / "calib.pt"
     if args.peer:
         args.work.mkdir(parents=True, exist_ok=True)

@@ -122,9 +122,10 @@ def run_peer(ckpt: Path, out: Path, method: str, windows: Path, args: argparse.N
     """llm-compressor's ``oneshot`` (its sequential pipeline) on the same checkpoint and windows,
     in its own virtual environment and process (``benchmarks/peers``); its JSON record plus its
     peak RSS and wall time."""
-    here = Path(__file__).resolve().parent / "peers"
-    python = subprocess.run(["bash", str(here / "llmcompressor_env.sh")], check=True, capture_output=True,
-                            text=True).stdout.strip().splitlines()[-1]
+    import peer
+
+    here = peer.PEERS
+    python = peer.llmcompressor_python()
     record = out.with_suffix(".json")
     cmd = [python, str(here / "llmcompressor_run.py"), "--model", str(ckpt), "--windows", str(windows),
            "--method", method, "--sparsity", "0.5", "--dtype", args.dtype, "--pipeline", "sequential",
