@@ -38,6 +38,11 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+def comma_names(text: str) -> tuple[str, ...]:
+    """``"a, b,,c"`` -> ``("a", "b", "c")``: a comma-separated option's names, blanks dropped."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
     """The optional positional MODEL, with ``--device`` and ``--dtype``, shared by commands that
     load a model."""

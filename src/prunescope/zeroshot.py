@@ -117,6 +117,15 @@ def check_reachable(names: Sequence[str], manager: "TaskManager") -> None:
         reached.add(name)
 
 
+def checked_tasks(tasks: Sequence[str], include_path: Path | None = None) -> tuple[tuple[str, ...], "TaskManager"]:
+    """The task names and the manager that knows them, every name known and its data reached
+    (:func:`check_tasks`, :func:`check_reachable`): what each caller checks before measuring."""
+    manager = task_manager(include_path)
+    names = check_tasks(tasks, manager)
+    check_reachable(names, manager)
+    return names, manager
+
+
 def check_counts(limit: int | None, batch_size: int | None = None, flag: str = "") -> None:
     """A PrunescopeError unless ``limit`` (items per task; None = all) and ``batch_size`` (None:
     not given) are positive; ``flag`` is the option prefix the user typed (``"--"``, ``"--tasks-"``)."""
@@ -162,9 +171,7 @@ def accuracy(
     """
     check_counts(limit, batch_size)
     lm_eval = _lm_eval()
-    manager = task_manager(include_path)
-    names = check_tasks(tasks, manager)
-    check_reachable(names, manager)
+    names, manager = checked_tasks(tasks, include_path)
     lm = lm_eval.models.huggingface.HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     started = time.perf_counter()
     output = lm_eval.simple_evaluate(
@@ -196,10 +203,7 @@ class ZeroShotConfig(models.Placement):
         the task names."""
         check_counts(self.limit, self.batch_size, "--")
         self.check_placement()
-        manager = task_manager(self.include_path)
-        names = check_tasks(self.tasks, manager)
-        check_reachable(names, manager)
-        return names
+        return checked_tasks(self.tasks, self.include_path)[0]
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ def _config(args: argparse.Namespace) -> "ZeroShotConfig":
     from prunescope.zeroshot import ZeroShotConfig
 
     return ZeroShotConfig(
-        model=args.model, tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+        model=args.model, tasks=cli.comma_names(args.tasks),
         include_path=args.include_path, limit=args.limit, batch_size=args.batch_size,
         **cli.placement_options(args),
     )

@@ -130,7 +130,7 @@ def _config(args: argparse.Namespace, out: Path | None) -> "PruneConfig":
     """The validated job config from the parsed options (``out`` only places ``--save``)."""
     from prunescope.pruning.job import PruneConfig
 
-    methods = tuple(m.strip() for m in args.method.split(",") if m.strip())
+    methods = cli.comma_names(args.method)
     if not methods:
         raise PrunescopeError("--method is empty; choose magnitude, wanda, ria or sparsegpt")
     return PruneConfig(
@@ -151,7 +151,7 @@ def _config(args: argparse.Namespace, out: Path | None) -> "PruneConfig":
         sweep=tuple(args.sweep),
         sweep_methods=methods,
         save_dir=(out / "model") if args.save and out is not None else None,
-        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+        tasks=cli.comma_names(args.tasks),
         tasks_include_path=args.tasks_include_path,
         tasks_limit=args.tasks_limit,
     )

@@ -136,9 +136,8 @@ class PruneConfig(data.TextOptions, models.Placement):
             raise PrunescopeError("--tasks scores the whole model in memory; it cannot be combined with --offload")
         if distributed.launched():
             raise PrunescopeError("--tasks runs in one process; drop it under torchrun or run `prunescope eval` after --save")
-        manager = zeroshot.task_manager(self.tasks_include_path)
         # unknown names and data that cannot be reached fail here, before the model is loaded
-        zeroshot.check_reachable(zeroshot.check_tasks(self.tasks, manager), manager)
+        zeroshot.checked_tasks(self.tasks, self.tasks_include_path)
 
     def _check_refine(self) -> None:
         """An unknown refinement, or DSnoT after global magnitude, refused before any work."""
