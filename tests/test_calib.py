@@ -71,3 +71,50 @@ def test_wanda_stats_skip_the_hessian(tiny_model):
     inputs = calib.capture_first_layer_inputs(tiny_model, adapter, _blocks(2), batch_size=2)
     stats = calib.collect_stats(layer, {name: tiny_model.get_submodule(name)}, inputs, hessian=False)
     assert stats[name].xtx is None and stats[name].sq_sum.shape == (32,)
+
+
+def test_stop_early_skips_the_rest_of_the_layer_and_keeps_the_statistics(tiny_model):
+    """With stop_early the forward ends once every module saw its input (the MLP never runs
+    when only attention is read), and the statistics equal those of a full pass."""
+    blocks = _blocks()
+    adapter = models.adapter_for(tiny_model)
+    inputs = calib.capture_first_layer_inputs(tiny_model, adapter, blocks, batch_size=2)
+    layer = adapter.layers(tiny_model)[0]
+    attention = {f"self_attn.{p}": layer.get_submodule(f"self_attn.{p}") for p in ("q_proj", "k_proj", "v_proj")}
+    calls = []
+    handle = layer.mlp.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        early = calib.collect_stats(layer, attention, inputs, hessian=True, stop_early=True)
+        assert calls == []
+        full = calib.collect_stats(layer, attention, inputs, hessian=True)
+        assert len(calls) == len(inputs.hidden)
+    finally:
+        handle.remove()
+    for name in attention:
+        assert torch.equal(early[name].xtx, full[name].xtx) and early[name].tokens == full[name].tokens
+
+
+def test_sparsegpt_writer_first_passes_equal_one_pass(tiny_model):
+    """SparseGPT collects the MLP writer's Hessian alone first (memory); the weights are the
+    one-pass weights bit for bit, since pruning the layer's last Linear changes no other input."""
+    import copy
+
+    from prunescope.pruning import job
+    from prunescope.pruning.patterns import SparsityPattern
+
+    blocks = _blocks(n=4, seqlen=16)
+    adapter = models.adapter_for(tiny_model)
+    one = copy.deepcopy(tiny_model)
+    for model, split in ((tiny_model, True), (one, False)):
+        inputs = calib.capture_first_layer_inputs(model, adapter, blocks, batch_size=2)
+        layer = adapter.layers(model)[0]
+        targets = {n: m for n, m in model.named_modules() if n.startswith("model.layers.0.")
+                   and isinstance(m, torch.nn.Linear)}
+        if split:
+            assert [len(g) for g, _ in job._writer_first(model, targets)] == [1, len(targets) - 1]
+            job._prune_step(model, layer, targets, inputs, "sparsegpt", SparsityPattern(0.5), "layer")
+        else:
+            stats = calib.collect_stats(layer, targets, inputs, hessian=True)
+            job._prune_decoder_layer(model, targets, stats, "sparsegpt", SparsityPattern(0.5), "layer")
+    for (name, a), (_, b) in zip(tiny_model.state_dict().items(), one.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -142,32 +142,42 @@ class _Collector:
 
     hessian: bool
     means: bool = False
+    stop_after: int | None = None  # end the layer's forward once this many modules saw their input
     stats: dict[str, InputStats] = field(default_factory=dict)
     _batch_inputs: list[tuple[torch.Tensor, InputStats]] = field(default_factory=list)
+    _batch_names: set[str] = field(default_factory=set)
 
     def hook_for(self, name: str):
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]  # [b, seqlen, in]
-            for seen, shared in self._batch_inputs:
-                if seen is x:  # same tensor object as a sibling (q/k/v, gate/up): share
-                    self.stats.setdefault(name, shared)
-                    return
-            st = self.stats.get(name)
-            if st is None:
-                n = x.shape[-1]
-                xtx = torch.zeros(n, n, device=x.device) if self.hessian else None
-                lin = torch.zeros(n, dtype=torch.float64, device=x.device) if self.means else None
-                # with means, E[x^2] - E[x]^2 (FLAP's variance) needs the squares in float64 too
-                sq = torch.zeros(n, dtype=torch.float64 if self.means else torch.float32, device=x.device)
-                st = self.stats[name] = InputStats(sq, xtx, lin)
-            st.add(x)
-            self._batch_inputs.append((x, st))
+            self._add(name, args[0])
+            self._batch_names.add(name)
+            if self.stop_after is not None and len(self._batch_names) >= self.stop_after:
+                raise _StopForward  # the rest of the layer computes nothing these modules read
 
         return hook
+
+    def _add(self, name: str, x: torch.Tensor) -> None:
+        """Accumulate ``x`` ([b, seqlen, in]) into ``name``'s statistics, shared with a sibling
+        that reads the very same tensor object (q/k/v, gate/up)."""
+        for seen, shared in self._batch_inputs:
+            if seen is x:
+                self.stats.setdefault(name, shared)
+                return
+        st = self.stats.get(name)
+        if st is None:
+            n = x.shape[-1]
+            xtx = torch.zeros(n, n, device=x.device) if self.hessian else None
+            lin = torch.zeros(n, dtype=torch.float64, device=x.device) if self.means else None
+            # with means, E[x^2] - E[x]^2 (FLAP's variance) needs the squares in float64 too
+            sq = torch.zeros(n, dtype=torch.float64 if self.means else torch.float32, device=x.device)
+            st = self.stats[name] = InputStats(sq, xtx, lin)
+        st.add(x)
+        self._batch_inputs.append((x, st))
 
     def end_batch(self) -> None:
         """Forget this batch's input tensors (kept only to detect shared inputs)."""
         self._batch_inputs.clear()
+        self._batch_names.clear()
 
 
 @contextmanager
@@ -187,6 +197,7 @@ def collect_stats(
     inputs: LayerInputs,
     hessian: bool,
     means: bool = False,
+    stop_early: bool = False,
 ) -> dict[str, InputStats]:
     """One pass of ``layer`` over the held inputs, accumulating statistics of each module's input.
 
@@ -197,15 +208,21 @@ def collect_stats(
         hessian: also accumulate ``X X^T`` (SparseGPT; the Gram of structured compensation)
             besides the squared norms (Wanda).
         means: also accumulate ``sum x`` (FLAP's fluctuation, bias compensation).
+        stop_early: end each batch's forward as soon as every module has seen its input (the
+            layer's later computation is not needed, e.g. the MLP when only attention is read).
 
     Returns:
         name -> statistics; modules reading the same tensor share one object.
     """
-    collector = _Collector(hessian, means)
+    collector = _Collector(hessian, means, len(modules) if stop_early else None)
     with _hooks(modules, collector):
         for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
-            layer(hidden, *args, **kwargs)
-            collector.end_batch()
+            try:
+                layer(hidden, *args, **kwargs)
+            except _StopForward:
+                pass
+            finally:
+                collector.end_batch()
     missing = [n for n in modules if n not in collector.stats]
     if missing:
         raise RuntimeError(f"calibration never reached {', '.join(missing)}")

@@ -218,7 +218,8 @@ def prune(
 
     Returns:
         ``(new_weight, keep)``: the updated weight in the input dtype with exact zeros where
-        ``keep`` is False, and the boolean keep-mask.
+        ``keep`` is False (a transposed view of the solver's ``[in, out]`` buffer: copy it
+        into the module, or call ``.contiguous()`` before saving it), and the boolean keep-mask.
     """
     if (pattern is None) == (keep is None):
         raise ValueError("pass exactly one of pattern or keep")
@@ -239,8 +240,11 @@ def prune(
         if keep is None and not pattern.is_nm:
             prune_t[i1:i2] = _block_prune_mask(wt1, torch.diag(u1), pattern.sparsity)
         err = _solve_block(wt1, u1, prune_t[i1:i2], None if keep is not None else pattern)
-        wt[i2:] -= u[i1:i2, i2:].T @ err  # lazy update: [in-i2, B] @ [B, out]
+        # lazy update [in-i2, out] -= [in-i2, B] @ [B, out], in place: no [in-i2, out] temporary
+        # (43 MB for a 2048 x 5632 Linear), and the same bits as subtracting the product
+        wt[i2:].addmm_(u[i1:i2, i2:].T, err, alpha=-1.0)
     wt[prune_t] = 0.0
     keep_mask = ~prune_t.T
-    w = wt.T
-    return w.to(weight.dtype).contiguous(), keep_mask.contiguous()
+    del prune_t
+    # the transposed view, not a contiguous copy: one [out, in] float32 copy less at the peak
+    return wt.T.to(weight.dtype), keep_mask.contiguous()
