@@ -8,7 +8,7 @@ trace in what the sequence computes: its logits equal those of an unbatched, unp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ class Batch:
         pad_id: token fed to paused sequences (masked out, never attended to).
         tokens_fed: token positions run through the model so far, pads and peeks included
             (the compute budget of this batch).
+        history: per sequence, the real tokens fed so far (prompt included; no pads, no peeks):
+            the text each sequence has written, so a cell's context can be replayed later
+            (``prunescope edit`` fits on these contexts).
     """
 
     model: nn.Module
@@ -38,6 +41,7 @@ class Batch:
     logits: torch.Tensor
     pad_id: int
     tokens_fed: int = 0
+    history: list[list[int]] = field(default_factory=list)
 
     @classmethod
     @torch.no_grad()
@@ -58,6 +62,7 @@ class Batch:
             logits=out.logits[0, -1].float().cpu().expand(batch_size, -1).clone(),
             pad_id=pad_id,
             tokens_fed=n,
+            history=[list(prompt_ids) for _ in range(batch_size)],
         )
 
     @property
@@ -84,6 +89,8 @@ class Batch:
         )
         logits = out.logits.float().cpu()  # (B, L, V)
         self.pos = self.pos + active.long() * length
+        for i in torch.nonzero(active)[:, 0].tolist():
+            self.history[i].extend(ids[i].tolist())
         self.logits = torch.where(active[:, None], logits[:, -1], self.logits)
         return logits
 
@@ -113,6 +120,8 @@ class Batch:
             return logp, self.logits
         saved = (self.mask, self.pos, self.logits)
         logits = self.feed(torch.tensor(fed).expand(self.size, -1))  # (B, L, V)
+        for ids_i in self.history:
+            del ids_i[-len(fed):]  # a peek leaves no trace in what the sequences wrote
         if len(ids) > 1:
             step = torch.log_softmax(logits[:, : len(ids) - 1], dim=-1)  # (B, len(ids)-1, V)
             target = torch.tensor(ids[1:]).expand(self.size, -1)  # (B, len(ids)-1)

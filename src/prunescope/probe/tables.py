@@ -21,7 +21,7 @@ prevented. Before a cell is sampled, its exact distribution is read from the raw
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -249,6 +249,7 @@ def write_tables(
     temperature: float = 1.0, exact: bool = True, instruction: str | None = None,
     batch_size: int = 64, progress: bool = True, draws: str | None = None,
     exact_columns: Collection[str] | None = None,
+    on_cell: Callable[[int, int, Batch], None] | None = None,
 ) -> "Tables":
     """Write ``n`` tables of ``rows`` rows; return the observations, indexed ``[row][column]``.
 
@@ -257,6 +258,8 @@ def write_tables(
     ``draws`` (``iid`` or ``rqmc``, see :mod:`.sampling`) defaults to ``rqmc`` in exact mode and
     ``iid`` otherwise. ``exact_columns`` limits the exact readout to those columns (None: all);
     the others are only sampled, which saves the choice-scoring forwards of columns not studied.
+    ``on_cell(row, column, batch)`` (0-based) is called before each cell is written: the batch's
+    ``history`` then holds every table's context of that cell.
     """
     draws = draws or ("rqmc" if exact else "iid")
     prompt = build_prompt(tokenizer, template, rows, instruction)
@@ -277,6 +280,8 @@ def write_tables(
             for c, col in enumerate(template.columns):
                 obs = CellObservations()
                 writer.exact = exact and (exact_columns is None or col.name in exact_columns)
+                if on_cell is not None:
+                    on_cell(r, c, batch)
                 getattr(writer, f"{col.type}_cell")(col, obs)
                 _merge(merged[r][c], obs)
             bar.update(size)
