@@ -251,10 +251,13 @@ def model_command(command: str, model: Path, inputs: dict[str, Path]) -> list[st
         "activations": ["activations", str(model), "--text", text, "--tokens", "64", "--seqlen", "16"],
         "probe": ["probe", str(model), "--rows", "2", "--samples", "2", "--batch", "2", "--no-calibration"],
         "eval": ["eval", str(model), "--tasks", TASK, "--include-path", str(inputs["tasks"]), "--limit", "2"],
+        "edit": ["edit", str(model), "--target", "Gender=uniform", "--method", "fit", "--strength", "1",
+                 "--steps", "1", "--fit-tables", "2", "--measure-tables", "2", "--eval-text", text,
+                 "--eval-tokens", "64", "--eval-seqlen", "16"],
     }[command]
 
 
-MODEL_COMMANDS = ("prune", "shrink", "activations", "probe", "eval")
+MODEL_COMMANDS = ("prune", "shrink", "activations", "probe", "eval", "edit")
 
 
 @pytest.mark.parametrize("damage", sorted(MODEL_DAMAGE))
@@ -398,7 +401,7 @@ def every_command(inputs: dict[str, Path]) -> dict[str, list[str]]:
     return commands
 
 
-COMMANDS_WITH_OUT = ("prune", "shrink", "activations", "activations study", "probe", "eval",
+COMMANDS_WITH_OUT = ("prune", "shrink", "activations", "activations study", "probe", "eval", "edit",
                      "lora spectrum", "lora compress")
 
 

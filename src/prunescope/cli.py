@@ -35,6 +35,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "prunescope.commands.probe",
     "prunescope.commands.activations",
     "prunescope.commands.eval",
+    "prunescope.commands.edit",
 )
 
 

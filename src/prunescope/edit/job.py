@@ -1,0 +1,396 @@
+"""The edit job: measure, fit each kind of edit, measure again, on the same footing.
+
+One run: the probe's exact per-row distributions before any edit (on the training template, on
+held-out rewordings of it, on rows beyond those fitted); then for each kind and strength the
+same measurements with the edit applied by hooks (or, for ``weight``, by the changed weights),
+plus the side effects: perplexity on the evaluation text, KL and top-1 agreement of next-token
+distributions against the original on unrelated text, and the change of the fields no target
+names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from prunescope import data, evaluate, models
+from prunescope.edit import fields, methods
+from prunescope.edit.hooks import Edit, applied
+from prunescope.edit.rewordings import heldout_templates
+from prunescope.edit.targets import Target, parse_targets
+from prunescope.errors import PrunescopeError
+from prunescope.probe import stats
+from prunescope.probe.tables import build_prompt, build_vocab, write_tables
+from prunescope.probe.template import Template, load_template
+
+log = logging.getLogger(__name__)
+
+KINDS = ("fit", "caa", "ablate", "weight", "weight-null")
+DEFAULT_STRENGTHS = {"fit": (0.5, 1.0), "caa": (0.05, 0.2), "ablate": (1.0, 2.0), "weight": (1.0,),
+                     "weight-null": (1.0,)}
+
+
+@dataclass(frozen=True)
+class EditConfig(models.Placement):
+    """Options of an edit run, validated on construction (see ``prunescope edit --help``)."""
+
+    model: str = "smollm2-135m"
+    template: str = "people"
+    targets: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ("fit",)
+    layers: tuple[int, ...] | None = None
+    strengths: tuple[float, ...] | None = None
+    rows: int = 1
+    measure_rows: int = 2
+    fit_tables: int = 16
+    measure_tables: int = 32
+    steps: int = 30
+    lr: float = 0.03
+    kl_weight: float = 10.0
+    max_norm: float = 0.5
+    heldout: tuple[Path, ...] = ()
+    eval_text: str = data.DEFAULT_TEXT
+    eval_tokens: int = 8192
+    eval_seqlen: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.check_placement()
+        if not self.targets:
+            raise PrunescopeError("give at least one --target FIELD=DIST (e.g. Age.digit1=uniform:2-6)")
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad or not self.kinds:
+            raise PrunescopeError(f"unknown edit kind {', '.join(bad) or '(none)'}; valid: {', '.join(KINDS)}")
+        for name in ("rows", "measure_rows", "fit_tables", "measure_tables", "steps", "eval_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise PrunescopeError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        if self.measure_rows < self.rows:
+            raise PrunescopeError(f"measure-rows ({self.measure_rows}) must be at least rows ({self.rows})")
+        for name in ("lr", "kl_weight", "max_norm"):
+            value = getattr(self, name)
+            if not np.isfinite(value) or value < 0 or (name != "kl_weight" and value == 0):
+                raise PrunescopeError(f"{name.replace('_', '-')} must be a finite positive number, got {value!r}")
+        for s in self.strengths or ():
+            if not np.isfinite(s):
+                raise PrunescopeError(f"strength must be a finite number, got {s!r}")
+
+    def strengths_for(self, kind: str) -> tuple[float, ...]:
+        return self.strengths if self.strengths is not None else DEFAULT_STRENGTHS[kind]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One model state measured: target distance, side effects, the raw distributions."""
+
+    target_js: float
+    target_js_heldout: float | None
+    target_js_later_rows: float | None
+    ppl: float
+    kl_unrelated: float
+    top1_agreement: float
+    other_fields_js: float | None
+    sampled_in_band: float | None
+    fields: dict[str, dict[str, Any]]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EditResult:
+    """One kind at one strength: the schema of ``report.json``'s ``results``."""
+
+    kind: str
+    strength: float
+    target_js_before: float
+    target_js_after: float
+    target_js_heldout: float | None
+    target_js_heldout_before: float | None
+    target_js_later_rows: float | None
+    ppl_before: float
+    ppl_after: float
+    kl_unrelated: float
+    top1_agreement: float
+    other_fields_js: float | None
+    sampled_in_band: float | None
+    seconds: float
+    fit_seconds: float
+    fields: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EditReport:
+    model: str
+    template: str
+    targets: tuple[str, ...]
+    layers: tuple[int, ...]
+    rows: int
+    measure_rows: int
+    heldout_templates: tuple[str, ...]
+    before: Measurement
+    results: tuple[EditResult, ...]
+    fit_trace: dict[str, Any] | None
+    seconds: float
+
+
+def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
+    """``"8-12"`` / ``"8,10"`` -> layer indices, each inside ``0..n_layers-1``."""
+    out: list[int] = []
+    for part in str(spec).split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi or lo)
+        except ValueError:
+            raise PrunescopeError(f"--layers {spec!r}: expected indices like 8-12 or 8,10") from None
+        if first > last or first < 0 or last >= n_layers:
+            raise PrunescopeError(f"--layers {spec!r}: layer {last if first <= last else first} is outside the "
+                                  f"model's {n_layers} decoder layers (0-{n_layers - 1})")
+        out.extend(range(first, last + 1))
+    return tuple(dict.fromkeys(out))
+
+
+def default_layers(n_layers: int) -> tuple[int, ...]:
+    """A block of layers a little before the middle (where steering works best in the papers)."""
+    first = max(0, n_layers // 4)
+    return tuple(range(first, min(n_layers, first + max(1, n_layers // 6))))
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+
+@dataclass
+class _Setting:
+    """What every measurement shares: the templates, windows and the original model's logits."""
+
+    template: Template
+    heldout: list[Template]
+    targets: list[Target]
+    eval_blocks: torch.Tensor
+    unrelated: torch.Tensor
+    reference_logits: torch.Tensor | None = None
+    before: dict[str, dict[str, np.ndarray]] | None = None
+
+
+def _field_distributions(model: nn.Module, tokenizer, template: Template, rows: int, tables: int,
+                         seed: int) -> dict[str, dict[str, Any]]:
+    """``"row R / label" -> {values, distribution, sampled_counts}`` for every non-text field."""
+    from prunescope.probe.run import _fields_of_cell
+
+    written = write_tables(model, tokenizer, template, rows, tables, seed, exact=True,
+                           batch_size=min(tables, 32), progress=False)
+    digit_ids = build_vocab(tokenizer, template, build_prompt(tokenizer, template, rows)).digits
+    out = {}
+    for r, row in enumerate(written.cells, start=1):
+        for col, cell in zip(template.columns, row):
+            if col.type == "text":
+                continue
+            for f in _fields_of_cell(r, col, cell, digit_ids, {}):
+                out[f"row {r} / {f.label}"] = {
+                    "values": list(f.values), "distribution": list(f.distribution),
+                    "exact_marginal": list(f.exact_marginal or ()), "sampled_counts": list(f.sampled_counts),
+                    "sampled_n": f.sampled_n, "wilson_low": list(f.wilson_low), "wilson_high": list(f.wilson_high),
+                }
+    return out
+
+
+def _target_js(dists: dict[str, dict[str, Any]], targets: list[Target], rows: range) -> float | None:
+    """Mean Jensen-Shannon distance between each targeted field's distribution and its target."""
+    values = []
+    for t in targets:
+        for r in rows:
+            if t.rows is not None and r not in t.rows:
+                continue
+            got = dists.get(f"row {r} / {t.key.label}")
+            if got is not None:
+                values.append(stats.js_distance(np.array(got["distribution"]), t.as_array()))
+    return float(np.mean(values)) if values else None
+
+
+def _sampled_in_band(dists: dict[str, dict[str, Any]], targets: list[Target], rows: range) -> float | None:
+    """The sampled check: the share of the targeted fields' values whose exact probability lies
+    inside the 95% Wilson interval of how often the tables really wrote it (about 0.95 when the
+    edited model samples what its exact distribution says)."""
+    hits = []
+    for t in targets:
+        for r in rows:
+            got = dists.get(f"row {r} / {t.key.label}")
+            if got is None or not got["exact_marginal"] or t.rows is not None and r not in t.rows:
+                continue
+            hits += [lo - 1e-12 <= p <= hi + 1e-12
+                     for p, lo, hi in zip(got["exact_marginal"], got["wilson_low"], got["wilson_high"])]
+    return float(np.mean(hits)) if hits else None
+
+
+def _others_js(before: dict, after: dict, targets: list[Target]) -> float | None:
+    """Mean JS distance before -> after over the fields no target names (side effect)."""
+    targeted = {t.key.label for t in targets}
+    values = [stats.js_distance(np.array(after[k]["distribution"]), np.array(v["distribution"]))
+              for k, v in before.items() if k.split(" / ", 1)[1] not in targeted and k in after]
+    return float(np.mean(values)) if values else None
+
+
+@torch.no_grad()
+def _measure(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting) -> Measurement:
+    start = time.perf_counter()
+    seed = config.seed + 1000  # tables not used for fitting
+    main = _field_distributions(model, tokenizer, setting.template, config.measure_rows, config.measure_tables, seed)
+    heldout = [_field_distributions(model, tokenizer, t, config.rows, config.measure_tables, seed)
+               for t in setting.heldout]
+    fitted, later = range(1, config.rows + 1), range(config.rows + 1, config.measure_rows + 1)
+    js_held = [v for v in (_target_js(h, setting.targets, fitted) for h in heldout) if v is not None]
+    ppl = evaluate.perplexity(model, setting.eval_blocks, progress=False)
+    logits = model(input_ids=setting.unrelated.to(_device(model))).logits.float()  # [n, L, V]
+    if setting.reference_logits is None:
+        setting.reference_logits = logits
+    ref = torch.log_softmax(setting.reference_logits, dim=-1)
+    kl = float(methods.next_token_kl(ref, logits))
+    top1 = float((logits.argmax(-1) == setting.reference_logits.argmax(-1)).float().mean())
+    merged = {**main, **{f"{t.name} / {k}": v for t, h in zip(setting.heldout, heldout) for k, v in h.items()}}
+    return Measurement(
+        target_js=_target_js(main, setting.targets, fitted) or 0.0,
+        target_js_heldout=float(np.mean(js_held)) if js_held else None,
+        target_js_later_rows=_target_js(main, setting.targets, later),
+        ppl=ppl, kl_unrelated=kl, top1_agreement=top1,
+        other_fields_js=None if setting.before is None else _others_js(setting.before, main, setting.targets),
+        sampled_in_band=_sampled_in_band(main, setting.targets, fitted), fields=merged, seconds=time.perf_counter() - start,
+    )
+
+
+# ------------------------------------------------------------------------------------ the run
+
+
+def _edits(kind: str, model: nn.Module, config: EditConfig, contexts: fields.Contexts, targets: list[torch.Tensor],
+           layers: tuple[int, ...], setting: _Setting, cache: dict[str, Any]
+           ) -> Iterator[tuple[float, Edit | methods.WeightEdit, float]]:
+    """For each strength of ``kind``: (strength, the edit, seconds it took to build). The fit and
+    the contrast vectors are computed once and shared by the kinds built on them."""
+    start = time.perf_counter()
+    if kind in ("fit", "weight", "weight-null") and "fit" not in cache:
+        edit, trace = methods.fit(model, contexts, targets, layers, setting.unrelated, config.steps, config.lr,
+                                  config.kl_weight, config.max_norm)
+        cache["fit"], cache["trace"] = edit, trace
+    if kind in ("caa", "ablate") and "contrast" not in cache:
+        cache["contrast"] = methods.contrast(model, contexts, targets, layers)
+        cache["norms"] = methods.residual_norms(model, setting.unrelated, layers)
+    if kind.startswith("weight"):
+        vectors = {e.layer: e.add for e in cache["fit"].layers}
+        weights = methods.weight_edit(model, contexts, vectors, setting.unrelated, null=kind == "weight-null")
+    seconds = time.perf_counter() - start
+    for s in config.strengths_for(kind):
+        if kind == "fit":
+            yield s, Edit([dataclasses.replace(e, add=e.add * s) for e in cache["fit"].layers]), seconds
+        elif kind == "caa":
+            yield s, methods.caa_edit(cache["contrast"], s, cache["norms"]), seconds
+        elif kind == "ablate":
+            yield s, methods.ablate_edit(cache["contrast"], s), seconds
+        else:
+            yield s, weights.scaled(s), seconds
+
+
+def _applied(model: nn.Module, edit: Edit | methods.WeightEdit) -> AbstractContextManager[Any]:
+    """The one way an edit is applied while measuring: hooks, or the weight deltas added."""
+    return methods.weights_applied(model, edit) if isinstance(edit, methods.WeightEdit) else applied(model, edit)
+
+
+def save_edited(model: nn.Module, tokenizer, edit: Edit | methods.WeightEdit, folder: Path) -> float:
+    """Fold ``edit`` into ``model`` (biases and projected writers, or the weight deltas) and write
+    a plain Hugging Face folder; returns the largest logit difference between the reloaded
+    folder and the hooked model on a short text (the fold is exact up to float rounding)."""
+    from transformers import AutoModelForCausalLM
+
+    from prunescope import atomic
+    from prunescope.edit.hooks import fold, save_edit
+
+    probe_ids = torch.tensor([tokenizer("Generate a table of random people.")["input_ids"]])
+    with torch.no_grad(), _applied(model, edit):
+        hooked = model(input_ids=probe_ids.to(_device(model))).logits.float().cpu()
+    if isinstance(edit, methods.WeightEdit):
+        methods.fold_weights(model, edit)
+        folded = model
+    else:
+        folded = fold(model, edit)
+    with atomic.new_folder(folder) as tmp:
+        folded.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if isinstance(edit, Edit):
+            save_edit(edit, tmp / "edit.safetensors")  # the vectors alone, for hooks (load_edit)
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=next(folded.parameters()).dtype)
+    with torch.no_grad():
+        again = reloaded(input_ids=probe_ids).logits.float()
+    return float((again - hooked).abs().max())
+
+
+def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str | None = None,
+                built: dict[tuple[str, float], Any] | None = None) -> EditReport:
+    """Measure, build every kind of edit at every strength, measure each; see the module docstring.
+
+    ``built``, when given, receives every edit: ``(kind, strength) -> Edit`` (vectors and
+    directions, applied by hooks) or ``WeightEdit`` (weight deltas)."""
+    t0 = time.perf_counter()
+    template = load_template(config.template)
+    targets = parse_targets(config.targets, template)
+    n_layers = len(models.adapter_for(model).layers(model))
+    layers = config.layers if config.layers is not None else default_layers(n_layers)
+    text = data.tokenize(tokenizer, data.load_text(config.eval_text))
+    setting = _Setting(
+        template, heldout_templates(template, config.heldout), targets,
+        data.eval_blocks(text, config.eval_seqlen, config.eval_tokens),
+        data.calibration_blocks(text, 8, min(128, config.eval_seqlen), config.seed + 7),
+    )
+    if not setting.heldout:
+        log.warning("no held-out rewordings of template %s: give --heldout FILE to measure generalization", template.name)
+    log.info("measuring the unedited model")
+    before = _measure(model, tokenizer, config, setting)
+    setting.before = {k: v for k, v in before.fields.items() if k.startswith("row ")}
+    contexts = fields.record_contexts(model, tokenizer, template, targets, config.rows, config.fit_tables, config.seed)
+    wanted = [torch.tensor(_target_of(f, targets).probs) for f in contexts.fields]
+    cache: dict[str, Any] = {}
+    results = []
+    for kind in config.kinds:
+        for strength, edit, build_seconds in _edits(kind, model, config, contexts, wanted, layers, setting, cache):
+            if built is not None:
+                built[(kind, strength)] = edit
+            with _applied(model, edit):
+                after = _measure(model, tokenizer, config, setting)
+            result = EditResult(
+                kind, strength, before.target_js, after.target_js, after.target_js_heldout,
+                before.target_js_heldout, after.target_js_later_rows, before.ppl, after.ppl,
+                after.kl_unrelated, after.top1_agreement, after.other_fields_js, after.sampled_in_band,
+                seconds=after.seconds + build_seconds, fit_seconds=build_seconds, fields=after.fields,
+            )
+            log.info("%s x%g: target JS %.3f -> %.3f (held-out %s), ppl %.2f -> %.2f", kind, strength,
+                     result.target_js_before, result.target_js_after, _fmt(result.target_js_heldout),
+                     result.ppl_before, result.ppl_after)
+            results.append(result)
+    trace = cache.get("trace")
+    return EditReport(
+        model_name or config.model, template.name, config.targets, tuple(layers), config.rows, config.measure_rows,
+        tuple(t.name for t in setting.heldout), before, tuple(results),
+        None if trace is None else dataclasses.asdict(trace), time.perf_counter() - t0,
+    )
+
+
+def _target_of(field_contexts: fields.FieldContexts, targets: list[Target]) -> Target:
+    for t in targets:
+        if t.key == field_contexts.key and (t.rows is None or field_contexts.row in t.rows):
+            return t
+    raise AssertionError(f"no target for {field_contexts.key}")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+

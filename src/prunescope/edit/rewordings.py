@@ -1,0 +1,97 @@
+"""Held-out rewordings of a template: does an edit fitted on one prompt hold on others?
+
+An edit fitted on one prompt may only have learnt that prompt. Each rewording asks for the same
+table (same columns, same value grammar, same number of rows) in clearly different words, and is
+never used for fitting; the target distance measured on them is the report's generalization
+figure. Built-in templates ship their rewordings here; a user template brings its own files.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from prunescope.errors import PrunescopeError
+from prunescope.probe.template import BUILTIN_TEMPLATES, Column, Template, load_template
+
+log = logging.getLogger(__name__)
+
+REWORDINGS: dict[str, tuple[str, ...]] = {
+    "people": (
+        "Make up {rows} fictional persons and list them in a markdown table whose columns are Name, "
+        "Gender and Age. Output nothing but the table.\n{table}",
+        "Fill in the markdown table below with {rows} people chosen at random: give each person's "
+        "Name, Gender and Age. Do not write anything before or after the table.\n{table}",
+        "Columns: Name, Gender, Age. Rows: {rows} imaginary individuals picked at random. Format "
+        "them as a markdown table and answer with that table alone.\n{table}",
+        "I need sample data for a test. Please invent {rows} random people and show their Name, "
+        "Gender and Age in a markdown table, with no other text.\n{table}",
+    ),
+}
+
+
+def _same_column(a: Column, b: Column) -> bool:
+    """Whether two columns hold the same fields and values (a text column's token budget may differ)."""
+    if (a.name, a.type) != (b.name, b.type):
+        return False
+    if a.type == "choice":
+        return a.choices == b.choices
+    if a.type == "digits":
+        return (a.min_length, a.max_length) == (b.min_length, b.max_length)
+    return True
+
+
+def column_mismatch(expected: Sequence[Column], got: Sequence[Column]) -> str | None:
+    """A short account of the first column that differs, or None when the columns match."""
+    for i in range(max(len(expected), len(got))):
+        a = expected[i] if i < len(expected) else None
+        b = got[i] if i < len(got) else None
+        if a is not None and b is not None and _same_column(a, b):
+            continue
+        return f"column {i + 1}: expected {_column_text(a)}, got {_column_text(b)}"
+    return None
+
+
+def _column_text(col: Column | None) -> str:
+    if col is None:
+        return "no column"
+    if col.type == "choice":
+        return f"{col.name} (choice {'/'.join(col.choices)})"
+    if col.type == "digits":
+        return f"{col.name} (digits, {col.min_length}-{col.max_length})"
+    return f"{col.name} (text)"
+
+
+def _builtin_rewordings(template: Template) -> list[Template]:
+    """The shipped rewordings of a built-in template, only if ``template`` has its columns."""
+    prompts = REWORDINGS.get(template.name, ())
+    if not prompts or template.name not in BUILTIN_TEMPLATES:
+        return []
+    if column_mismatch(load_template(template.name).columns, template.columns) is not None:
+        log.debug("template %s is not the built-in one (its columns differ): no built-in rewordings", template.name)
+        return []
+    return [Template(f"{template.name}/reworded-{i}", prompt, template.columns) for i, prompt in enumerate(prompts, 1)]
+
+
+def _from_file(path: Path, template: Template) -> Template:
+    """A held-out template file, checked to have ``template``'s columns; named by its path."""
+    if not path.is_file():
+        raise PrunescopeError(f"held-out template file {path} does not exist; pass a .yaml, .yml or .json template")
+    loaded = load_template(path)
+    diff = column_mismatch(template.columns, loaded.columns)
+    if diff is not None:
+        raise PrunescopeError(
+            f"held-out template {path}: its columns must be those of template {template.name}; {diff}"
+        )
+    if loaded.prompt.strip() == template.prompt.strip():
+        log.warning("held-out template %s has the same prompt as %s: it is not held out", path, template.name)
+    return replace(loaded, name=str(path))
+
+
+def heldout_templates(template: Template, files: Sequence[Path] = ()) -> list[Template]:
+    """Rewordings of ``template`` never used for fitting: the built-in ones for a built-in template,
+    then one per file in ``files`` (each must have exactly ``template``'s columns). An empty list
+    when there are none; the caller decides whether to warn."""
+    return _builtin_rewordings(template) + [_from_file(Path(f), template) for f in files]

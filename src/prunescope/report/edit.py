@@ -1,0 +1,94 @@
+"""Markdown and plots of an edit run (:class:`prunescope.edit.job.EditReport`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from prunescope.report.io import markdown_table
+from prunescope.report.plots import new_figure, save_figure
+
+if TYPE_CHECKING:
+    from prunescope.edit.job import EditReport
+
+
+def _pct(after: float, before: float) -> float:
+    return 100.0 * (after / before - 1.0)
+
+
+def results_table(report: "EditReport") -> str:
+    """One row per kind and strength: target distance (fitted rows, held-out templates, later
+    rows) against the side effects."""
+    b = report.before
+    rows = [("none", "-", b.target_js, b.target_js_heldout, b.target_js_later_rows, b.ppl, 0.0, 0.0, 1.0, None,
+             b.sampled_in_band, b.seconds)]
+    rows += [(r.kind, r.strength, r.target_js_after, r.target_js_heldout, r.target_js_later_rows, r.ppl_after,
+              _pct(r.ppl_after, r.ppl_before), r.kl_unrelated, r.top1_agreement, r.other_fields_js,
+              r.sampled_in_band, r.seconds)
+             for r in report.results]
+    headers = ("kind", "strength", "target JS", "held-out JS", "later rows JS", "ppl", "ppl change %",
+               "KL unrelated", "top-1 agree", "other fields JS", "sampled in band", "seconds")
+    return markdown_table(headers, rows, ".3f")
+
+
+def fields_table(report: "EditReport", label: str) -> str:
+    """The distributions of the targeted fields at row 1 before and after each edit."""
+    lines = []
+    for key, f in report.before.fields.items():
+        if not key.startswith("row 1 / ") or key.split(" / ", 1)[1] not in label:
+            continue
+        values = f["values"]
+        rows = [("before", *f["distribution"])]
+        rows += [(f"{r.kind} x{r.strength:g}", *r.fields[key]["distribution"]) for r in report.results if key in r.fields]
+        lines.append(f"**{key}**\n\n" + markdown_table(("model", *values), rows, ".3f"))
+    return "\n\n".join(lines)
+
+
+def render_markdown(report: "EditReport") -> str:
+    """The report a person reads: what was asked, the results table, the fields, the fit."""
+    labels = " ".join(report.targets)
+    parts = [
+        f"# prunescope edit: {report.model}",
+        f"Template `{report.template}`, targets {', '.join(f'`{t}`' for t in report.targets)}, "
+        f"edited layers {list(report.layers)}, {report.rows} fitted row(s), measured on "
+        f"{report.measure_rows} rows; held-out templates: {', '.join(report.heldout_templates) or 'none'}. "
+        f"{report.seconds:.0f} s in all.",
+        "Target JS is the mean Jensen-Shannon distance (base 2, 0 = the target exactly) between each "
+        "targeted field's exact distribution and its target, on the fitted rows of the training "
+        "template; held-out: the same on reworded templates; later rows: rows after the fitted ones. "
+        "Other fields JS: how far the fields no target names moved. Sampled in band: the share of the "
+        "targeted values whose exact probability lies in the 95% Wilson interval of the sampled tables "
+        "(about 0.95 when samples agree with the exact distribution).",
+        results_table(report),
+        "## Targeted fields at row 1",
+        fields_table(report, labels.replace(".digit", " digit ")),
+    ]
+    if report.fit_trace:
+        t = report.fit_trace
+        parts.append(f"## Fit\n\n{len(t['target_kl'])} steps in {t['seconds']:.0f} s: target KL "
+                     f"{t['target_kl'][0]:.4f} -> {t['target_kl'][-1]:.4f} nats, unrelated KL "
+                     f"{t['unrelated_kl'][0]:.5f} -> {t['unrelated_kl'][-1]:.5f}.")
+    return "\n\n".join(parts) + "\n"
+
+
+def plot_pareto(report: "EditReport", path: str | Path) -> Path:
+    """Target distance (held-out where measured) against the perplexity change, one line per kind
+    over its strengths: the front a user chooses an edit from."""
+    fig = new_figure(7.0, 4.5)
+    ax = fig.add_subplot()
+    use_heldout = all(r.target_js_heldout is not None for r in report.results)
+    before = report.before.target_js_heldout if use_heldout else report.before.target_js
+    ax.scatter([0.0], [before], color="black", zorder=3, label="unedited")
+    for kind in dict.fromkeys(r.kind for r in report.results):
+        runs = sorted((r for r in report.results if r.kind == kind), key=lambda r: r.strength)
+        xs = [_pct(r.ppl_after, r.ppl_before) for r in runs]
+        ys = [r.target_js_heldout if use_heldout else r.target_js_after for r in runs]
+        ax.plot(xs, ys, marker="o", label=kind)
+        for r, x, y in zip(runs, xs, ys):
+            ax.annotate(f"x{r.strength:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("perplexity change (%)")
+    ax.set_ylabel("target JS distance" + (" (held-out templates)" if use_heldout else ""))
+    ax.set_title("Edits: distance to the target against the side effect")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)

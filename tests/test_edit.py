@@ -1,0 +1,177 @@
+"""``prunescope edit`` on tiny models: the differentiable field distributions against the probe's
+exact readout, each kind of edit doing what it says, the job and the command end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from prunescope import cli
+from prunescope.edit import fields, methods
+from prunescope.edit.hooks import Edit, LayerEdit, applied
+from prunescope.edit.targets import parse_targets
+from prunescope.probe.tables import write_tables
+from prunescope.probe.template import load_template
+from prunescope.testing import tiny_llama
+
+from tests.test_probe import digit_model, digit_tokenizer
+
+
+@pytest.fixture(scope="module")
+def dtok():
+    return digit_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def people():
+    return load_template("people")
+
+
+def _targets(template, *specs):
+    return parse_targets(list(specs), template)
+
+
+def test_marginals_equal_the_probes_exact_readout(dtok, people):
+    """Teacher-forced marginals (gradients possible) == the probe's KV-cached exact readout, on
+    the very tables the probe wrote (same seed, batch and draws), for a choice and two digits."""
+    model = digit_model(dtok, seed=1)
+    targets = _targets(people, "Gender=uniform", "Age.digit1=uniform:2-6")
+    contexts = fields.record_contexts(model, dtok, people, targets, rows=2, tables=6, seed=3, batch_size=3)
+    written = write_tables(model, dtok, people, 2, 6, 3, exact=True, batch_size=3, progress=False, draws="iid")
+    got = fields.marginals(model, contexts)
+    columns = [c.name for c in people.columns]
+    for f, q in zip(contexts.fields, got):
+        cell = written.cells[f.row - 1][columns.index(f.key.column)]
+        exact = cell.exact[(f.key.position or 1) - 1].double()  # [tables, values]
+        want = exact.mean(0) / exact.mean(0).sum()
+        assert len(f.suffixes) == exact.shape[0]
+        torch.testing.assert_close(q.double(), want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_digit_no_table_reached_is_a_clear_error(dtok, people):
+    from prunescope.errors import PrunescopeError
+
+    model = digit_model(dtok, seed=1)  # writes no digit in the first row's Age cell of these tables
+    with pytest.raises(PrunescopeError, match="reached Age digit 3 at row 1"):
+        fields.record_contexts(model, dtok, people, _targets(people, "Age.digit3=uniform"), 1, 3, 3, 3)
+
+
+def test_gradients_reach_the_added_vector(dtok, people):
+    model = digit_model(dtok)
+    model.requires_grad_(False)
+    contexts = fields.record_contexts(model, dtok, people, _targets(people, "Gender=uniform"), 1, 3, 0, 3)
+    vector = torch.zeros(model.config.hidden_size, requires_grad=True)
+    with applied(model, Edit([LayerEdit(1, add=vector)])):
+        (q,) = fields.marginals(model, contexts)
+    methods.kl_to(torch.tensor([0.0, 1.0, 0.0]), q).backward()
+    assert vector.grad is not None and float(vector.grad.abs().sum()) > 0
+
+
+def test_fit_moves_the_field_towards_the_target(dtok, people):
+    model = digit_model(dtok, seed=2)
+    targets = _targets(people, "Age.digit1=3:1")
+    contexts = fields.record_contexts(model, dtok, people, targets, 1, 4, 0, 4)
+    unrelated = torch.randint(0, 300, (2, 16))
+    edit, trace = methods.fit(model, contexts, [torch.tensor(targets[0].probs)], [0, 1], unrelated, steps=8,
+                              lr=0.2, kl_weight=0.0, max_norm=2.0)
+    assert trace.target_kl[-1] < 0.5 * trace.target_kl[0]
+    with applied(model, edit):
+        (q,) = fields.marginals(model, contexts)
+    assert float(q[3]) > 0.5
+
+
+def test_contrast_ablation_and_weight_edits(dtok, people):
+    model = digit_model(dtok, seed=4)
+    targets = _targets(people, "Age.digit1=uniform:2-6")
+    contexts = fields.record_contexts(model, dtok, people, targets, 1, 4, 0, 4)
+    wanted = [torch.tensor(targets[0].probs)]
+    vectors = methods.contrast(model, contexts, wanted, [0, 1])
+    assert set(vectors) == {0, 1} and all(v.shape == (model.config.hidden_size,) for v in vectors.values())
+    caa = methods.caa_edit(vectors, 0.5, {0: 2.0, 1: 4.0})
+    assert [round(float(e.add.norm()), 5) for e in caa.layers] == [1.0, 2.0]  # strength x residual norm
+    ablate = methods.ablate_edit(vectors, 1.0)
+    assert all(abs(float(e.direction.norm()) - 1) < 1e-5 for e in ablate.layers)
+    # the rank-one edit writes exactly v for the cells' mean key, whatever the key covariance
+    v = {1: torch.randn(model.config.hidden_size)}
+    for null in (False, True):
+        w = methods.weight_edit(model, contexts, v, torch.randint(0, 300, (2, 16)), null=null)
+        key = methods._cell_keys(model, contexts, [1])[1]
+        writer = methods._mlp_writer(model, 1)
+        before = writer(key)
+        with methods.weights_applied(model, w):
+            after = writer(key)
+        assert not torch.equal(writer.weight, writer.weight + w.deltas[1])  # restored after the block
+        torch.testing.assert_close(after - before, v[1], atol=2e-3, rtol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, dtok):
+    folder = tmp_path_factory.mktemp("tiny-edit")
+    tiny_llama(vocab_size=max(384, len(dtok))).save_pretrained(folder)
+    dtok.save_pretrained(folder)
+    return folder
+
+
+def test_cli_edit_writes_the_report_and_a_folded_model(model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 50} and {i}" for i in range(600)))
+    out = tmp_path / "out"
+    rc = cli.main(["-q", "edit", str(model_dir), "--target", "Age.digit1=uniform:2-6", "--target", "Gender=uniform",
+                   "--method", "fit,caa,ablate,weight,weight-null", "--layers", "0-1", "--steps", "2",
+                   "--fit-tables", "3", "--measure-tables", "3", "--strength", "1", "--eval-text", str(text),
+                   "--eval-tokens", "512", "--save", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    kinds = [r["kind"] for r in report["results"]]
+    assert kinds == ["fit", "caa", "ablate", "weight", "weight-null"]
+    schema = ("kind", "strength", "target_js_before", "target_js_after", "target_js_heldout", "ppl_before",
+              "ppl_after", "kl_unrelated", "top1_agreement", "seconds")
+    for r in report["results"]:
+        assert all(k in r for k in schema) and "sampled_in_band" in r
+        assert 0 <= r["target_js_after"] <= 1 and 0 <= r["top1_agreement"] <= 1
+    assert len(report["heldout_templates"]) >= 3
+    assert (out / "pareto.png").stat().st_size > 1000 and "| fit |" in (out / "report.md").read_text()
+    folded = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert folded.config.mlp_bias  # the fitted vector lives in down_proj's bias
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--target", "Height=uniform"], "Height"),
+        (["--target", "Gender=Male:0.7,Female:0.7"], "sum"),
+        (["--target", "Gender=Male:-1,Female:2"], ">= 0"),
+        (["--target", "Gender=uniform", "--layers", "40"], "outside the model's"),
+        (["--target", "Gender=uniform", "--strength", "nan"], "finite"),
+        (["--target", "Gender=uniform", "--method", "rome"], "unknown edit kind"),
+        ([], "at least one --target"),
+    ],
+)
+def test_cli_edit_bad_input(model_dir, tmp_path, capsys, args, message):
+    rc = cli.main(["edit", str(model_dir), *args, "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kind", ["vector", "weight"])
+def test_saved_folded_model_gives_the_hooked_logits(dtok, people, tmp_path, kind):
+    """The folded, reloaded folder computes what the hooked (or weight-edited) model computed."""
+    from prunescope.edit import job
+
+    model = digit_model(dtok, seed=5)
+    hidden = model.config.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    if kind == "vector":
+        edit = Edit([LayerEdit(0, add=torch.randn(hidden, generator=gen)),
+                     LayerEdit(1, add=torch.randn(hidden, generator=gen), direction=torch.randn(hidden, generator=gen))])
+    else:
+        contexts = fields.record_contexts(model, dtok, people, _targets(people, "Gender=uniform"), 1, 3, 0, 3)
+        edit = methods.weight_edit(model, contexts, {1: torch.randn(hidden, generator=gen)}, torch.randint(0, 300, (2, 16)))
+    diff = job.save_edited(model, dtok, edit, tmp_path / "model")
+    assert diff < 1e-4
+    assert (tmp_path / "model" / "edit.safetensors").exists() == (kind == "vector")

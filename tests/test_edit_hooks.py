@@ -1,0 +1,255 @@
+"""Edits of hidden outputs: hooks (applied) and the same edit folded into Hugging Face weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from prunescope import models
+from prunescope.edit.hooks import Edit, LayerEdit, applied, fold, load_edit, save_edit
+from prunescope.errors import PrunescopeError
+from prunescope.testing import tiny_family_model, tiny_llama
+
+HIDDEN = 32
+IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64], [1, 2, 3, 4, 5, 6, 7, 8]])
+
+
+def _vec(seed: int, scale: float = 1.0) -> torch.Tensor:
+    """A reproducible random [HIDDEN] vector."""
+    return scale * torch.randn(HIDDEN, generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits  # [batch, seq, vocab]
+
+
+def _layer_output(model: torch.nn.Module, index: int) -> torch.Tensor:
+    """The hidden states decoder layer ``index`` returns, captured with a forward hook."""
+    captured: list[torch.Tensor] = []
+
+    def grab(_m, _args, out):
+        captured.append(out[0] if isinstance(out, tuple) else out)
+
+    handle = models.adapter_for(model).layers(model)[index].register_forward_hook(grab)
+    try:
+        _logits(model)
+    finally:
+        handle.remove()
+    return captured[0]  # [batch, seq, hidden]
+
+
+def _hook_count(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def _mixed_edit() -> Edit:
+    return Edit([
+        LayerEdit(0, add=_vec(1, 0.5), direction=_vec(2), ablate_scale=1.0),
+        LayerEdit(1, add=_vec(3, 0.3)),
+        LayerEdit(2, direction=_vec(4), ablate_scale=0.5),
+    ])
+
+
+def test_add_shifts_the_layer_output_by_exactly_add():
+    model = tiny_llama(num_layers=3)
+    add = _vec(0)
+    before = _layer_output(model, 1)
+    with applied(model, Edit([LayerEdit(1, add=add)])):
+        after = _layer_output(model, 1)
+    torch.testing.assert_close(after, before + add, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_layer_output(model, 1), before, atol=0, rtol=0)  # edit gone
+
+
+def test_direction_is_removed_from_both_writers():
+    model = tiny_llama(num_layers=2)
+    d = _vec(5)
+    layer = models.adapter_for(model).layers(model)[0]
+    paths = ("self_attn.o_proj", "mlp.down_proj")
+    seen: dict[str, torch.Tensor] = {}
+
+    def capture() -> list:
+        return [layer.get_submodule(p).register_forward_hook(
+            lambda _m, _a, out, p=p: seen.__setitem__(p, out)) for p in paths]
+
+    handles = capture()
+    _logits(model)
+    assert all((seen[p] @ d).abs().max() > 1e-3 for p in paths)  # unedited outputs have a d part
+    [h.remove() for h in handles]
+    with applied(model, Edit([LayerEdit(0, direction=d)])):
+        handles = capture()  # registered after the edit's hooks: sees the edited outputs
+        _logits(model)
+    [h.remove() for h in handles]
+    assert all((seen[p] @ d).abs().max() < 1e-5 for p in paths)
+
+
+def test_hooks_removed_after_block_and_after_exception():
+    model = tiny_llama()
+    base = _hook_count(model)
+    edit = Edit([LayerEdit(0, add=_vec(0), direction=_vec(1)), LayerEdit(1, direction=_vec(2))])
+    with applied(model, edit):
+        assert _hook_count(model) == base + 5
+    assert _hook_count(model) == base
+    with pytest.raises(RuntimeError, match="boom"), applied(model, edit):
+        raise RuntimeError("boom")
+    assert _hook_count(model) == base
+
+
+def test_gradients_flow_into_add():
+    model = tiny_llama()
+    model.requires_grad_(False)
+    add = torch.zeros(HIDDEN, requires_grad=True)
+    with applied(model, Edit([LayerEdit(0, add=add, direction=_vec(1))])):
+        loss = model(IDS).logits.logsumexp(-1).mean()
+    loss.backward()
+    assert add.grad is not None and add.grad.abs().sum() > 0
+
+
+def test_fold_equals_hooks_and_round_trips(tmp_path):
+    model = tiny_family_model("llama")
+    edit = _mixed_edit()
+    with applied(model, edit):
+        hooked = _logits(model)
+    assert not torch.allclose(hooked, _logits(model), atol=1e-3)  # the edit does something
+    folded = fold(model, edit)
+    assert folded is not model and folded.config.mlp_bias is True
+    torch.testing.assert_close(_logits(folded), hooked, atol=1e-5, rtol=0)
+    folded.save_pretrained(tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    torch.testing.assert_close(_logits(reloaded), hooked, atol=1e-5, rtol=0)
+    up = models.adapter_for(reloaded).layers(reloaded)[2].mlp.up_proj
+    assert up.bias is not None and not up.bias.any()  # the flag's other biases are zero
+
+
+def test_fold_in_place_when_the_bias_exists():
+    model = tiny_family_model("llama", mlp_bias=True, attention_bias=True)
+    edit = _mixed_edit()
+    with applied(model, edit):
+        hooked = _logits(model)
+    assert fold(model, edit) is model
+    torch.testing.assert_close(_logits(model), hooked, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
+def test_pure_ablation_folds_without_biases(family):
+    model = tiny_family_model(family)
+    edit = Edit([LayerEdit(0, direction=_vec(1)), LayerEdit(2, direction=_vec(2), ablate_scale=0.7)])
+    biases = sum(name.endswith("bias") for name, _ in model.named_parameters())
+    with applied(model, edit):
+        hooked = _logits(model)
+    folded = fold(model, edit)
+    assert folded is model
+    assert sum(name.endswith("bias") for name, _ in folded.named_parameters()) == biases
+    torch.testing.assert_close(_logits(folded), hooked, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2"])
+def test_add_folds_into_existing_biases_of_opt_and_gpt2(family):
+    model = tiny_family_model(family)
+    edit = Edit([LayerEdit(1, add=_vec(1, 0.5))])
+    with applied(model, edit):
+        hooked = _logits(model)
+    assert fold(model, edit) is model
+    torch.testing.assert_close(_logits(model), hooked, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2"])
+def test_direction_refused_where_the_attention_writer_is_unknown(family):
+    model = tiny_family_model(family)
+    edit = Edit([LayerEdit(0, direction=_vec(1))])
+    with pytest.raises(PrunescopeError, match="no attention writer"):
+        edit.check(model)
+    with pytest.raises(PrunescopeError, match="no attention writer"), applied(model, edit):
+        pass
+    assert _hook_count(model) == 0
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "phi3"])
+def test_add_refused_where_no_mlp_bias_exists(family):
+    model = tiny_family_model(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    edit = Edit([LayerEdit(0, direction=_vec(2)), LayerEdit(1, add=_vec(1))])
+    with pytest.raises(PrunescopeError, match=r"no mlp.down_proj bias .* measure the edit with hooks"):
+        fold(model, edit)
+    for key, value in model.state_dict().items():  # checked before anything changed
+        torch.testing.assert_close(value, before[key], atol=0, rtol=0)
+    with applied(model, edit):  # hooks still work
+        _logits(model)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (LayerEdit(40, add=torch.zeros(HIDDEN)), r"layer 40 is outside the model's 2 decoder layers \(0-1\)"),
+        (LayerEdit(-1), "outside the model's 2 decoder layers"),
+        (LayerEdit(0, add=torch.zeros(16)), r"add has shape \(16,\); expected \[32\]"),
+        (LayerEdit(0, direction=torch.zeros(1, HIDDEN)), r"direction has shape \(1, 32\)"),
+        (LayerEdit(0, add=torch.full((HIDDEN,), float("nan"))), "NaN or infinite"),
+        (LayerEdit(0, direction=torch.zeros(HIDDEN)), "zero vector"),
+        (LayerEdit(0, direction=_vec(1), ablate_scale=float("inf")), "ablate_scale must be a finite"),
+        (LayerEdit(0, add=torch.zeros(HIDDEN, dtype=torch.long)), "floating-point tensor"),
+    ],
+)
+def test_check_errors(entry, message):
+    with pytest.raises(PrunescopeError, match=message):
+        Edit([entry]).check(tiny_llama())
+
+
+def test_check_refuses_a_layer_edited_twice():
+    with pytest.raises(PrunescopeError, match="layer 1 is edited twice"):
+        Edit([LayerEdit(1, add=_vec(0)), LayerEdit(1, direction=_vec(1))]).check(tiny_llama())
+
+
+def test_direction_need_not_be_unit_length():
+    model = tiny_llama()
+    with applied(model, Edit([LayerEdit(1, direction=_vec(3))])):
+        unit = _logits(model)
+    with applied(model, Edit([LayerEdit(1, direction=7.5 * _vec(3))])):
+        scaled = _logits(model)
+    torch.testing.assert_close(scaled, unit, atol=1e-5, rtol=0)
+
+
+def test_float32_edit_on_a_bfloat16_model():
+    model = tiny_llama().to(torch.bfloat16)
+    add = _vec(0)
+    before = _layer_output(model, 0)
+    with applied(model, Edit([LayerEdit(0, add=add, direction=_vec(1))])):
+        after = _layer_output(model, 0)
+    assert after.dtype == torch.bfloat16 and not torch.equal(after, before)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    edit = _mixed_edit()
+    path = save_edit(edit, tmp_path / "edit" / "edit.safetensors")
+    loaded = load_edit(path)
+    assert [(e.layer, e.ablate_scale) for e in loaded.layers] == [(e.layer, e.ablate_scale) for e in edit.layers]
+    for a, b in zip(loaded.layers, edit.layers):
+        for name in ("add", "direction"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None) == (y is None)
+            if x is not None:
+                torch.testing.assert_close(x, y, atol=0, rtol=0)
+    assert loaded.nbytes == edit.nbytes == 4 * 4 * HIDDEN
+    assert loaded.summary() == edit.summary()
+
+
+def test_load_edit_errors(tmp_path):
+    with pytest.raises(PrunescopeError, match="does not exist"):
+        load_edit(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(PrunescopeError, match="not a prunescope edit file"):
+        load_edit(junk)
+
+
+def test_fold_leaves_the_hooked_copy_equal():
+    """Folding one copy does not disturb another (tests above compare against the hooked model)."""
+    model = tiny_llama()
+    twin = copy.deepcopy(model)
+    edit = Edit([LayerEdit(1, add=_vec(2))])
+    folded = fold(model, edit)
+    with applied(twin, edit):
+        torch.testing.assert_close(_logits(folded), _logits(twin), atol=1e-5, rtol=0)
