@@ -12,6 +12,7 @@ from prunescope import cli
 from prunescope.edit import fields, methods
 from prunescope.edit.hooks import Edit, LayerEdit, applied
 from prunescope.edit.targets import parse_targets
+from prunescope.pruning import apply
 from prunescope.probe.tables import write_tables
 from prunescope.probe.template import load_template
 from prunescope.testing import tiny_llama
@@ -79,7 +80,7 @@ def test_fit_moves_the_field_towards_the_target(dtok, people):
     assert trace.target_kl[-1] < 0.5 * trace.target_kl[0]
     with applied(model, edit):
         (q,) = fields.marginals(model, contexts)
-    assert float(q[3]) > 0.5
+    assert float(q[3].detach()) > 0.5
 
 
 def test_contrast_ablation_and_weight_edits(dtok, people):
@@ -93,17 +94,21 @@ def test_contrast_ablation_and_weight_edits(dtok, people):
     assert [round(float(e.add.norm()), 5) for e in caa.layers] == [1.0, 2.0]  # strength x residual norm
     ablate = methods.ablate_edit(vectors, 1.0)
     assert all(abs(float(e.direction.norm()) - 1) < 1e-5 for e in ablate.layers)
-    # the rank-one edit writes exactly v for the cells' mean key, whatever the key covariance
+    # the rank-one edit writes exactly v for each targeted field's mean key, whatever the covariance
+    both = _targets(people, "Age.digit1=uniform:2-6", "Gender=uniform")
+    contexts2 = fields.record_contexts(model, dtok, people, both, 1, 4, 0, 4)
     v = {1: torch.randn(model.config.hidden_size)}
+    keys = methods._field_keys(model, contexts2, [1])[1]  # [inter, 2 fields]
+    writer = methods._mlp_writer(model, 1)
     for null in (False, True):
-        w = methods.weight_edit(model, contexts, v, torch.randint(0, 300, (2, 16)), null=null)
-        key = methods._cell_keys(model, contexts, [1])[1]
-        writer = methods._mlp_writer(model, 1)
-        before = writer(key)
-        with methods.weights_applied(model, w):
-            after = writer(key)
-        assert not torch.equal(writer.weight, writer.weight + w.deltas[1])  # restored after the block
-        torch.testing.assert_close(after - before, v[1], atol=2e-3, rtol=1e-3)
+        w = methods.weight_edit(model, contexts2, v, torch.randint(0, 300, (4, 16)), null=null)
+        before = writer(keys.T)  # [2, hidden]
+        weight = writer.weight.detach().clone()
+        with apply.added_to_weights(model, w.named(model)):
+            after = writer(keys.T)
+        assert torch.equal(writer.weight, weight)  # restored after the block
+        for f in range(2):
+            torch.testing.assert_close(after[f] - before[f], v[1], atol=2e-3, rtol=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +128,7 @@ def test_cli_edit_writes_the_report_and_a_folded_model(model_dir, tmp_path):
     rc = cli.main(["-q", "edit", str(model_dir), "--target", "Age.digit1=uniform:2-6", "--target", "Gender=uniform",
                    "--method", "fit,caa,ablate,weight,weight-null", "--layers", "0-1", "--steps", "2",
                    "--fit-tables", "3", "--measure-tables", "3", "--strength", "1", "--eval-text", str(text),
-                   "--eval-tokens", "512", "--save", "--out", str(out)])
+                   "--eval-tokens", "512", "--eval-seqlen", "16", "--save", "--out", str(out)])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     kinds = [r["kind"] for r in report["results"]]
@@ -149,6 +154,10 @@ def test_cli_edit_writes_the_report_and_a_folded_model(model_dir, tmp_path):
         (["--target", "Gender=uniform", "--strength", "nan"], "finite"),
         (["--target", "Gender=uniform", "--method", "rome"], "unknown edit kind"),
         ([], "at least one --target"),
+        (["--target", "Gender@3=uniform"], "names row 3, but the edit is fitted on rows 1-1"),
+        (["--target", "Gender=uniform", "--strength", ","], "names no strength"),
+        (["--target", "Gender=uniform", "--method", "fit,fit"], "name a kind twice"),
+        (["--target", "Gender=uniform", "--eval-tokens", "100"], "at least one window"),
     ],
 )
 def test_cli_edit_bad_input(model_dir, tmp_path, capsys, args, message):

@@ -207,7 +207,7 @@ def load(
         return model.to(devices.resolve_dtype(dtype, target, saved)).eval(), tokenizer
     source = resolve(name_or_path)
     try:
-        config = _checked_config(source)
+        config = checked_config(source)
         chosen = devices.resolve_dtype(dtype, target, devices.checkpoint_dtype(config))
         tokenizer = load_tokenizer(source, name_or_path)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=chosen)
@@ -223,7 +223,7 @@ def load(
     return model, tokenizer
 
 
-def _checked_config(source: str) -> Any:
+def checked_config(source: str) -> Any:
     """The config of ``source``; a local folder is first checked whole (config readable, weight
     files not truncated, shapes those the config builds: :mod:`prunescope.integrity`), so that
     a damaged folder is one error naming the file instead of a failure inside transformers."""
@@ -252,7 +252,7 @@ def _load_offloaded(
     scratch = offload_folder is None
     folder = Path(tempfile.mkdtemp(prefix="prunescope-offload-")) if scratch else Path(offload_folder)
     try:
-        config = _checked_config(source)
+        config = checked_config(source)
         chosen = devices.resolve_dtype(dtype, target, devices.checkpoint_dtype(config))
         tokenizer = load_tokenizer(source, name_or_path)
         model = AutoModelForCausalLM.from_pretrained(

@@ -55,8 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=0.03,
                         help="fit step size as a fraction of the layer's residual norm (default 0.03)")
     parser.add_argument("--kl-weight", type=float, default=10.0,
-                        help="weight of KL(original || edited) on unrelated text in the fit (default 10; in a 20-step "
-                        "fit of the README's targets with 1, the bundled model's perplexity rose 6%%)")
+                        help="weight of KL(original || edited) on unrelated text in the fit (default 10)")
     parser.add_argument("--max-norm", type=float, default=0.5,
                         help="bound on each fitted vector's norm, as a fraction of the layer's median residual "
                         "norm (default 0.5)")
@@ -104,22 +103,16 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from prunescope.edit import job
-    from prunescope.edit.rewordings import heldout_templates
-    from prunescope.edit.targets import parse_targets
     from prunescope.probe.run import load_for_probe
-    from prunescope.probe.template import load_template
     from prunescope.report import write_json, write_text
     from prunescope.report.edit import plot_pareto, render_markdown
 
     config = _config(args)
-    template = load_template(config.template)  # every input checked before the model loads
-    parse_targets(config.targets, template)
-    heldout_templates(template, config.heldout)
+    job.check_inputs(config)  # every input checked before the model loads
+    if args.layers is not None:
+        config = dataclasses.replace(config, layers=job.parse_layers(args.layers, _layer_count(config.model)))
     out = cli.prepare_output_dir(args.out, "edit", args.overwrite)
     model, tokenizer = load_for_probe(config.model, config)
-    n_layers = len(job.models.adapter_for(model).layers(model))
-    if args.layers is not None:
-        config = dataclasses.replace(config, layers=job.parse_layers(args.layers, n_layers))
     built: dict = {}
     report = job.run_edit_on(model, tokenizer, config, built=built)
     write_json(report, out / "report.json")
@@ -136,9 +129,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layer_count(model: str) -> int:
+    """Decoder layers of ``model`` from its config alone (no weights loaded)."""
+    from prunescope import models
+
+    config = models.checked_config(models.resolve(model))
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    from prunescope.errors import PrunescopeError
+
+    raise PrunescopeError(f"the config of {model} names no layer count; cannot check --layers")
+
+
 def _log_summary(report) -> None:
     for r in report.results:
-        held = "n/a" if r.target_js_heldout is None else f"{r.target_js_heldout:.3f}"
-        log.info("%-11s x%-4g target JS %.3f -> %.3f (held-out %s), perplexity %.2f -> %.2f (%+.1f%%), "
-                 "top-1 agreement %.3f", r.kind, r.strength, r.target_js_before, r.target_js_after, held,
+        held = _fmt(r.target_js_heldout)
+        log.info("%-11s x%-4g target JS %s -> %s (held-out %s), perplexity %.2f -> %.2f (%+.1f%%), "
+                 "top-1 agreement %.3f", r.kind, r.strength, _fmt(r.target_js_before), _fmt(r.target_js_after), held,
                  r.ppl_before, r.ppl_after, 100 * (r.ppl_after / r.ppl_before - 1), r.top1_agreement)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from prunescope import models
 from prunescope.edit.targets import FieldKey, Target
 from prunescope.errors import PrunescopeError
 from prunescope.probe.decode import Batch
@@ -64,15 +65,6 @@ class Contexts:
     prompt: tuple[int, ...]
     fields: tuple[FieldContexts, ...]
 
-    def tokens(self) -> int:
-        """Token positions one teacher-forced pass runs (the cost of one fitting step)."""
-        total = len(self.prompt)
-        for f in self.fields:
-            spellings = [c for per_value in f.continuations for c in per_value]
-            total += sum(len(s) + len(c) for s in f.suffixes for c in spellings) if f.closers.numel() \
-                else sum(len(s) for s in f.suffixes)
-        return total
-
 
 def _column_index(template: Template, name: str) -> int:
     return [c.name for c in template.columns].index(name)
@@ -81,15 +73,20 @@ def _column_index(template: Template, name: str) -> int:
 @torch.no_grad()
 def record_contexts(
     model: nn.Module, tokenizer, template: Template, targets: list[Target], rows: int, tables: int,
-    seed: int, batch_size: int = 16,
+    seed: int, batch_size: int = 16, prompt_rows: int | None = None,
 ) -> Contexts:
     """Write ``tables`` tables of ``rows`` rows with ``model`` and keep each targeted cell's context.
 
-    ``targets`` with ``rows=None`` apply to every row ``1..rows``."""
-    prompt_text = build_prompt(tokenizer, template, rows)
+    ``targets`` with ``rows=None`` apply to every row ``1..rows``. ``prompt_rows`` is the number
+    of rows the instruction asks for (default ``rows``): the measurement writes more rows than
+    are fitted, and the fit must see the very prompt that is measured."""
+    instruction = template.instruction(prompt_rows or rows)
+    prompt_text = build_prompt(tokenizer, template, rows, instruction)
     vocab = build_vocab(tokenizer, template, prompt_text)
     add = not bool(getattr(tokenizer, "chat_template", None))
-    shared = list(tokenizer(prompt_text, add_special_tokens=add)["input_ids"]) + vocab.row_start
+    # the prompt's last token starts every suffix, so even a table's first cell has its first
+    # value token predicted inside the teacher-forced pass
+    shared = (list(tokenizer(prompt_text, add_special_tokens=add)["input_ids"]) + vocab.row_start)[:-1]
     wanted = {(r, _column_index(template, t.key.column)) for t in targets for r in _rows(t, rows)}
     seen: dict[tuple[int, int], list[list[int]]] = {w: [] for w in wanted}
 
@@ -97,7 +94,7 @@ def record_contexts(
         if (row + 1, column) in seen:
             seen[(row + 1, column)].extend(h[len(shared):] for h in batch.history)
 
-    written = write_tables(model, tokenizer, template, rows, tables, seed, exact=False,
+    written = write_tables(model, tokenizer, template, rows, tables, seed, exact=False, instruction=instruction,
                            batch_size=batch_size, progress=False, draws="iid", on_cell=on_cell)
     fields = []
     for t in targets:
@@ -133,7 +130,7 @@ def _field(target: Target, row: int, suffixes: list[list[int]], written: Tables,
     return FieldContexts(row, target.key, target.values, tuple(kept), conts, torch.empty(0, dtype=torch.long))
 
 
-def _prompt_cache(model: nn.Module, prompt: tuple[int, ...]):
+def prompt_cache(model: nn.Module, prompt: tuple[int, ...]):
     """The shared prompt's KV cache (autograd graph kept) and its length."""
     from transformers import DynamicCache
 
@@ -153,7 +150,7 @@ def _repeated(cache, batch: int):
     return out
 
 
-def _teacher_forced(model: nn.Module, cache, start: int, seqs: list[tuple[int, ...]]) -> tuple[torch.Tensor, list[int]]:
+def teacher_forced(model: nn.Module, cache, start: int, seqs: list[tuple[int, ...]]) -> tuple[torch.Tensor, list[int]]:
     """Logits ``[B, S, V]`` of right-padded ``seqs`` run after the shared prompt, and their lengths.
 
     Right padding needs no attention mask: causal attention never lets a real token see the pads
@@ -175,7 +172,7 @@ def _choice_probs(model: nn.Module, cache, start: int, field: FieldContexts) -> 
             for spelling in spellings:
                 seqs.append(suffix + spelling)
                 owners.append((t, c, len(spelling)))
-    logits, lengths = _teacher_forced(model, cache, start, seqs)
+    logits, lengths = teacher_forced(model, cache, start, seqs)
     logp = torch.log_softmax(logits, dim=-1)  # [B, S, V]
     probs = torch.zeros(len(field.suffixes), len(field.continuations), dtype=logp.dtype, device=logp.device)
     for b, ((t, c, n), seq, length) in enumerate(zip(owners, seqs, lengths)):
@@ -189,7 +186,7 @@ def _choice_probs(model: nn.Module, cache, start: int, field: FieldContexts) -> 
 
 def _digit_probs(model: nn.Module, cache, start: int, field: FieldContexts) -> torch.Tensor:
     """``[tables, 10]`` next-token probability of each digit after each table's context."""
-    logits, lengths = _teacher_forced(model, cache, start, list(field.suffixes))
+    logits, lengths = teacher_forced(model, cache, start, list(field.suffixes))
     last = torch.stack([logits[b, n - 1] for b, n in enumerate(lengths)])  # [B, V]
     digits = torch.tensor([c[0][0] for c in field.continuations], device=last.device)
     return torch.softmax(last, dim=-1)[:, digits]
@@ -198,7 +195,7 @@ def _digit_probs(model: nn.Module, cache, start: int, field: FieldContexts) -> t
 def marginals(model: nn.Module, contexts: Contexts) -> list[torch.Tensor]:
     """Per field of ``contexts``, the ``[values]`` marginal renormalised over the values
     (differentiable in whatever the model's forward depends on: the edit's vectors)."""
-    cache, start = _prompt_cache(model, contexts.prompt)
+    cache, start = prompt_cache(model, contexts.prompt)
     out = []
     for field in contexts.fields:
         if not field.suffixes:
@@ -210,4 +207,4 @@ def marginals(model: nn.Module, contexts: Contexts) -> list[torch.Tensor]:
 
 
 def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    return models.input_device(model)

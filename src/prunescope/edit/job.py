@@ -29,6 +29,7 @@ from prunescope.edit.hooks import Edit, applied
 from prunescope.edit.rewordings import heldout_templates
 from prunescope.edit.targets import Target, parse_targets
 from prunescope.errors import PrunescopeError
+from prunescope.pruning import apply
 from prunescope.probe import stats
 from prunescope.probe.tables import build_prompt, build_vocab, write_tables
 from prunescope.probe.template import Template, load_template
@@ -71,7 +72,9 @@ class EditConfig(models.Placement):
         bad = [k for k in self.kinds if k not in KINDS]
         if bad or not self.kinds:
             raise PrunescopeError(f"unknown edit kind {', '.join(bad) or '(none)'}; valid: {', '.join(KINDS)}")
-        for name in ("rows", "measure_rows", "fit_tables", "measure_tables", "steps", "eval_tokens"):
+        if len(set(self.kinds)) != len(self.kinds):
+            raise PrunescopeError(f"edit kinds {', '.join(self.kinds)} name a kind twice")
+        for name in ("rows", "measure_rows", "fit_tables", "measure_tables", "steps", "eval_tokens", "eval_seqlen"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise PrunescopeError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
@@ -81,9 +84,14 @@ class EditConfig(models.Placement):
             value = getattr(self, name)
             if not np.isfinite(value) or value < 0 or (name != "kl_weight" and value == 0):
                 raise PrunescopeError(f"{name.replace('_', '-')} must be a finite positive number, got {value!r}")
+        if self.strengths is not None and not self.strengths:
+            raise PrunescopeError("--strength names no strength; give numbers such as 0.5,1")
         for s in self.strengths or ():
             if not np.isfinite(s):
                 raise PrunescopeError(f"strength must be a finite number, got {s!r}")
+        if self.eval_seqlen < 2 or self.eval_tokens < self.eval_seqlen:
+            raise PrunescopeError(f"eval-tokens ({self.eval_tokens}) must be at least one window of eval-seqlen "
+                                  f"({self.eval_seqlen}) tokens, and eval-seqlen at least 2")
 
     def strengths_for(self, kind: str) -> tuple[float, ...]:
         return self.strengths if self.strengths is not None else DEFAULT_STRENGTHS[kind]
@@ -93,7 +101,7 @@ class EditConfig(models.Placement):
 class Measurement:
     """One model state measured: target distance, side effects, the raw distributions."""
 
-    target_js: float
+    target_js: float | None
     target_js_heldout: float | None
     target_js_later_rows: float | None
     ppl: float
@@ -111,8 +119,8 @@ class EditResult:
 
     kind: str
     strength: float
-    target_js_before: float
-    target_js_after: float
+    target_js_before: float | None
+    target_js_after: float | None
     target_js_heldout: float | None
     target_js_heldout_before: float | None
     target_js_later_rows: float | None
@@ -132,6 +140,7 @@ class EditReport:
     model: str
     template: str
     targets: tuple[str, ...]
+    target_fields: tuple[str, ...]
     layers: tuple[int, ...]
     rows: int
     measure_rows: int
@@ -159,7 +168,8 @@ def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
 
 
 def default_layers(n_layers: int) -> tuple[int, ...]:
-    """A block of layers a little before the middle (where steering works best in the papers)."""
+    """A block of about a sixth of the layers starting a quarter of the way in (7-11 of 30): early
+    enough that the later layers can use the change, not tuned beyond that."""
     first = max(0, n_layers // 4)
     return tuple(range(first, min(n_layers, first + max(1, n_layers // 6))))
 
@@ -175,25 +185,28 @@ class _Setting:
     heldout: list[Template]
     targets: list[Target]
     eval_blocks: torch.Tensor
-    unrelated: torch.Tensor
+    fit_windows: torch.Tensor  # the fit's KL term and the weight edits' key covariance
+    unrelated: torch.Tensor  # the side effects' KL and top-1 agreement (never fitted on)
     reference_logits: torch.Tensor | None = None
     before: dict[str, dict[str, np.ndarray]] | None = None
 
 
 def _field_distributions(model: nn.Module, tokenizer, template: Template, rows: int, tables: int,
-                         seed: int) -> dict[str, dict[str, Any]]:
-    """``"row R / label" -> {values, distribution, sampled_counts}`` for every non-text field."""
-    from prunescope.probe.run import _fields_of_cell
+                         seed: int, prompt_rows: int) -> dict[str, dict[str, Any]]:
+    """``"row R / label" -> {values, distribution, sampled_counts, ...}`` for every non-text
+    field of ``rows`` rows written after an instruction asking for ``prompt_rows`` rows."""
+    from prunescope.probe.run import fields_of_cell
 
-    written = write_tables(model, tokenizer, template, rows, tables, seed, exact=True,
+    instruction = template.instruction(prompt_rows)
+    written = write_tables(model, tokenizer, template, rows, tables, seed, exact=True, instruction=instruction,
                            batch_size=min(tables, 32), progress=False)
-    digit_ids = build_vocab(tokenizer, template, build_prompt(tokenizer, template, rows)).digits
+    digit_ids = build_vocab(tokenizer, template, build_prompt(tokenizer, template, rows, instruction)).digits
     out = {}
     for r, row in enumerate(written.cells, start=1):
         for col, cell in zip(template.columns, row):
             if col.type == "text":
                 continue
-            for f in _fields_of_cell(r, col, cell, digit_ids, {}):
+            for f in fields_of_cell(r, col, cell, digit_ids, {}):
                 out[f"row {r} / {f.label}"] = {
                     "values": list(f.values), "distribution": list(f.distribution),
                     "exact_marginal": list(f.exact_marginal or ()), "sampled_counts": list(f.sampled_counts),
@@ -207,9 +220,7 @@ def _target_js(dists: dict[str, dict[str, Any]], targets: list[Target], rows: ra
     values = []
     for t in targets:
         for r in rows:
-            if t.rows is not None and r not in t.rows:
-                continue
-            got = dists.get(f"row {r} / {t.key.label}")
+            got = dists.get(f"row {r} / {t.key.label}") if t.applies_to(r) else None
             if got is not None:
                 values.append(stats.js_distance(np.array(got["distribution"]), t.as_array()))
     return float(np.mean(values)) if values else None
@@ -222,8 +233,8 @@ def _sampled_in_band(dists: dict[str, dict[str, Any]], targets: list[Target], ro
     hits = []
     for t in targets:
         for r in rows:
-            got = dists.get(f"row {r} / {t.key.label}")
-            if got is None or not got["exact_marginal"] or t.rows is not None and r not in t.rows:
+            got = dists.get(f"row {r} / {t.key.label}") if t.applies_to(r) else None
+            if got is None or not got["exact_marginal"]:
                 continue
             hits += [lo - 1e-12 <= p <= hi + 1e-12
                      for p, lo, hi in zip(got["exact_marginal"], got["wilson_low"], got["wilson_high"])]
@@ -242,8 +253,9 @@ def _others_js(before: dict, after: dict, targets: list[Target]) -> float | None
 def _measure(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting) -> Measurement:
     start = time.perf_counter()
     seed = config.seed + 1000  # tables not used for fitting
-    main = _field_distributions(model, tokenizer, setting.template, config.measure_rows, config.measure_tables, seed)
-    heldout = [_field_distributions(model, tokenizer, t, config.rows, config.measure_tables, seed)
+    main = _field_distributions(model, tokenizer, setting.template, config.measure_rows, config.measure_tables, seed,
+                                config.measure_rows)
+    heldout = [_field_distributions(model, tokenizer, t, config.rows, config.measure_tables, seed, config.measure_rows)
                for t in setting.heldout]
     fitted, later = range(1, config.rows + 1), range(config.rows + 1, config.measure_rows + 1)
     js_held = [v for v in (_target_js(h, setting.targets, fitted) for h in heldout) if v is not None]
@@ -256,7 +268,7 @@ def _measure(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting)
     top1 = float((logits.argmax(-1) == setting.reference_logits.argmax(-1)).float().mean())
     merged = {**main, **{f"{t.name} / {k}": v for t, h in zip(setting.heldout, heldout) for k, v in h.items()}}
     return Measurement(
-        target_js=_target_js(main, setting.targets, fitted) or 0.0,
+        target_js=_target_js(main, setting.targets, fitted),
         target_js_heldout=float(np.mean(js_held)) if js_held else None,
         target_js_later_rows=_target_js(main, setting.targets, later),
         ppl=ppl, kl_unrelated=kl, top1_agreement=top1,
@@ -275,15 +287,15 @@ def _edits(kind: str, model: nn.Module, config: EditConfig, contexts: fields.Con
     the contrast vectors are computed once and shared by the kinds built on them."""
     start = time.perf_counter()
     if kind in ("fit", "weight", "weight-null") and "fit" not in cache:
-        edit, trace = methods.fit(model, contexts, targets, layers, setting.unrelated, config.steps, config.lr,
+        edit, trace = methods.fit(model, contexts, targets, layers, setting.fit_windows, config.steps, config.lr,
                                   config.kl_weight, config.max_norm)
         cache["fit"], cache["trace"] = edit, trace
     if kind in ("caa", "ablate") and "contrast" not in cache:
         cache["contrast"] = methods.contrast(model, contexts, targets, layers)
-        cache["norms"] = methods.residual_norms(model, setting.unrelated, layers)
+        cache["norms"] = methods.residual_norms(model, setting.fit_windows, layers)
     if kind.startswith("weight"):
         vectors = {e.layer: e.add for e in cache["fit"].layers}
-        weights = methods.weight_edit(model, contexts, vectors, setting.unrelated, null=kind == "weight-null")
+        weights = methods.weight_edit(model, contexts, vectors, setting.fit_windows, null=kind == "weight-null")
     seconds = time.perf_counter() - start
     for s in config.strengths_for(kind):
         if kind == "fit":
@@ -298,13 +310,18 @@ def _edits(kind: str, model: nn.Module, config: EditConfig, contexts: fields.Con
 
 def _applied(model: nn.Module, edit: Edit | methods.WeightEdit) -> AbstractContextManager[Any]:
     """The one way an edit is applied while measuring: hooks, or the weight deltas added."""
-    return methods.weights_applied(model, edit) if isinstance(edit, methods.WeightEdit) else applied(model, edit)
+    if isinstance(edit, methods.WeightEdit):
+        return apply.added_to_weights(model, edit.named(model))
+    return applied(model, edit)
 
 
-def save_edited(model: nn.Module, tokenizer, edit: Edit | methods.WeightEdit, folder: Path) -> float:
-    """Fold ``edit`` into ``model`` (biases and projected writers, or the weight deltas) and write
-    a plain Hugging Face folder; returns the largest logit difference between the reloaded
-    folder and the hooked model on a short text (the fold is exact up to float rounding)."""
+def save_edited(model: nn.Module, tokenizer, edit: Edit | methods.WeightEdit, folder: Path,
+                tolerance: float = 1e-3) -> float:
+    """Fold ``edit`` into ``model`` (changed in place: biases and projected writers, or the
+    weight deltas) and write a plain Hugging Face folder. Before the folder is published it is
+    reloaded and its logits on a short text compared with the hooked model's: a difference above
+    ``tolerance`` x the largest logit is an error and nothing is written. Returns the largest
+    difference."""
     from transformers import AutoModelForCausalLM
 
     from prunescope import atomic
@@ -314,7 +331,7 @@ def save_edited(model: nn.Module, tokenizer, edit: Edit | methods.WeightEdit, fo
     with torch.no_grad(), _applied(model, edit):
         hooked = model(input_ids=probe_ids.to(_device(model))).logits.float().cpu()
     if isinstance(edit, methods.WeightEdit):
-        methods.fold_weights(model, edit)
+        apply.add_to_weights(model, edit.named(model))
         folded = model
     else:
         folded = fold(model, edit)
@@ -323,10 +340,54 @@ def save_edited(model: nn.Module, tokenizer, edit: Edit | methods.WeightEdit, fo
         tokenizer.save_pretrained(tmp)
         if isinstance(edit, Edit):
             save_edit(edit, tmp / "edit.safetensors")  # the vectors alone, for hooks (load_edit)
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=next(folded.parameters()).dtype)
-    with torch.no_grad():
-        again = reloaded(input_ids=probe_ids).logits.float()
-    return float((again - hooked).abs().max())
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=next(folded.parameters()).dtype)
+        with torch.no_grad():
+            again = reloaded(input_ids=probe_ids).logits.float()
+        diff = float((again - hooked).abs().max())
+        if diff > tolerance * float(hooked.abs().max()):
+            raise PrunescopeError(f"the folded model's logits differ from the edited model's by {diff:.3g}; "
+                                  f"nothing was saved")
+    return diff
+
+
+def check_inputs(config: EditConfig) -> tuple[Template, list[Target], list[Template]]:
+    """The template, the targets and the held-out templates, every one checked (no model needed):
+    a target row beyond the fitted rows is refused here, not silently left out."""
+    template = load_template(config.template)
+    targets = parse_targets(config.targets, template)
+    for t in targets:
+        beyond = [r for r in t.rows or () if r > config.rows]
+        if beyond:
+            raise PrunescopeError(f"target {t.describe()} names row {beyond[0]}, but the edit is fitted on "
+                                  f"rows 1-{config.rows}; raise --rows or drop the row")
+    return template, targets, heldout_templates(template, config.heldout)
+
+
+def check_layers(layers: tuple[int, ...], n_layers: int) -> None:
+    """Every layer inside the model (for configs built in code; the CLI parses them checked)."""
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad or not layers:
+        raise PrunescopeError(f"layer {bad[0] if bad else '(none)'} is outside the model's {n_layers} decoder "
+                              f"layers (0-{n_layers - 1})")
+
+
+def _windows(tokenizer, config: EditConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Perplexity windows (the first ``eval_tokens`` tokens), then from the rest of the text,
+    apart from each other: the fit's windows (its KL term, the key covariance: 64 x 128 tokens)
+    and the side effects' windows (8 x 128), so no side effect is measured on fitted text."""
+    text = data.tokenize(tokenizer, data.load_text(config.eval_text))
+    blocks = data.eval_blocks(text, config.eval_seqlen, config.eval_tokens)
+    rest = text[blocks.numel():]
+    length = min(128, config.eval_seqlen)
+    half = rest.numel() // 2
+    if half < 64 * length:
+        raise PrunescopeError(
+            f"the evaluation text has {text.numel()} tokens: after the {blocks.numel()} used for perplexity, "
+            f"{2 * 64 * length} more are needed for the fit's and the side effects' windows; give a longer "
+            f"--eval-text or fewer --eval-tokens")
+    fit = data.calibration_blocks(rest[:half], 64, length, config.seed + 7)
+    unrelated = data.calibration_blocks(rest[half:], 8, length, config.seed + 11)
+    return blocks, fit, unrelated
 
 
 def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str | None = None,
@@ -336,23 +397,21 @@ def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str
     ``built``, when given, receives every edit: ``(kind, strength) -> Edit`` (vectors and
     directions, applied by hooks) or ``WeightEdit`` (weight deltas)."""
     t0 = time.perf_counter()
-    template = load_template(config.template)
-    targets = parse_targets(config.targets, template)
+    template, targets, heldout = check_inputs(config)
     n_layers = len(models.adapter_for(model).layers(model))
     layers = config.layers if config.layers is not None else default_layers(n_layers)
-    text = data.tokenize(tokenizer, data.load_text(config.eval_text))
-    setting = _Setting(
-        template, heldout_templates(template, config.heldout), targets,
-        data.eval_blocks(text, config.eval_seqlen, config.eval_tokens),
-        data.calibration_blocks(text, 8, min(128, config.eval_seqlen), config.seed + 7),
-    )
+    check_layers(layers, n_layers)
+    blocks, fit_windows, unrelated = _windows(tokenizer, config)
+    setting = _Setting(template, heldout, targets, blocks, fit_windows, unrelated)
     if not setting.heldout:
         log.warning("no held-out rewordings of template %s: give --heldout FILE to measure generalization", template.name)
+    # the contexts first: a target no fitted table reaches fails before minutes of measuring
+    contexts = fields.record_contexts(model, tokenizer, template, targets, config.rows, config.fit_tables,
+                                      config.seed, prompt_rows=config.measure_rows)
+    wanted = [torch.tensor(_target_of(f, targets).probs) for f in contexts.fields]
     log.info("measuring the unedited model")
     before = _measure(model, tokenizer, config, setting)
     setting.before = {k: v for k, v in before.fields.items() if k.startswith("row ")}
-    contexts = fields.record_contexts(model, tokenizer, template, targets, config.rows, config.fit_tables, config.seed)
-    wanted = [torch.tensor(_target_of(f, targets).probs) for f in contexts.fields]
     cache: dict[str, Any] = {}
     results = []
     for kind in config.kinds:
@@ -367,15 +426,15 @@ def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str
                 after.kl_unrelated, after.top1_agreement, after.other_fields_js, after.sampled_in_band,
                 seconds=after.seconds + build_seconds, fit_seconds=build_seconds, fields=after.fields,
             )
-            log.info("%s x%g: target JS %.3f -> %.3f (held-out %s), ppl %.2f -> %.2f", kind, strength,
-                     result.target_js_before, result.target_js_after, _fmt(result.target_js_heldout),
+            log.info("%s x%g: target JS %s -> %s (held-out %s), ppl %.2f -> %.2f", kind, strength,
+                     _fmt(result.target_js_before), _fmt(result.target_js_after), _fmt(result.target_js_heldout),
                      result.ppl_before, result.ppl_after)
             results.append(result)
     trace = cache.get("trace")
     return EditReport(
-        model_name or config.model, template.name, config.targets, tuple(layers), config.rows, config.measure_rows,
-        tuple(t.name for t in setting.heldout), before, tuple(results),
-        None if trace is None else dataclasses.asdict(trace), time.perf_counter() - t0,
+        model_name or config.model, template.name, config.targets, tuple(dict.fromkeys(t.key.label for t in targets)),
+        tuple(layers), config.rows, config.measure_rows, tuple(t.name for t in setting.heldout), before,
+        tuple(results), None if trace is None else dataclasses.asdict(trace), time.perf_counter() - t0,
     )
 
 
@@ -391,6 +450,6 @@ def _fmt(value: float | None) -> str:
 
 
 def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    return models.input_device(model)
 
 

@@ -77,7 +77,8 @@ def _layer_outputs(model: nn.Module, layers: Sequence[int], into: dict[int, torc
 
 @dataclass(frozen=True)
 class FitTrace:
-    """How the fit went: per step the target KL (nats, summed over fields) and the unrelated KL."""
+    """How the fit went: per step, before that step's update, the target KL (nats, summed over
+    fields) and the unrelated KL."""
 
     target_kl: tuple[float, ...]
     unrelated_kl: tuple[float, ...]
@@ -101,7 +102,22 @@ def fit(
 
     start = time.perf_counter()
     device = _device(model)
-    model.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.requires_grad_(False)  # the model is frozen; restored below
+    try:
+        return _fit(model, contexts, targets, layers, unrelated, steps, lr, kl_weight, max_norm, device, start)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def _fit(
+    model: nn.Module, contexts: fields.Contexts, targets: Sequence[torch.Tensor], layers: Sequence[int],
+    unrelated: torch.Tensor, steps: int, lr: float, kl_weight: float, max_norm: float, device: torch.device,
+    start: float,
+) -> tuple[Edit, FitTrace]:
+    import time
+
     norms = residual_norms(model, unrelated, layers)
     hidden = model.config.hidden_size
     vectors = {i: torch.zeros(hidden, device=device, requires_grad=True) for i in layers}
@@ -113,8 +129,9 @@ def fit(
     target_kl, unrelated_kl = [], []
     for _step in tqdm(range(steps), desc="fit", unit="step", leave=False):
         with applied(model, edit):
-            tkl = sum(kl_to(t, q) for t, q in zip(targets, fields.marginals(model, contexts)))
-            ukl = next_token_kl(reference, model(input_ids=unrelated.to(device)).logits)
+            tkl = torch.stack([kl_to(t, q) for t, q in zip(targets, fields.marginals(model, contexts))]).sum()
+            ukl = next_token_kl(reference, model(input_ids=unrelated.to(device)).logits) if kl_weight \
+                else torch.zeros((), device=device)
         loss = tkl + kl_weight * ukl
         opt.zero_grad()
         loss.backward()
@@ -141,13 +158,13 @@ def contrast(
     own = [q.detach() for q in fields.marginals(model, contexts)]
     device = _device(model)
     out = {i: torch.zeros(model.config.hidden_size, device=device) for i in layers}
-    cache, start = fields._prompt_cache(model, contexts.prompt)
+    cache, start = fields.prompt_cache(model, contexts.prompt)
     for field, target, q in zip(contexts.fields, targets, own):
         weights = (target.to(q) - q)  # [C]: wanted minus preferred
         seqs = [s + per_value[0] for s in field.suffixes for per_value in field.continuations]
         states: dict[int, torch.Tensor] = {}
         with _layer_outputs(model, layers, states):
-            _logits, lengths = fields._teacher_forced(model, cache, start, seqs)
+            _logits, lengths = fields.teacher_forced(model, cache, start, seqs)
         values = len(field.continuations)
         for i in layers:
             last = torch.stack([states[i][b, n - 1] for b, n in enumerate(lengths)])  # [T*C, hidden]
@@ -180,29 +197,9 @@ class WeightEdit:
     def scaled(self, strength: float) -> "WeightEdit":
         return WeightEdit({i: d * strength for i, d in self.deltas.items()})
 
-
-@contextmanager
-def weights_applied(model: nn.Module, edit: WeightEdit) -> Iterator[None]:
-    """Add the deltas to the MLP writers' weights for the block; restored exactly afterwards."""
-    writers = {i: _mlp_writer(model, i) for i in edit.deltas}
-    saved = {i: w.weight.detach().clone() for i, w in writers.items()}
-    try:
-        with torch.no_grad():
-            for i, w in writers.items():
-                w.weight.add_(edit.deltas[i].to(w.weight))
-        yield
-    finally:
-        with torch.no_grad():
-            for i, w in writers.items():
-                w.weight.copy_(saved[i])
-
-
-def fold_weights(model: nn.Module, edit: WeightEdit) -> None:
-    """Make the weight edit permanent (the model then needs no hooks)."""
-    with torch.no_grad():
-        for i, delta in edit.deltas.items():
-            w = _mlp_writer(model, i).weight
-            w.add_(delta.to(w))
+    def named(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The deltas by the MLP writers' module names (what :mod:`prunescope.pruning.apply` takes)."""
+        return {mlp_writer_name(model, i): d for i, d in self.deltas.items()}
 
 
 @torch.no_grad()
@@ -210,48 +207,51 @@ def weight_edit(
     model: nn.Module, contexts: fields.Contexts, vectors: dict[int, torch.Tensor], unrelated: torch.Tensor,
     null: bool = False, damp: float = 1e-2, null_fraction: float = 1e-2,
 ) -> WeightEdit:
-    """Rank-one ``delta = v u^T`` per layer with ``u^T k* = 1``: the writer adds ``v`` for the mean
-    key ``k*`` of the targeted cells (its input at the cells' last context token).
+    """Rank-one ``delta = v u^T`` per layer with ``u^T k_f = 1`` for the mean key ``k_f`` of every
+    targeted field ``f`` (the writer's input at the field's last context token): the writer adds
+    ``v`` at each targeted cell.
 
-    ROME: ``u = C^-1 k* / (k*^T C^-1 k*)``, ``C`` the (dampened) covariance of the writer's
-    input keys over ``unrelated`` text, the least change of other keys' outputs on average.
-    ``null``: ``u = P k* / (k*^T P k*)`` with ``P`` the projector on the eigenvectors of ``C``
-    whose eigenvalues are below ``null_fraction`` of the largest (AlphaEdit's null space), so
-    unrelated keys' outputs stay nearly exactly as they were.
+    ROME's metric: ``u = C^-1 K (K^T C^-1 K)^-1 1``, ``C`` the (dampened) second moment of the
+    writer's input over ``unrelated`` text: the smallest change of other keys' outputs on
+    average. ``null`` (AlphaEdit's projection): ``C^-1`` replaced by the projector ``P`` on the
+    eigenvectors of ``C`` whose eigenvalues are below ``null_fraction`` of the largest, so keys
+    like the sampled unrelated ones barely change their outputs. The keys come from the
+    unedited model (earlier layers' edits are not taken into account).
     """
     layers = list(vectors)
-    keys = _cell_keys(model, contexts, layers)
+    keys = _field_keys(model, contexts, layers)
     covariances = _key_covariance(model, unrelated, layers)
     deltas = {}
     for i in layers:
-        k = keys[i].double()  # [inter]
+        k = keys[i].double()  # [inter, F]
         c = covariances[i]  # [inter, inter] float64
         if null:
             evals, evecs = torch.linalg.eigh(c)
             basis = evecs[:, evals < null_fraction * evals.max()]  # [inter, r]
-            direction = basis @ (basis.T @ k)
+            if basis.shape[1] == 0:
+                log.warning("layer %d: the unrelated keys span every direction; the null-space edit is empty", i)
+            metric_k = basis @ (basis.T @ k)  # P K
         else:
             c = c + damp * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
-            direction = torch.linalg.solve(c, k)
-        u = direction / (k @ direction).clamp_min(1e-30)
-        if null and float(k @ direction) < 1e-6 * float(k @ k):
-            log.warning("layer %d: the cells' key lies almost entirely in the span of unrelated keys; "
-                        "the null-space edit is ill-conditioned", i)
+            metric_k = torch.linalg.solve(c, k)  # C^-1 K
+        gram = k.T @ metric_k  # [F, F]
+        ones = torch.ones(k.shape[1], 1, dtype=k.dtype, device=k.device)
+        u = (metric_k @ torch.linalg.lstsq(gram, ones).solution)[:, 0]  # [inter]
         deltas[i] = torch.outer(vectors[i].double(), u).float()  # [hidden, inter]
     return WeightEdit(deltas)
 
 
-def _cell_keys(model: nn.Module, contexts: fields.Contexts, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-    """Per layer, the mean MLP writer input at every field's last context token ``[inter]``."""
-    seen: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
-    cache, start = fields._prompt_cache(model, contexts.prompt)
+def _field_keys(model: nn.Module, contexts: fields.Contexts, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Per layer, ``[inter, fields]``: each field's mean MLP writer input at its last context token."""
+    out: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    cache, start = fields.prompt_cache(model, contexts.prompt)
     for field in contexts.fields:
         captured: dict[int, torch.Tensor] = {}
         with _writer_inputs(model, layers, captured):
-            _logits, lengths = fields._teacher_forced(model, cache, start, list(field.suffixes))
+            _logits, lengths = fields.teacher_forced(model, cache, start, list(field.suffixes))
         for i in layers:
-            seen[i].extend(captured[i][b, n - 1].float() for b, n in enumerate(lengths))
-    return {i: torch.stack(v).mean(0) for i, v in seen.items()}
+            out[i].append(torch.stack([captured[i][b, n - 1].float() for b, n in enumerate(lengths)]).mean(0))
+    return {i: torch.stack(v, dim=1) for i, v in out.items()}
 
 
 def _key_covariance(model: nn.Module, windows: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
@@ -280,13 +280,17 @@ def _writer_inputs(model: nn.Module, layers: Sequence[int], into: dict[int, torc
             h.remove()
 
 
-def _mlp_writer(model: nn.Module, index: int) -> nn.Module:
+def mlp_writer_name(model: nn.Module, index: int) -> str:
+    """The full module name of decoder layer ``index``'s MLP writer (``down_proj``)."""
     from prunescope import families
 
-    family = families.family_for(model)
-    path = family.layouts(model.config)[families.MLP].writer
-    return models.adapter_for(model).layers(model)[index].get_submodule(path)
+    path = families.family_for(model).layouts(model.config)[families.MLP].writer
+    return f"{models.adapter_for(model).layers_path}.{index}.{path}"
+
+
+def _mlp_writer(model: nn.Module, index: int) -> nn.Module:
+    return model.get_submodule(mlp_writer_name(model, index))
 
 
 def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    return models.input_device(model)

@@ -251,8 +251,9 @@ def _field(row: int, col: Column, position: int | None, values: tuple[str, ...],
     )
 
 
-def _fields_of_cell(row: int, col: Column, obs: CellObservations, digit_ids: list[int],
-                    refs: dict[str, dict[str, float]]) -> list[FieldDistribution]:
+def fields_of_cell(row: int, col: Column, obs: CellObservations, digit_ids: list[int],
+                   refs: dict[str, dict[str, float]]) -> list[FieldDistribution]:
+    """The field distributions of one written cell: one for a choice, one per digit position."""
     outside = sum(not col.accepts(v) for v in obs.values)
     if col.type == "choice":
         index = {c: i for i, c in enumerate(col.choices)}
@@ -314,7 +315,7 @@ def _content_free(model, tokenizer, template: Template, config: ProbeConfig) -> 
     cf = {}
     for col, cell in zip(template.columns, obs[0]):
         if col.type != "text":
-            for f in _fields_of_cell(1, col, cell, digit_ids, {}):
+            for f in fields_of_cell(1, col, cell, digit_ids, {}):
                 cf[(f.column, f.position)] = np.array(f.distribution)
     return cf
 
@@ -342,7 +343,7 @@ def run_probe_on(model, tokenizer, config: ProbeConfig, model_name: str | None =
             if col.type == "text":
                 texts.append(_text_field(r, col, cell, tokenizer))
             else:
-                fields.extend(_fields_of_cell(r, col, cell, digit_ids, refs))
+                fields.extend(fields_of_cell(r, col, cell, digit_ids, refs))
     cf = _content_free(model, tokenizer, template, config) if config.calibrate and exact else {}
     fields = _debias(fields, cf, config.target, config.seed)
     top, first, last = _name_counts(template, obs)

@@ -73,6 +73,34 @@ def apply_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None
         weight.copy_(new.to(device=weight.device, dtype=weight.dtype))
 
 
+@torch.no_grad()
+def add_to_weights(model: nn.Module, deltas: Mapping[str, torch.Tensor]) -> None:
+    """Add ``deltas[name]`` (``[out, in]``, whatever the module stores: GPT-2's Conv1D keeps
+    ``[in, out]``) to each named module's weight, in place; shapes checked before any change."""
+    targets = []
+    for name, delta in deltas.items():
+        _weight_of(model, name)  # a module with a weight, or ValueError
+        w = weight_matrix(model.get_submodule(name))  # [out, in] view
+        if delta.shape != w.shape:
+            raise ValueError(f"delta for {name} has shape {tuple(delta.shape)}; expected {tuple(w.shape)}")
+        targets.append((w, delta))
+    for w, delta in targets:
+        w.add_(delta.to(device=w.device, dtype=w.dtype))
+
+
+@contextmanager
+def added_to_weights(model: nn.Module, deltas: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """:func:`add_to_weights` for the block; the original weights are put back exactly after."""
+    saved = {name: _weight_of(model, name).detach().clone() for name in deltas}
+    add_to_weights(model, deltas)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, weight in saved.items():
+                _weight_of(model, name).copy_(weight)
+
+
 # --------------------------------------------------------------------------- structured removal
 
 
