@@ -281,19 +281,21 @@ def _bias_config(model: nn.Module, edit: Edit, writers: _Writers) -> Any | None:
 
 @torch.no_grad()
 def _fold_writer(module: nn.Module, entry: LayerEdit, add: torch.Tensor | None) -> torch.Tensor | None:
-    """Fold the projection into ``module``'s weight and bias in place, and the ``add`` into its
-    bias where it has one; returns the ``[out]`` bias to create where it has none (else None)."""
+    """Fold the projection into ``module``'s weight and bias, and the ``add`` into its bias where
+    it has one (written by :func:`prunescope.pruning.apply.set_weight_and_bias`); returns the
+    ``[out]`` bias to create where it has none (else None)."""
     w = families.weight_matrix(module)  # [out, in] view (Conv1D stores [in, out])
+    bias = None if module.bias is None else module.bias.detach().float()  # [out]
     if entry.direction is not None:
-        w.copy_(_project(w.float().T, entry.direction.float(), entry.ablate_scale).T)  # P W
-        if module.bias is not None:
-            module.bias.copy_(_project(module.bias.float(), entry.direction.float(), entry.ablate_scale))
-    if add is None:
+        d = entry.direction.detach().float()
+        w = _project(w.detach().float().T, d, entry.ablate_scale).T  # P W
+        bias = None if bias is None else _project(bias, d, entry.ablate_scale)
+    if add is not None and bias is not None:
+        bias = bias + add.detach().float().to(bias.device)
+    apply.set_weight_and_bias(module, w, bias)
+    if add is None or module.bias is not None:
         return None
-    if module.bias is None:
-        return add.detach().to(device=w.device, dtype=w.dtype).clone()
-    module.bias.add_(add.detach().to(device=module.bias.device, dtype=module.bias.dtype))
-    return None
+    return add.detach().to(device=w.device, dtype=module.weight.dtype).clone()
 
 
 # --------------------------------------------------------------------------- saving

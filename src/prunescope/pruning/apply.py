@@ -105,6 +105,20 @@ def added_to_weights(model: nn.Module, deltas: Mapping[str, torch.Tensor]) -> It
 
 
 @torch.no_grad()
+def set_weight_and_bias(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Overwrite, in place, a Linear's (or Conv1D's) weight given as ``[out, in]`` and, when
+    given, its existing ``[out]`` bias (edits folded into the weights)."""
+    w = weight_matrix(module)  # [out, in] view (Conv1D stores [in, out])
+    if weight.shape != w.shape:
+        raise ValueError(f"new weight has shape {tuple(weight.shape)}; expected {tuple(w.shape)}")
+    if bias is not None and (module.bias is None or bias.shape != module.bias.shape):
+        raise ValueError("a new bias needs an existing bias of the same shape")
+    w.copy_(weight.to(device=w.device, dtype=w.dtype))
+    if bias is not None:
+        module.bias.copy_(bias.to(device=module.bias.device, dtype=module.bias.dtype))
+
+
+@torch.no_grad()
 def set_writer_columns(
     layer: nn.Module, writer: str, kept_cols: torch.Tensor, new_kept: torch.Tensor | None
 ) -> None:
