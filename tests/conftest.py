@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunescope.testing import save_tiny_model, tiny_llama, tiny_tokenizer
+from prunescope.testing import digit_tokenizer, save_tiny_model, tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -40,6 +40,21 @@ def tiny_model():
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama and tokenizer saved as an HF folder (read-only by convention)."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def dtok():
+    """The tiny tokenizer writing each digit as its own token (probe and edit tests)."""
+    return digit_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def digit_model_dir(tmp_path_factory: pytest.TempPathFactory, dtok) -> Path:
+    """A tiny random Llama with the digit tokenizer saved as an HF folder (read-only by convention)."""
+    folder = tmp_path_factory.mktemp("tiny-digits")
+    tiny_llama(vocab_size=max(384, len(dtok))).save_pretrained(folder)
+    dtok.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -119,7 +119,7 @@ def fuzz_inputs(tmp_path_factory) -> dict[str, Path]:
     from prunescope.data import default_text
     from prunescope.testing import tiny_llama
     from tests.test_lora import PREFIX, hand_adapter
-    from tests.test_probe import digit_tokenizer
+    from prunescope.testing import digit_tokenizer
 
     root = tmp_path_factory.mktemp("fuzz-inputs")
     tokenizer = digit_tokenizer()

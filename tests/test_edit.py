@@ -15,14 +15,8 @@ from prunescope.edit.targets import parse_targets
 from prunescope.pruning import apply
 from prunescope.probe.tables import write_tables
 from prunescope.probe.template import load_template
-from prunescope.testing import tiny_llama
 
-from tests.test_probe import digit_model, digit_tokenizer
-
-
-@pytest.fixture(scope="module")
-def dtok():
-    return digit_tokenizer()
+from prunescope.testing import digit_model
 
 
 @pytest.fixture(scope="module")
@@ -111,21 +105,13 @@ def test_contrast_ablation_and_weight_edits(dtok, people):
             torch.testing.assert_close(after[f] - before[f], v[1], atol=2e-3, rtol=1e-3)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, dtok):
-    folder = tmp_path_factory.mktemp("tiny-edit")
-    tiny_llama(vocab_size=max(384, len(dtok))).save_pretrained(folder)
-    dtok.save_pretrained(folder)
-    return folder
-
-
-def test_cli_edit_writes_the_report_and_a_folded_model(model_dir, tmp_path):
+def test_cli_edit_writes_the_report_and_a_folded_model(digit_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"word{i % 50} and {i}" for i in range(600)))
     out = tmp_path / "out"
-    rc = cli.main(["-q", "edit", str(model_dir), "--target", "Age.digit1=uniform:2-6", "--target", "Gender=uniform",
+    rc = cli.main(["-q", "edit", str(digit_model_dir), "--target", "Age.digit1=uniform:2-6", "--target", "Gender=uniform",
                    "--method", "fit,caa,ablate,weight,weight-null", "--layers", "0-1", "--steps", "2",
                    "--fit-tables", "3", "--measure-tables", "3", "--strength", "1", "--eval-text", str(text),
                    "--eval-tokens", "512", "--eval-seqlen", "16", "--save", "--out", str(out)])
@@ -160,8 +146,8 @@ def test_cli_edit_writes_the_report_and_a_folded_model(model_dir, tmp_path):
         (["--target", "Gender=uniform", "--eval-tokens", "100"], "at least one window"),
     ],
 )
-def test_cli_edit_bad_input(model_dir, tmp_path, capsys, args, message):
-    rc = cli.main(["edit", str(model_dir), *args, "--out", str(tmp_path / "o")])
+def test_cli_edit_bad_input(digit_model_dir, tmp_path, capsys, args, message):
+    rc = cli.main(["edit", str(digit_model_dir), *args, "--out", str(tmp_path / "o")])
     assert rc == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

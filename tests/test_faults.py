@@ -28,9 +28,8 @@ from safetensors.torch import save_file
 
 from prunescope import atomic, cli, formats, models
 from prunescope.errors import PrunescopeError
-from prunescope.testing import tiny_llama
+from prunescope.testing import digit_tokenizer, tiny_llama
 from tests.test_lora import PREFIX, hand_adapter
-from tests.test_probe import digit_tokenizer
 
 ZEROSHOT_DATA = Path(__file__).parent / "data" / "zeroshot"
 TASK = "prunescope_facts"

@@ -13,41 +13,13 @@ from prunescope import cli
 from prunescope.errors import PrunescopeError
 from prunescope.probe import ProbeConfig, load_template, parse_template, run_probe_on
 from prunescope.probe import stats
-from prunescope.testing import tiny_llama, tiny_tokenizer
+from prunescope.testing import digit_model, digit_tokenizer, tiny_llama
 
 PEOPLE_COLUMNS = [
     {"name": "Name", "type": "text"},
     {"name": "Gender", "type": "choice", "choices": ["Male", "Female"]},
     {"name": "Age", "type": "digits", "min_length": 1, "max_length": 2},
 ]
-
-
-def digit_tokenizer():
-    """The tiny tokenizer, but writing every digit as its own token (as SmolLM2's does)."""
-    from tokenizers import pre_tokenizers
-
-    tok = tiny_tokenizer()
-    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    return tok
-
-
-@pytest.fixture(scope="module")
-def dtok():
-    return digit_tokenizer()
-
-
-def digit_model(tok, seed: int = 0):
-    """A tiny random Llama whose head favours digits and the cell end ' |' (other logits are 0)."""
-    model = tiny_llama(vocab_size=max(384, len(tok)), seed=seed)
-    keep = [tok.convert_tokens_to_ids(str(d)) for d in range(10)] + [tok(" |")["input_ids"][-1]]
-    with torch.no_grad():
-        w = model.lm_head.weight  # (V, hidden)
-        scaled = w[keep] * 6.0
-        w.zero_()
-        w[keep] = scaled
-    return model
 
 
 def write_template(tmp_path, data, suffix=".yaml"):
@@ -165,14 +137,6 @@ def test_missing_tokenizer_is_refused(tiny_model):
 
 
 # --- CLI -------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def digit_model_dir(tmp_path_factory, dtok):
-    folder = tmp_path_factory.mktemp("tiny-digits")
-    tiny_llama(vocab_size=max(384, len(dtok))).save_pretrained(folder)
-    dtok.save_pretrained(folder)
-    return folder
-
 
 def test_cli_probe_writes_the_report(digit_model_dir, tmp_path):
     out = tmp_path / "out"

@@ -127,3 +127,27 @@ def tiny_family_model(family: str, vocab_size: int = 384, seed: int = 0, **overr
                 param.normal_(0.0, 0.05)
     model.eval()
     return model
+
+
+def digit_tokenizer() -> "PreTrainedTokenizerFast":
+    """The tiny tokenizer, but writing every digit as its own token (as SmolLM2's does): what
+    the probe's digits columns need."""
+    from tokenizers import pre_tokenizers
+
+    tok = tiny_tokenizer()
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    return tok
+
+
+def digit_model(tok: "PreTrainedTokenizerFast", seed: int = 0) -> "LlamaForCausalLM":
+    """A tiny random Llama whose head favours digits and the cell end ' |' (other logits are 0)."""
+    model = tiny_llama(vocab_size=max(384, len(tok)), seed=seed)
+    keep = [tok.convert_tokens_to_ids(str(d)) for d in range(10)] + [tok(" |")["input_ids"][-1]]
+    with torch.no_grad():
+        w = model.lm_head.weight  # (V, hidden)
+        scaled = w[keep] * 6.0
+        w.zero_()
+        w[keep] = scaled
+    return model
