@@ -170,3 +170,23 @@ def test_saved_folded_model_gives_the_hooked_logits(dtok, people, tmp_path, kind
     diff = job.save_edited(model, dtok, edit, tmp_path / "model")
     assert diff < 1e-4
     assert (tmp_path / "model" / "edit.safetensors").exists() == (kind == "vector")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu-check.sh)")
+def test_fit_on_cuda_matches_cpu(dtok, people):
+    """The teacher-forced marginals and a fitted vector on CUDA equal the CPU's (float rounding)."""
+    model = digit_model(dtok, seed=2)
+    targets = _targets(people, "Age.digit1=3:1", "Gender=uniform")
+    contexts = fields.record_contexts(model, dtok, people, targets, 1, 4, 0, 4)
+    wanted = [torch.tensor(t.probs) for t in targets]
+    unrelated = torch.randint(0, 300, (2, 16))
+    cpu = [q.detach() for q in fields.marginals(model, contexts)]
+    cpu_edit, _ = methods.fit(model, contexts, wanted, [0, 1], unrelated, steps=3, lr=0.1)
+    model.cuda()
+    gpu = [q.detach().cpu() for q in fields.marginals(model, contexts)]
+    gpu_edit, _ = methods.fit(model, contexts, wanted, [0, 1], unrelated, steps=3, lr=0.1)
+    for a, b in zip(cpu, gpu):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+    for a, b in zip(cpu_edit.layers, gpu_edit.layers):
+        torch.testing.assert_close(a.add, b.add.cpu(), atol=1e-3, rtol=1e-2)
