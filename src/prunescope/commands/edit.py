@@ -63,7 +63,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="a reworded template for the generalization check (repeatable; the built-in "
                         "'people' has its own)")
     parser.add_argument("--eval-text", default="default",
-                        help="text for the perplexity side effect: 'default' (pydoc_data), a file, or "
+                        help="unrelated text: perplexity on its first --eval-tokens tokens; from the rest, the "
+                        "fit's KL windows and, apart from them, the windows of the KL / top-1 side effects. "
+                        "'default' (pydoc_data), a file, or "
                         "hf:NAME[:CONFIG][:SPLIT] (hf:wikitext:wikitext-2-raw-v1:test for the papers' protocol)")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="tokens of the evaluation text (default 8192)")
     parser.add_argument("--eval-seqlen", type=int, default=512, help="window length for perplexity (default 512)")
