@@ -37,6 +37,7 @@ from prunescope.probe.template import Template, load_template
 log = logging.getLogger(__name__)
 
 KINDS = ("fit", "caa", "ablate", "weight", "weight-null")
+FIT_KL_WINDOWS = 8  # of the 64 fit windows, those the fit's KL term runs every step (all 64: the key covariance)
 DEFAULT_STRENGTHS = {"fit": (0.5, 1.0), "caa": (0.05, 0.2), "ablate": (1.0, 2.0), "weight": (1.0,),
                      "weight-null": (1.0,)}
 
@@ -287,12 +288,12 @@ def _edits(kind: str, model: nn.Module, config: EditConfig, contexts: fields.Con
     the contrast vectors are computed once and shared by the kinds built on them."""
     start = time.perf_counter()
     if kind in ("fit", "weight", "weight-null") and "fit" not in cache:
-        edit, trace = methods.fit(model, contexts, targets, layers, setting.fit_windows, config.steps, config.lr,
-                                  config.kl_weight, config.max_norm)
+        edit, trace = methods.fit(model, contexts, targets, layers, setting.fit_windows[:FIT_KL_WINDOWS], config.steps,
+                                  config.lr, config.kl_weight, config.max_norm)
         cache["fit"], cache["trace"] = edit, trace
     if kind in ("caa", "ablate") and "contrast" not in cache:
         cache["contrast"] = methods.contrast(model, contexts, targets, layers)
-        cache["norms"] = methods.residual_norms(model, setting.fit_windows, layers)
+        cache["norms"] = methods.residual_norms(model, setting.fit_windows[:FIT_KL_WINDOWS], layers)
     if kind.startswith("weight"):
         vectors = {e.layer: e.add for e in cache["fit"].layers}
         weights = methods.weight_edit(model, contexts, vectors, setting.fit_windows, null=kind == "weight-null")
