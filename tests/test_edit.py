@@ -190,3 +190,21 @@ def test_fit_on_cuda_matches_cpu(dtok, people):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
     for a, b in zip(cpu_edit.layers, gpu_edit.layers):
         torch.testing.assert_close(a.add, b.add.cpu(), atol=1e-3, rtol=1e-2)
+
+
+def test_fit_refreshes_its_contexts_from_the_edited_model(dtok, people):
+    """Every refresh_every steps the fit asks for contexts written with the edit so far applied."""
+    model = digit_model(dtok, seed=2)
+    targets = _targets(people, "Age.digit1=3:1")
+    contexts = fields.record_contexts(model, dtok, people, targets, 1, 3, 0, 3)
+    calls = []
+
+    def recontext(edit, refresh):
+        calls.append((refresh, [float(e.add.norm()) for e in edit.layers], edit.layers[0].add.requires_grad))
+        with applied(model, edit):
+            return fields.record_contexts(model, dtok, people, targets, 1, 3, refresh, 3)
+
+    methods.fit(model, contexts, [torch.tensor(targets[0].probs)], [0, 1], torch.randint(0, 300, (2, 16)),
+                steps=5, lr=0.2, recontext=recontext, refresh_every=2)
+    assert [c[0] for c in calls] == [1, 2] and not any(c[2] for c in calls)
+    assert all(n > 0 for c in calls for n in c[1])  # the edit so far, not the zero start

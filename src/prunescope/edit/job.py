@@ -281,15 +281,22 @@ def _measure(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting)
 # ------------------------------------------------------------------------------------ the run
 
 
-def _edits(kind: str, model: nn.Module, config: EditConfig, contexts: fields.Contexts, targets: list[torch.Tensor],
+def _edits(kind: str, model: nn.Module, tokenizer, config: EditConfig, contexts: fields.Contexts,
+           targets: list[torch.Tensor],
            layers: tuple[int, ...], setting: _Setting, cache: dict[str, Any]
            ) -> Iterator[tuple[float, Edit | methods.WeightEdit, float]]:
     """For each strength of ``kind``: (strength, the edit, seconds it took to build). The fit and
     the contrast vectors are computed once and shared by the kinds built on them."""
     start = time.perf_counter()
     if kind in ("fit", "weight", "weight-null") and "fit" not in cache:
+        def recontext(edit: Edit, refresh: int) -> fields.Contexts:
+            with applied(model, edit):
+                return fields.record_contexts(model, tokenizer, setting.template, setting.targets, config.rows,
+                                              config.fit_tables, config.seed + 100 * refresh,
+                                              prompt_rows=config.measure_rows)
+
         edit, trace = methods.fit(model, contexts, targets, layers, setting.fit_windows[:FIT_KL_WINDOWS], config.steps,
-                                  config.lr, config.kl_weight, config.max_norm)
+                                  config.lr, config.kl_weight, config.max_norm, recontext)
         cache["fit"], cache["trace"] = edit, trace
     if kind in ("caa", "ablate") and "contrast" not in cache:
         cache["contrast"] = methods.contrast(model, contexts, targets, layers)
@@ -416,7 +423,7 @@ def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str
     cache: dict[str, Any] = {}
     results = []
     for kind in config.kinds:
-        for strength, edit, build_seconds in _edits(kind, model, config, contexts, wanted, layers, setting, cache):
+        for strength, edit, build_seconds in _edits(kind, model, tokenizer, config, contexts, wanted, layers, setting, cache):
             if built is not None:
                 built[(kind, strength)] = edit
             with _applied(model, edit):

@@ -20,7 +20,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -88,7 +88,8 @@ class FitTrace:
 def fit(
     model: nn.Module, contexts: fields.Contexts, targets: Sequence[torch.Tensor], layers: Sequence[int],
     unrelated: torch.Tensor, steps: int = 30, lr: float = 0.03, kl_weight: float = 1.0,
-    max_norm: float = 0.5,
+    max_norm: float = 0.5, recontext: Callable[[Edit, int], fields.Contexts] | None = None,
+    refresh_every: int = 10,
 ) -> tuple[Edit, FitTrace]:
     """Fit one added vector per layer (see the module docstring).
 
@@ -97,6 +98,10 @@ def fit(
         unrelated: ``[n, L]`` token windows of unrelated text for the side-effect term.
         lr: Adam step as a fraction of each layer's median residual norm per unit vector.
         max_norm: bound on each vector's norm as a fraction of its layer's median residual norm.
+        recontext: ``(edit so far, refresh number) -> contexts`` recorded from tables the edited
+            model writes, called every ``refresh_every`` steps: the edit also changes the cells
+            written before the targeted one (the names before a gender), so contexts from the
+            unedited model alone would fit the targets on tables the edited model never writes.
     """
     import time
 
@@ -105,7 +110,8 @@ def fit(
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.requires_grad_(False)  # the model is frozen; restored below
     try:
-        return _fit(model, contexts, targets, layers, unrelated, steps, lr, kl_weight, max_norm, device, start)
+        return _fit(model, contexts, targets, layers, unrelated, (steps, lr, kl_weight, max_norm, refresh_every),
+                    recontext, device, start)
     finally:
         for p in trainable:
             p.requires_grad_(True)
@@ -113,11 +119,12 @@ def fit(
 
 def _fit(
     model: nn.Module, contexts: fields.Contexts, targets: Sequence[torch.Tensor], layers: Sequence[int],
-    unrelated: torch.Tensor, steps: int, lr: float, kl_weight: float, max_norm: float, device: torch.device,
-    start: float,
+    unrelated: torch.Tensor, options: tuple[int, float, float, float, int],
+    recontext: Callable[[Edit, int], fields.Contexts] | None, device: torch.device, start: float,
 ) -> tuple[Edit, FitTrace]:
     import time
 
+    steps, lr, kl_weight, max_norm, refresh_every = options
     norms = residual_norms(model, unrelated, layers)
     hidden = model.config.hidden_size
     vectors = {i: torch.zeros(hidden, device=device, requires_grad=True) for i in layers}
@@ -128,6 +135,9 @@ def _fit(
         reference = torch.log_softmax(model(input_ids=unrelated.to(device)).logits.float(), dim=-1)  # [n, L, V]
     target_kl, unrelated_kl = [], []
     for _step in tqdm(range(steps), desc="fit", unit="step", leave=False):
+        if recontext is not None and _step and _step % refresh_every == 0:
+            with torch.no_grad():
+                contexts = recontext(Edit([LayerEdit(i, add=vectors[i].detach()) for i in layers]), _step // refresh_every)
         with applied(model, edit):
             tkl = torch.stack([kl_to(t, q) for t, q in zip(targets, fields.marginals(model, contexts))]).sum()
             ukl = next_token_kl(reference, model(input_ids=unrelated.to(device)).logits) if kl_weight \
