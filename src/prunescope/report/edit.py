@@ -28,7 +28,7 @@ def results_table(report: "EditReport") -> str:
              for r in report.results]
     headers = ("kind", "strength", "target JS", "held-out JS", "later rows JS", "ppl", "ppl change %",
                "KL unrelated", "top-1 agree", "other fields JS", "sampled in band", "seconds")
-    return markdown_table(headers, rows, ".3f")
+    return markdown_table(headers, [tuple("n/a" if v is None else v for v in row) for row in rows], ".3f")
 
 
 def fields_table(report: "EditReport") -> str:
