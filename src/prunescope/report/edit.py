@@ -87,7 +87,8 @@ def plot_pareto(report: "EditReport", path: str | Path) -> Path:
         ax.plot(xs, ys, marker="o", label=kind)
         for r, x, y in zip(runs, xs, ys):
             ax.annotate(f"x{r.strength:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("perplexity change (%)")
+    ax.set_xscale("symlog", linthresh=1.0)  # linear within +-1%, logarithmic beyond: a broken model stays on the plot
+    ax.set_xlabel("perplexity change (%, symmetric log scale)")
     ax.set_ylabel("target JS distance" + (" (held-out templates)" if use_heldout else ""))
     ax.set_title("Edits: distance to the target against the side effect")
     ax.grid(alpha=0.3)
