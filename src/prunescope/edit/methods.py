@@ -11,10 +11,9 @@
 * ``ablate``: the unit direction of that contrast projected out of both writers' outputs at the
   chosen layers (a direction pruned instead of a weight).
 * ``weight``: a rank-one edit of each chosen layer's MLP ``down_proj`` that writes the fitted
-  vector for the key the layer sees at the targeted cells (ROME's closed form with the key
-  covariance of unrelated text), or with ``null=True`` only through the directions that
-  unrelated keys do not use (AlphaEdit's null-space projection), so those outputs stay as they
-  were.
+  vector for the mean key the layer sees at each targeted field's cells (ROME's closed form with
+  the second moment of unrelated keys), or with ``null=True`` only through the directions those
+  sampled unrelated keys barely use (AlphaEdit's null-space projection).
 """
 
 from __future__ import annotations
@@ -36,7 +35,9 @@ log = logging.getLogger(__name__)
 
 
 def kl_to(target: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``KL(target || q)`` in nats over the values where the target has mass (q renormalised)."""
+    """``KL(target || q)`` in nats over the values where the target has mass (``q`` sums to 1).
+    ``q`` is clamped at 1e-12 inside the log, where its gradient is then zero: a target value
+    the model never writes is only reached through the others' mass."""
     t = target.to(q)
     keep = t > 0
     return (t[keep] * (t[keep].log() - q[keep].clamp_min(1e-12).log())).sum()
