@@ -16,9 +16,9 @@ unedited model (:func:`record_contexts`), and each step replays them teacher-for
   digit lead and the ``k - 1`` digits that table wrote (tables that wrote something else there
   drop out, as in the probe).
 
-Contexts are fixed while fitting (they come from the unedited model), so the fit matches the
-marginal over the original model's earlier cells; the measurement afterwards (the probe on the
-edited model) lets the edit change those earlier cells too.
+Contexts are recorded from tables a model wrote (the unedited one first; ``prunescope edit``
+re-records them with the edit so far every few steps, since the edit also changes the earlier
+cells of a row); the measurement afterwards (the probe on the edited model) writes its own.
 """
 
 from __future__ import annotations
