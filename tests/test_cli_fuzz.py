@@ -89,6 +89,19 @@ EVAL_OPTIONS = {
     "--batch-size": SMALL,
     "--dtype": st.sampled_from(["auto", "float32", "float8"]),
 }
+EDIT_OPTIONS = {
+    "--target": st.sampled_from(["Gender=uniform", "Age.digit1=uniform:2-6", "Height=uniform", "Gender=Male:2",
+                                 "", "Gender@9=uniform", "Age.digit4=uniform", "Age=uniform"]),
+    "--method": st.sampled_from(["fit", "caa,ablate", "all", "rome", "", "weight-null"]),
+    "--layers": st.sampled_from(["0", "0-1", "5", "-1", "x", "", "1-0"]),
+    "--strength": NUMBERS,
+    "--rows": SMALL,
+    "--measure-rows": SMALL,
+    "--steps": SMALL,
+    "--lr": NUMBERS,
+    "--kl-weight": NUMBERS,
+    "--max-norm": NUMBERS,
+}
 COUNTER = itertools.count()
 ZEROSHOT_DATA = Path(__file__).parent / "data" / "zeroshot"
 
@@ -152,6 +165,9 @@ def _base(command: str, inputs: dict[str, Path]) -> list[str]:
         "lora compress": ["lora", "compress", str(inputs["adapter"])],
         "eval": ["eval", str(model), "--tasks", "prunescope_facts", "--include-path", str(inputs["tasks"]),
                  "--limit", "2"],
+        "edit": ["edit", str(model), "--target", "Gender=uniform", "--method", "fit", "--strength", "1",
+                 "--steps", "1", "--fit-tables", "2", "--measure-tables", "2", "--eval-text", text,
+                 "--eval-tokens", "64", "--eval-seqlen", "16"],
     }[command]
 
 
@@ -163,6 +179,7 @@ def _base(command: str, inputs: dict[str, Path]) -> list[str]:
     ("probe", PROBE_OPTIONS, 15),
     ("lora compress", LORA_COMPRESS_OPTIONS, 15),
     ("eval", EVAL_OPTIONS, 6),
+    ("edit", EDIT_OPTIONS, 25),
 ])
 def test_random_options_end_in_done_or_one_line(command, table, examples, fuzz_inputs, tmp_path_factory, capsys):
     @settings(max_examples=examples, deadline=None, derandomize=True,
@@ -190,7 +207,8 @@ def test_the_meta_device_is_refused_by_the_commands(command, capsys):
     assert "'meta' holds shapes but no data and cannot compute; choose one of auto, cpu" in err
 
 
-@pytest.mark.parametrize("command", ["prune", "shrink", "activations", "activations study", "probe", "lora compress", "eval"])
+@pytest.mark.parametrize("command", ["prune", "shrink", "activations", "activations study", "probe", "lora compress", "eval",
+                                     "edit"])
 def test_the_fixed_command_lines_succeed(command, fuzz_inputs, tmp_path, capsys):
     """The random options above start from command lines that work, so a run that ends in exit
     code 2 was refused for an option the test chose."""
