@@ -146,11 +146,4 @@ def _layer_count(model: str) -> int:
 
 def _log_summary(report) -> None:
     for r in report.results:
-        held = _fmt(r.target_js_heldout)
-        log.info("%-11s x%-4g target JS %s -> %s (held-out %s), perplexity %.2f -> %.2f (%+.1f%%), "
-                 "top-1 agreement %.3f", r.kind, r.strength, _fmt(r.target_js_before), _fmt(r.target_js_after), held,
-                 r.ppl_before, r.ppl_after, 100 * (r.ppl_after / r.ppl_before - 1), r.top1_agreement)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+        log.info("%s", r.line())

@@ -135,7 +135,7 @@ def prompt_cache(model: nn.Module, prompt: tuple[int, ...]):
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    ids = torch.tensor([prompt], device=_device(model))  # [1, T0]
+    ids = torch.tensor([prompt], device=models.input_device(model))  # [1, T0]
     model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
     return cache, len(prompt)
 
@@ -156,7 +156,8 @@ def teacher_forced(model: nn.Module, cache, start: int, seqs: list[tuple[int, ..
     Right padding needs no attention mask: causal attention never lets a real token see the pads
     after it."""
     length = max(len(s) for s in seqs)
-    ids = torch.tensor([list(s) + [s[-1]] * (length - len(s)) for s in seqs], device=_device(model))  # [B, S]
+    padded = [list(s) + [s[-1]] * (length - len(s)) for s in seqs]
+    ids = torch.tensor(padded, device=models.input_device(model))  # [B, S]
     positions = start + torch.arange(length, device=ids.device).expand(len(seqs), -1)  # [B, S]
     mask = torch.ones(len(seqs), start + length, dtype=torch.long, device=ids.device)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=_repeated(cache, len(seqs)),
@@ -204,7 +205,3 @@ def marginals(model: nn.Module, contexts: Contexts) -> list[torch.Tensor]:
         marginal = per_table.mean(dim=0)  # [C]
         out.append(marginal / marginal.sum().clamp_min(1e-30))
     return out
-
-
-def _device(model: nn.Module) -> torch.device:
-    return models.input_device(model)

@@ -135,6 +135,13 @@ class EditResult:
     fit_seconds: float
     fields: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def line(self) -> str:
+        """One line for the log: the target distance and the side effects."""
+        return (f"{self.kind:<11} x{self.strength:<4g} target JS {_fmt(self.target_js_before)} -> "
+                f"{_fmt(self.target_js_after)} (held-out {_fmt(self.target_js_heldout)}), perplexity "
+                f"{self.ppl_before:.2f} -> {self.ppl_after:.2f} ({100 * (self.ppl_after / self.ppl_before - 1):+.1f}%), "
+                f"top-1 agreement {self.top1_agreement:.3f}")
+
 
 @dataclass(frozen=True)
 class EditReport:
@@ -261,7 +268,7 @@ def _measure(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting)
     fitted, later = range(1, config.rows + 1), range(config.rows + 1, config.measure_rows + 1)
     js_held = [v for v in (_target_js(h, setting.targets, fitted) for h in heldout) if v is not None]
     ppl = evaluate.perplexity(model, setting.eval_blocks, progress=False)
-    logits = model(input_ids=setting.unrelated.to(_device(model))).logits.float()  # [n, L, V]
+    logits = model(input_ids=setting.unrelated.to(models.input_device(model))).logits.float()  # [n, L, V]
     if setting.reference_logits is None:
         setting.reference_logits = logits
     ref = torch.log_softmax(setting.reference_logits, dim=-1)
@@ -337,7 +344,7 @@ def save_edited(model: nn.Module, tokenizer, edit: Edit | methods.WeightEdit, fo
 
     probe_ids = torch.tensor([tokenizer("Generate a table of random people.")["input_ids"]])
     with torch.no_grad(), _applied(model, edit):
-        hooked = model(input_ids=probe_ids.to(_device(model))).logits.float().cpu()
+        hooked = model(input_ids=probe_ids.to(models.input_device(model))).logits.float().cpu()
     if isinstance(edit, methods.WeightEdit):
         apply.add_to_weights(model, edit.named(model))
         folded = model
@@ -434,9 +441,7 @@ def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str
                 after.kl_unrelated, after.top1_agreement, after.other_fields_js, after.sampled_in_band,
                 seconds=after.seconds + build_seconds, fit_seconds=build_seconds, fields=after.fields,
             )
-            log.info("%s x%g: target JS %s -> %s (held-out %s), ppl %.2f -> %.2f", kind, strength,
-                     _fmt(result.target_js_before), _fmt(result.target_js_after), _fmt(result.target_js_heldout),
-                     result.ppl_before, result.ppl_after)
+            log.info("%s", result.line())
             results.append(result)
     trace = cache.get("trace")
     return EditReport(
@@ -448,16 +453,12 @@ def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str
 
 def _target_of(field_contexts: fields.FieldContexts, targets: list[Target]) -> Target:
     for t in targets:
-        if t.key == field_contexts.key and (t.rows is None or field_contexts.row in t.rows):
+        if t.key == field_contexts.key and t.applies_to(field_contexts.row):
             return t
     raise AssertionError(f"no target for {field_contexts.key}")
 
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
-
-
-def _device(model: nn.Module) -> torch.device:
-    return models.input_device(model)
 
 

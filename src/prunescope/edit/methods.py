@@ -54,7 +54,7 @@ def residual_norms(model: nn.Module, windows: torch.Tensor, layers: Sequence[int
     """Median norm of the residual stream after each of ``layers`` over ``windows`` ([n, L])."""
     outs: dict[int, torch.Tensor] = {}
     with _layer_outputs(model, layers, outs):
-        model(input_ids=windows.to(_device(model)))
+        model(input_ids=windows.to(models.input_device(model)))
     return {i: float(o.float().norm(dim=-1).median()) for i, o in outs.items()}
 
 
@@ -107,7 +107,7 @@ def fit(
     import time
 
     start = time.perf_counter()
-    device = _device(model)
+    device = models.input_device(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.requires_grad_(False)  # the model is frozen; restored below
     try:
@@ -167,7 +167,7 @@ def contrast(
     """Per layer, ``[hidden]`` mean over tables and fields of the residual after the value's
     last token weighted by the target minus weighted by the model's own marginal."""
     own = [q.detach() for q in fields.marginals(model, contexts)]
-    device = _device(model)
+    device = models.input_device(model)
     out = {i: torch.zeros(model.config.hidden_size, device=device) for i in layers}
     cache, start = fields.prompt_cache(model, contexts.prompt)
     for field, target, q in zip(contexts.fields, targets, own):
@@ -269,7 +269,7 @@ def _key_covariance(model: nn.Module, windows: torch.Tensor, layers: Sequence[in
     """Per layer, ``E[k k^T]`` (float64) of the MLP writer's input over ``windows``."""
     captured: dict[int, torch.Tensor] = {}
     with _writer_inputs(model, layers, captured):
-        model(input_ids=windows.to(_device(model)))
+        model(input_ids=windows.to(models.input_device(model)))
     out = {}
     for i in layers:
         k = captured[i].reshape(-1, captured[i].shape[-1]).double()  # [tokens, inter]
@@ -301,7 +301,3 @@ def mlp_writer_name(model: nn.Module, index: int) -> str:
 
 def _mlp_writer(model: nn.Module, index: int) -> nn.Module:
     return model.get_submodule(mlp_writer_name(model, index))
-
-
-def _device(model: nn.Module) -> torch.device:
-    return models.input_device(model)
