@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from prunescope import cli
-from prunescope.edit import fields, methods
+from prunescope.edit import fields, job, methods
 from prunescope.edit.hooks import Edit, LayerEdit, applied
 from prunescope.edit.targets import parse_targets
 from prunescope.pruning import apply
@@ -144,6 +144,8 @@ def test_cli_edit_writes_the_report_and_a_folded_model(digit_model_dir, tmp_path
         (["--target", "Gender=uniform", "--strength", ","], "names no strength"),
         (["--target", "Gender=uniform", "--method", "fit,fit"], "name a kind twice"),
         (["--target", "Gender=uniform", "--eval-tokens", "100"], "at least one window"),
+        (["--target", "Gender=uniform", "--match-ppl", "0"], "match-ppl must be a finite positive"),
+        (["--target", "Gender=uniform", "--match-ppl", "inf"], "match-ppl must be a finite positive"),
     ],
 )
 def test_cli_edit_bad_input(digit_model_dir, tmp_path, capsys, args, message):
@@ -156,7 +158,6 @@ def test_cli_edit_bad_input(digit_model_dir, tmp_path, capsys, args, message):
 @pytest.mark.parametrize("kind", ["vector", "weight"])
 def test_saved_folded_model_gives_the_hooked_logits(dtok, people, tmp_path, kind):
     """The folded, reloaded folder computes what the hooked (or weight-edited) model computed."""
-    from prunescope.edit import job
 
     model = digit_model(dtok, seed=5)
     hidden = model.config.hidden_size
@@ -208,3 +209,61 @@ def test_fit_refreshes_its_contexts_from_the_edited_model(dtok, people):
                 steps=5, lr=0.2, recontext=recontext, refresh_every=2)
     assert [c[0] for c in calls] == [1, 2] and not any(c[2] for c in calls)
     assert all(n > 0 for c in calls for n in c[1])  # the edit so far, not the zero start
+
+
+@pytest.mark.parametrize(
+    "change, goal, start, expect",
+    [
+        (lambda s: 10 * s * s, 2.0, 0.05, (2 / 10) ** 0.5),  # doubled up from a small start, then bisected
+        (lambda s: 40 * s, 2.0, 1.0, 0.05),  # bisected down from a start far past the goal
+        (lambda s: -0.5 + 4 * s, 2.0, 0.5, 0.625),  # a change below zero at small strengths
+    ],
+)
+def test_matched_strength_finds_the_goal(change, goal, start, expect):
+    from prunescope.edit.job import matched_strength
+
+    strength, tried = matched_strength(change, goal, start)
+    assert abs(change(strength) - goal) <= goal / 10
+    assert strength == pytest.approx(expect, rel=0.1)
+    assert (strength, change(strength)) in tried and len(tried) <= 15
+
+
+def test_matched_strength_that_never_reaches_the_goal_is_the_largest_tried(caplog):
+    from prunescope.edit.job import matched_strength
+
+    strength, tried = matched_strength(lambda s: 0.0 * s, 2.0, 1.0, doublings=3)
+    assert strength == 8.0 and [s for s, _ in tried] == [1.0, 2.0, 4.0, 8.0]
+    assert "still changes perplexity by less than" in caplog.text
+
+
+def test_match_ppl_measures_each_kind_at_the_matched_change(digit_model_dir, tmp_path):
+    """--match-ppl alone: one row per kind, at a strength whose perplexity change is the goal
+    (within a tenth) or, for a kind that cannot reach it, the largest strength tried."""
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 50} and {i}" for i in range(600)))
+    out = tmp_path / "out"
+    rc = cli.main(["-q", "edit", str(digit_model_dir), "--target", "Gender=uniform", "--method", "fit,caa",
+                   "--layers", "0-1", "--steps", "2", "--fit-tables", "3", "--measure-tables", "3",
+                   "--match-ppl", "1", "--eval-text", str(text), "--eval-tokens", "512", "--eval-seqlen", "16",
+                   "--out", str(out)])
+    assert rc == 0
+    results = json.loads((out / "report.json").read_text())["results"]
+    assert [r["kind"] for r in results] == ["fit", "caa"]
+    for r in results:
+        assert r["matched_ppl_change"] == 1.0
+        change = 100 * (r["ppl_after"] / r["ppl_before"] - 1)
+        assert abs(change - 1.0) <= 0.1 or r["strength"] == 64 * min(job.DEFAULT_STRENGTHS[r["kind"]])
+    assert "matched +1% ppl" in (out / "report.md").read_text()
+
+
+def test_other_fields_leave_out_fields_rarely_reached():
+    from prunescope.edit.job import _others_js
+
+    def rec(dist, marginal):
+        return {"distribution": dist, "exact_marginal": marginal}
+
+    before = {"row 1 / Age digit 3": rec([1.0, 0.0], [0.01, 0.0]), "row 1 / Gender": rec([0.9, 0.1], [0.9, 0.1])}
+    after = {"row 1 / Age digit 3": rec([0.0, 1.0], [0.0, 0.01]), "row 1 / Gender": rec([0.5, 0.5], [0.5, 0.5])}
+    only_gender = _others_js({"row 1 / Gender": before["row 1 / Gender"]}, after, [])
+    assert _others_js(before, after, []) == pytest.approx(only_gender)  # the digit reached 1% of the time: left out
+    assert only_gender > 0.2

@@ -46,12 +46,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "weight 1): fit and weight: the fitted vectors' multiplier; caa: the added vector's norm as a fraction "
                         "of the layer's median residual norm; ablate: the fraction of the direction removed (2 "
                         "reflects it)")
+    parser.add_argument("--match-ppl", type=float, default=None, metavar="PCT",
+                        help="also find, for each kind, the strength that raises perplexity on the evaluation text "
+                        "by PCT percent (doubling, then bisection on perplexity alone) and measure it there: "
+                        "the kinds compared at a matched side effect. Without --strength only that strength "
+                        "is measured")
     parser.add_argument("--rows", type=int, default=1, help="rows the edit is fitted on (default 1)")
     parser.add_argument("--measure-rows", type=int, default=2,
                         help="rows written when measuring; those after --rows show generalization (default 2)")
     parser.add_argument("--fit-tables", type=int, default=16, help="tables whose contexts the fit uses (default 16)")
     parser.add_argument("--measure-tables", type=int, default=32, help="tables per measurement (default 32)")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps of the fit (default 30)")
+    parser.add_argument("--refresh-every", type=int, default=10,
+                        help="re-record the fit's contexts from tables the edited model writes every this many "
+                        "steps (default 10): the edit also changes the cells before the targeted ones")
     parser.add_argument("--lr", type=float, default=0.03,
                         help="fit step size as a fraction of the layer's residual norm (default 0.03)")
     parser.add_argument("--kl-weight", type=float, default=10.0,
@@ -71,7 +79,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--eval-seqlen", type=int, default=512, help="window length for perplexity (default 512)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the tables and windows (default 0)")
     parser.add_argument("--save", action="store_true",
-                        help="write the edited model (the first kind at its last strength) to OUT/model")
+                        help="write the edited model (the first kind at its last strength, the matched one with "
+                        "--match-ppl) to OUT/model")
     cli.add_output_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -94,8 +103,8 @@ def _config(args: argparse.Namespace):
     return EditConfig(
         model=args.model, template=args.template, targets=tuple(args.target), kinds=tuple(kinds),
         strengths=_floats(args.strength, "--strength"), rows=args.rows, measure_rows=args.measure_rows,
-        fit_tables=args.fit_tables, measure_tables=args.measure_tables, steps=args.steps, lr=args.lr,
-        kl_weight=args.kl_weight, max_norm=args.max_norm, heldout=tuple(args.heldout),
+        fit_tables=args.fit_tables, measure_tables=args.measure_tables, steps=args.steps, refresh_every=args.refresh_every, lr=args.lr,
+        kl_weight=args.kl_weight, max_norm=args.max_norm, match_ppl=args.match_ppl, heldout=tuple(args.heldout),
         eval_text=args.eval_text, eval_tokens=args.eval_tokens, eval_seqlen=args.eval_seqlen, seed=args.seed, **cli.placement_options(args),
     )
 
@@ -123,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     _log_summary(report)
     if args.save:
         kind = config.kinds[0]
-        strength = config.strengths_for(kind)[-1]
+        strength = [s for k, s in built if k == kind][-1]  # the last measured: the matched one with --match-ppl
         diff = job.save_edited(model, tokenizer, built[(kind, strength)], out / "model")
         log.info("edited model (%s x%g, folded) in %s; reloaded, its logits differ from the hooked "
                  "model's by at most %.2e", kind, strength, out / "model", diff)

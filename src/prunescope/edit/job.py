@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +40,9 @@ KINDS = ("fit", "caa", "ablate", "weight", "weight-null")
 FIT_KL_WINDOWS = 8  # of the 64 fit windows, those the fit's KL term runs every step (all 64: the key covariance)
 DEFAULT_STRENGTHS = {"fit": (0.5, 1.0), "caa": (0.05, 0.2), "ablate": (1.0, 2.0), "weight": (1.0,),
                      "weight-null": (1.0,)}
+MIN_REACH = 0.05  # other fields reached less often than this are left out of other_fields_js
+MATCH_DOUBLINGS = 6  # a kind's matched strength is searched up to 2**6 x its smallest default strength
+MATCH_HALVINGS = 8
 
 
 @dataclass(frozen=True)
@@ -57,9 +60,11 @@ class EditConfig(models.Placement):
     fit_tables: int = 16
     measure_tables: int = 32
     steps: int = 30
+    refresh_every: int = 10
     lr: float = 0.03
     kl_weight: float = 10.0
     max_norm: float = 0.5
+    match_ppl: float | None = None
     heldout: tuple[Path, ...] = ()
     eval_text: str = data.DEFAULT_TEXT
     eval_tokens: int = 8192
@@ -75,7 +80,8 @@ class EditConfig(models.Placement):
             raise PrunescopeError(f"unknown edit kind {', '.join(bad) or '(none)'}; valid: {', '.join(KINDS)}")
         if len(set(self.kinds)) != len(self.kinds):
             raise PrunescopeError(f"edit kinds {', '.join(self.kinds)} name a kind twice")
-        for name in ("rows", "measure_rows", "fit_tables", "measure_tables", "steps", "eval_tokens", "eval_seqlen"):
+        for name in ("rows", "measure_rows", "fit_tables", "measure_tables", "steps", "refresh_every", "eval_tokens",
+                     "eval_seqlen"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise PrunescopeError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
@@ -85,6 +91,9 @@ class EditConfig(models.Placement):
             value = getattr(self, name)
             if not np.isfinite(value) or value < 0 or (name != "kl_weight" and value == 0):
                 raise PrunescopeError(f"{name.replace('_', '-')} must be a finite positive number, got {value!r}")
+        if self.match_ppl is not None and (not np.isfinite(self.match_ppl) or self.match_ppl <= 0):
+            raise PrunescopeError(f"match-ppl must be a finite positive perplexity change in percent (e.g. 2), "
+                                  f"got {self.match_ppl!r}")
         if self.strengths is not None and not self.strengths:
             raise PrunescopeError("--strength names no strength; give numbers such as 0.5,1")
         for s in self.strengths or ():
@@ -133,11 +142,13 @@ class EditResult:
     sampled_in_band: float | None
     seconds: float
     fit_seconds: float
+    matched_ppl_change: float | None = None  # the perplexity change (%) this strength was matched to
     fields: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def line(self) -> str:
         """One line for the log: the target distance and the side effects."""
-        return (f"{self.kind:<11} x{self.strength:<4g} target JS {_fmt(self.target_js_before)} -> "
+        matched = "" if self.matched_ppl_change is None else f" (matched to {self.matched_ppl_change:+g}% perplexity)"
+        return (f"{self.kind:<11} x{self.strength:<4g}{matched} target JS {_fmt(self.target_js_before)} -> "
                 f"{_fmt(self.target_js_after)} (held-out {_fmt(self.target_js_heldout)}), perplexity "
                 f"{self.ppl_before:.2f} -> {self.ppl_after:.2f} ({100 * (self.ppl_after / self.ppl_before - 1):+.1f}%), "
                 f"top-1 agreement {self.top1_agreement:.3f}")
@@ -249,11 +260,20 @@ def _sampled_in_band(dists: dict[str, dict[str, Any]], targets: list[Target], ro
     return float(np.mean(hits)) if hits else None
 
 
+def _reach(field_record: dict[str, Any]) -> float:
+    """How often the unedited model writes the field at all: the sum of its exact marginal (an
+    age's second digit is reached only by ages of two digits or more)."""
+    return float(sum(field_record["exact_marginal"])) if field_record["exact_marginal"] else 1.0
+
+
 def _others_js(before: dict, after: dict, targets: list[Target]) -> float | None:
-    """Mean JS distance before -> after over the fields no target names (side effect)."""
+    """Mean JS distance before -> after over the fields no target names (side effect), each
+    reached in at least ``MIN_REACH`` of the tables: a field the model almost never writes (a
+    third digit of an age) has a renormalised distribution that is noise."""
     targeted = {t.key.label for t in targets}
     values = [stats.js_distance(np.array(after[k]["distribution"]), np.array(v["distribution"]))
-              for k, v in before.items() if k.split(" / ", 1)[1] not in targeted and k in after]
+              for k, v in before.items()
+              if k.split(" / ", 1)[1] not in targeted and k in after and _reach(v) >= MIN_REACH]
     return float(np.mean(values)) if values else None
 
 
@@ -288,12 +308,14 @@ def _measure(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting)
 # ------------------------------------------------------------------------------------ the run
 
 
-def _edits(kind: str, model: nn.Module, tokenizer, config: EditConfig, contexts: fields.Contexts,
-           targets: list[torch.Tensor],
-           layers: tuple[int, ...], setting: _Setting, cache: dict[str, Any]
-           ) -> Iterator[tuple[float, Edit | methods.WeightEdit, float]]:
-    """For each strength of ``kind``: (strength, the edit, seconds it took to build). The fit and
-    the contrast vectors are computed once and shared by the kinds built on them."""
+EditMaker = Callable[[float], "Edit | methods.WeightEdit"]
+
+
+def _edit_family(kind: str, model: nn.Module, tokenizer, config: EditConfig, contexts: fields.Contexts,
+                 targets: list[torch.Tensor], layers: tuple[int, ...], setting: _Setting, cache: dict[str, Any],
+                 ) -> tuple[EditMaker, float]:
+    """``kind``'s edits as a function of the strength, and the seconds it took to build them. The
+    fit and the contrast vectors are computed once and shared by the kinds built on them."""
     start = time.perf_counter()
     if kind in ("fit", "weight", "weight-null") and "fit" not in cache:
         def recontext(edit: Edit, refresh: int) -> fields.Contexts:
@@ -303,24 +325,75 @@ def _edits(kind: str, model: nn.Module, tokenizer, config: EditConfig, contexts:
                                               prompt_rows=config.measure_rows)
 
         edit, trace = methods.fit(model, contexts, targets, layers, setting.fit_windows[:FIT_KL_WINDOWS], config.steps,
-                                  config.lr, config.kl_weight, config.max_norm, recontext)
+                                  config.lr, config.kl_weight, config.max_norm, recontext, config.refresh_every)
         cache["fit"], cache["trace"] = edit, trace
     if kind in ("caa", "ablate") and "contrast" not in cache:
         cache["contrast"] = methods.contrast(model, contexts, targets, layers)
         cache["norms"] = methods.residual_norms(model, setting.fit_windows[:FIT_KL_WINDOWS], layers)
-    if kind.startswith("weight"):
+    if kind == "fit":
+        fitted = cache["fit"]
+        make: EditMaker = lambda s: Edit([dataclasses.replace(e, add=e.add * s) for e in fitted.layers])  # noqa: E731
+    elif kind == "caa":
+        make = lambda s: methods.caa_edit(cache["contrast"], s, cache["norms"])  # noqa: E731
+    elif kind == "ablate":
+        make = lambda s: methods.ablate_edit(cache["contrast"], s)  # noqa: E731
+    else:
         vectors = {e.layer: e.add for e in cache["fit"].layers}
-        weights = methods.weight_edit(model, contexts, vectors, setting.fit_windows, null=kind == "weight-null")
-    seconds = time.perf_counter() - start
-    for s in config.strengths_for(kind):
-        if kind == "fit":
-            yield s, Edit([dataclasses.replace(e, add=e.add * s) for e in cache["fit"].layers]), seconds
-        elif kind == "caa":
-            yield s, methods.caa_edit(cache["contrast"], s, cache["norms"]), seconds
-        elif kind == "ablate":
-            yield s, methods.ablate_edit(cache["contrast"], s), seconds
-        else:
-            yield s, weights.scaled(s), seconds
+        make = methods.weight_edit(model, contexts, vectors, setting.fit_windows, null=kind == "weight-null").scaled
+    return make, time.perf_counter() - start
+
+
+def matched_strength(change: Callable[[float], float], goal: float, start: float,
+                     doublings: int = MATCH_DOUBLINGS, halvings: int = MATCH_HALVINGS,
+                     ) -> tuple[float, list[tuple[float, float]]]:
+    """The strength whose side effect ``change(strength)`` comes nearest ``goal``, and every
+    (strength, change) tried: from ``start``, doubled until the change reaches the goal (at most
+    ``doublings`` times: a kind that never reaches it is measured at its largest strength), then
+    bisected between the last strength below the goal and the first at or above it until the
+    change is within a tenth of the goal (at most ``halvings`` times). Assumes the change grows
+    with the strength on the whole, as it does for a vector's length or a direction's share."""
+    tried: list[tuple[float, float]] = []
+
+    def at(strength: float) -> float:
+        tried.append((strength, change(strength)))
+        log.info("strength %g: perplexity change %+.2f%% (goal %+.2f%%)", strength, tried[-1][1], goal)
+        return tried[-1][1]
+
+    lo, hi = 0.0, start
+    for _ in range(doublings):
+        if at(hi) >= goal:
+            break
+        lo, hi = hi, 2 * hi
+    else:
+        if at(hi) < goal:
+            log.warning("strength %g still changes perplexity by less than %+.2f%%; measured there", hi, goal)
+            return hi, tried
+    for _ in range(halvings):
+        if min(abs(c - goal) for _, c in tried) <= abs(goal) / 10:
+            break
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if at(mid) < goal else (lo, mid)
+    return min(tried, key=lambda t: abs(t[1] - goal))[0], tried
+
+
+def _strengths(kind: str, make: EditMaker, model: nn.Module, config: EditConfig, setting: _Setting,
+               ppl_before: float) -> list[tuple[float, float | None, float]]:
+    """(strength, the perplexity change it was matched to or None, seconds the match took) for
+    every strength of ``kind`` to measure: the given or default ones, and with ``match_ppl`` the
+    strength matched to it (alone when no strengths were given)."""
+    out: list[tuple[float, float | None, float]] = []
+    if config.strengths is not None or config.match_ppl is None:
+        out = [(s, None, 0.0) for s in config.strengths_for(kind)]
+    if config.match_ppl is not None:
+        def change(strength: float) -> float:
+            with _applied(model, make(strength)):
+                return 100.0 * (evaluate.perplexity(model, setting.eval_blocks, progress=False) / ppl_before - 1.0)
+
+        log.info("%s: the strength that changes perplexity by %+.2f%%", kind, config.match_ppl)
+        start = time.perf_counter()
+        strength, _ = matched_strength(change, config.match_ppl, min(DEFAULT_STRENGTHS[kind]))
+        out.append((strength, config.match_ppl, time.perf_counter() - start))
+    return out
 
 
 def _applied(model: nn.Module, edit: Edit | methods.WeightEdit) -> AbstractContextManager[Any]:
@@ -430,7 +503,9 @@ def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str
     cache: dict[str, Any] = {}
     results = []
     for kind in config.kinds:
-        for strength, edit, build_seconds in _edits(kind, model, tokenizer, config, contexts, wanted, layers, setting, cache):
+        make, build_seconds = _edit_family(kind, model, tokenizer, config, contexts, wanted, layers, setting, cache)
+        for strength, matched, search_seconds in _strengths(kind, make, model, config, setting, before.ppl):
+            edit = make(strength)
             if built is not None:
                 built[(kind, strength)] = edit
             with _applied(model, edit):
@@ -439,7 +514,9 @@ def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str
                 kind, strength, before.target_js, after.target_js, after.target_js_heldout,
                 before.target_js_heldout, after.target_js_later_rows, before.ppl, after.ppl,
                 after.kl_unrelated, after.top1_agreement, after.other_fields_js, after.sampled_in_band,
-                seconds=after.seconds + build_seconds, fit_seconds=build_seconds, fields=after.fields,
+                seconds=after.seconds + build_seconds + search_seconds, fit_seconds=build_seconds,
+                matched_ppl_change=matched,
+                fields=after.fields,
             )
             log.info("%s", result.line())
             results.append(result)

@@ -9,11 +9,18 @@ from prunescope.report.io import markdown_table
 from prunescope.report.plots import new_figure, save_figure
 
 if TYPE_CHECKING:
-    from prunescope.edit.job import EditReport
+    from prunescope.edit.job import EditReport, EditResult
 
 
 def _pct(after: float, before: float) -> float:
     return 100.0 * (after / before - 1.0)
+
+
+def _strength(result: "EditResult") -> str:
+    """The strength as the tables show it, with the perplexity change it was matched to."""
+    if result.matched_ppl_change is None:
+        return f"{result.strength:g}"
+    return f"{result.strength:.3g} (matched {result.matched_ppl_change:+g}% ppl)"
 
 
 def results_table(report: "EditReport") -> str:
@@ -22,7 +29,7 @@ def results_table(report: "EditReport") -> str:
     b = report.before
     rows = [("none", "-", b.target_js, b.target_js_heldout, b.target_js_later_rows, b.ppl, 0.0, 0.0, 1.0, None,
              b.sampled_in_band, b.seconds)]
-    rows += [(r.kind, r.strength, r.target_js_after, r.target_js_heldout, r.target_js_later_rows, r.ppl_after,
+    rows += [(r.kind, _strength(r), r.target_js_after, r.target_js_heldout, r.target_js_later_rows, r.ppl_after,
               _pct(r.ppl_after, r.ppl_before), r.kl_unrelated, r.top1_agreement, r.other_fields_js,
               r.sampled_in_band, r.seconds)
              for r in report.results]
@@ -39,7 +46,7 @@ def fields_table(report: "EditReport") -> str:
             continue
         values = f["values"]
         rows = [("before", *f["distribution"])]
-        rows += [(f"{r.kind} x{r.strength:g}", *r.fields[key]["distribution"]) for r in report.results if key in r.fields]
+        rows += [(f"{r.kind} x{_strength(r)}", *r.fields[key]["distribution"]) for r in report.results if key in r.fields]
         lines.append(f"**{key}**\n\n" + markdown_table(("model", *values), rows, ".3f"))
     return "\n\n".join(lines)
 
@@ -55,7 +62,9 @@ def render_markdown(report: "EditReport") -> str:
         "Target JS is the mean Jensen-Shannon distance (base 2, 0 = the target exactly) between each "
         "targeted field's exact distribution and its target, on the fitted rows of the training "
         "template; held-out: the same on reworded templates; later rows: rows after the fitted ones. "
-        "Other fields JS: how far the fields no target names moved. Sampled in band: the share of the "
+        "Other fields JS: how far the fields no target names moved (those the unedited model "
+        "writes with probability at least 0.05). A strength marked matched was searched for so that "
+        "every kind changes perplexity by the same amount (--match-ppl). Sampled in band: the share of the "
         "targeted values whose exact probability lies in the 95% Wilson interval of the sampled tables "
         "(near 1 when the samples agree with the exact distribution: the tables' stratified draws "
         "are tighter than independent ones, and values never written with probability near 0 count "
@@ -86,7 +95,7 @@ def plot_pareto(report: "EditReport", path: str | Path) -> Path:
         ys = [r.target_js_heldout if use_heldout else r.target_js_after for r in runs]
         ax.plot(xs, ys, marker="o", label=kind)
         for r, x, y in zip(runs, xs, ys):
-            ax.annotate(f"x{r.strength:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(f"x{r.strength:.3g}" + ("*" if r.matched_ppl_change is not None else ""), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("symlog", linthresh=1.0)  # linear within +-1%, logarithmic beyond: a broken model stays on the plot
     ax.set_xlabel("perplexity change (%, symmetric log scale)")
     ax.set_ylabel("target JS distance" + (" (held-out templates)" if use_heldout else ""))
