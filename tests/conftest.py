@@ -43,6 +43,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small text file (the first 20,000 characters of the default text, a few thousand
+    tokens) so tests do not tokenize the whole default text."""
+    from prunescope.data import default_text
+
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text(default_text()[:20_000])
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def dtok():
     """The tiny tokenizer writing each digit as its own token (probe and edit tests)."""
     return digit_tokenizer()

@@ -6,16 +6,6 @@ from prunescope import cli
 from prunescope.errors import PrunescopeError
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    """A small text so tests do not tokenize the whole default text."""
-    from prunescope.data import default_text
-
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text(default_text()[:20_000])
-    return str(path)
-
-
 def test_help_lists_prune(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--help"])

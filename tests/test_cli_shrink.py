@@ -14,15 +14,6 @@ SMALL = ["--multiple-of", "8", "--calib-samples", "4", "--calib-seqlen", "32", "
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    from prunescope.data import default_text
-
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text(default_text()[:20_000])
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Llama with 3 layers (save_tiny_model has 2) so one can be dropped and two stay."""
     from prunescope.testing import tiny_llama, tiny_tokenizer

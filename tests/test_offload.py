@@ -20,15 +20,6 @@ from prunescope.testing import tiny_family_model, tiny_tokenizer
 FAST = dict(calib_samples=4, calib_seqlen=32, eval_tokens=512, eval_seqlen=64, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> str:
-    from prunescope.data import default_text
-
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text(default_text()[:20_000])
-    return str(path)
-
-
 def _save(model: torch.nn.Module, folder: Path, shard: str | None = "40KB") -> Path:
     """Save ``model`` (in shards of ``shard``, so the index is exercised) and a tokenizer."""
     if shard:

@@ -51,15 +51,6 @@ def _config(folder, text, **kw):
     return PruneConfig(**{**base, **kw})
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    from prunescope.data import default_text
-
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text(default_text()[:20_000])
-    return str(path)
-
-
 @pytest.mark.parametrize("method, scope", [("wanda", None), ("sparsegpt", None), ("magnitude", "row")])
 def test_each_decoder_layer_gets_its_allocated_sparsity(tiny_model_dir, text_file, method, scope):
     result, model = run_prune(_config(tiny_model_dir, text_file, method=method, scope=scope,

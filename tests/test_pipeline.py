@@ -15,16 +15,6 @@ def tok():
     return tiny_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    """A small text (a few thousand tokens) so tests do not tokenize the 465k-character default."""
-    from prunescope.data import default_text
-
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text(default_text()[:20_000])
-    return str(path)
-
-
 @pytest.fixture()
 def _config(text_file):
     def make(**kw):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from prunescope import cli, data
+from prunescope import cli
 from prunescope.pruning import calib, dsnot, masks, ria, scoring, sparsegpt
 from prunescope.pruning.job import PruneConfig, prune_model, run_prune, select_linear_layers
 from prunescope.pruning.patterns import SparsityPattern
@@ -82,13 +82,6 @@ def test_dsnot_after_sparsegpt_solves_the_refined_mask_again():
     want, _ = sparsegpt.prune(dense[name], stats2[name].hessian(), keep=refined)
     assert torch.allclose(targets[name].weight, want, atol=1e-6)
     assert not torch.equal(refined, start)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text(data.default_text()[:20_000])
-    return str(path)
 
 
 def _cli(tiny_model_dir, text_file, out, *argv):
