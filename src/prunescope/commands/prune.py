@@ -57,6 +57,14 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
         "after any method and pattern, SparseGPT's refined masks are solved again",
     )
     parser.add_argument(
+        "--permute", action="store_true",
+        help="N:M with wanda, ria or sparsegpt: before each decoder layer is pruned, reorder its MLP units "
+        "(gate/up rows and down_proj columns together, so the model computes exactly the same) by RIA's "
+        "channel permutation (Zhang et al. 2024), so that down_proj's N:M groups keep more of its score. "
+        "The saved model stays a plain N:M model; the other Linears read the residual stream or heads "
+        "and keep their order",
+    )
+    parser.add_argument(
         "--owl-m", type=float, default=5.0, metavar="M",
         help="OWL: a score is an outlier above M times its layer's mean score (default 5)",
     )
@@ -144,6 +152,7 @@ def _config(args: argparse.Namespace, out: Path | None) -> "PruneConfig":
         skip_incompatible=args.skip_incompatible,
         allocation=args.allocation,
         refine=args.refine,
+        permute=args.permute,
         owl_m=args.owl_m,
         owl_lambda=args.owl_lambda,
         **cli.text_options(args),

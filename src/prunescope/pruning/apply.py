@@ -135,6 +135,32 @@ def set_writer_columns(
     w[:, kept] = new
 
 
+@torch.no_grad()
+def permute_units(layer: nn.Module, layout: UnitLayout, perm: torch.Tensor) -> None:
+    """Reorder one kind of unit inside ``layer``, in place: unit ``perm[p]`` moves to slot ``p``
+    in every run of features that belongs to the units (the MLP's gate/up rows and biases and
+    the writer's columns), so the layer computes exactly what it did.
+
+    Args:
+        layout: the units' layout (``families``); ``perm`` a permutation of ``range(layout.count)``.
+        perm: ``LongTensor [count]``.
+    """
+    if perm.shape != (layout.count,) or not torch.equal(perm.sort().values.cpu(), torch.arange(layout.count)):
+        raise ValueError(f"perm must be a permutation of range({layout.count}), got shape {tuple(perm.shape)}")
+    for cut in layout.cuts:
+        module = layer.get_submodule(cut.module)
+        dim = weight_dim(module, cut.side)
+        cols = unit_columns(perm.cpu(), layout.width, cut.offset).to(module.weight.device)  # [count * width]
+        span = slice(cut.offset, cut.offset + cols.numel())
+        w = module.weight
+        if dim == 0:
+            w[span] = w.index_select(0, cols)
+        else:
+            w[:, span] = w.index_select(1, cols)
+        if cut.side == "out" and getattr(module, "bias", None) is not None:
+            module.bias[span] = module.bias.index_select(0, cols.to(module.bias.device))
+
+
 def _keep_indices(
     layer: nn.Module, kept: Mapping[str, tuple[UnitLayout, torch.Tensor]]
 ) -> dict[tuple[str, str], torch.Tensor]:

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from prunescope import data, devices, distributed, evaluate, families, models, offload
 from prunescope.errors import PrunescopeError
-from prunescope.pruning import calib, dsnot, masks, owl, ria, scoring, sparsegpt
+from prunescope.pruning import apply, calib, dsnot, masks, owl, ria, scoring, sparsegpt
 from prunescope.pruning.apply import apply_masks, apply_weights
 from prunescope.pruning.patterns import SparsityPattern, parse_pattern
 
@@ -92,6 +92,7 @@ class PruneConfig(data.TextOptions, models.Placement):
     save_dir: Path | None = None
     allocation: str = "uniform"
     refine: str = "none"
+    permute: bool = False
     owl_m: float = owl.DEFAULT_M
     owl_lambda: float = owl.DEFAULT_LAMBDA
     tasks: tuple[str, ...] = ()
@@ -121,6 +122,7 @@ class PruneConfig(data.TextOptions, models.Placement):
             raise PrunescopeError("several methods need --sweep (one method per plain prune run)")
         self._check_allocation()
         self._check_refine()
+        self._check_permute()
         self._check_offload()
         self._check_tasks()
 
@@ -149,6 +151,23 @@ class PruneConfig(data.TextOptions, models.Placement):
                 "--refine dsnot refines each layer's masks on its calibration inputs, but global magnitude "
                 "chooses all masks at once; pass --scope layer or row, or another --method"
             )
+
+    def _check_permute(self) -> None:
+        """Channel permutation serves an N:M pattern chosen on calibration inputs, mask by mask."""
+        if not self.permute:
+            return
+        if not self.sparsity_pattern.is_nm:
+            raise PrunescopeError(
+                "--permute reorders the MLP's units so that an N:M pattern keeps more; with an unstructured "
+                "sparsity every order keeps the same weights: add --pattern 2:4 (or another N:M) or drop --permute"
+            )
+        methods = self.sweep_methods or (self.method,)
+        if len(methods) > 1 or methods[0] not in CALIBRATED:
+            raise PrunescopeError(f"--permute works with one calibrated method ({', '.join(CALIBRATED)}), "
+                                  f"not {', '.join(methods)}")
+        if self.refine != "none":
+            raise PrunescopeError("--permute cannot be combined with --refine dsnot (DSnoT swaps weights inside "
+                                  "the unpermuted groups); use one of them")
 
     def _check_allocation(self) -> None:
         """OWL's options, and the patterns and scopes it cannot serve, refused before any work."""
@@ -270,6 +289,7 @@ class PruneResult:
     allocation: str = "uniform"
     layer_targets: tuple[LayerTarget, ...] = ()
     refine: str = "none"
+    permute: bool = False
     dense_accuracy: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     pruned_accuracy: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
@@ -449,6 +469,7 @@ def prune_sequential(
     batch_size: int = 8,
     sparsities: Mapping[int, float] | None = None,
     refine: str = "none",
+    permute: bool = False,
 ) -> int:
     """A method on calibration inputs, layer by layer; returns activation bytes held."""
     grouped = _group_by_decoder_layer(model, layers)
@@ -457,7 +478,7 @@ def prune_sequential(
         targets = grouped.get(index)
         if targets:
             _prune_step(model, layer, targets, inputs, method, layer_pattern(pattern, sparsities, index), scope,
-                        refine)
+                        refine, permute)
 
     return calib.sequential(model, calib_blocks, step, max(grouped), batch_size, f"{method} {pattern.label}")
 
@@ -471,13 +492,17 @@ def _prune_step(
     pattern: SparsityPattern,
     scope: str,
     refine: str = "none",
+    permute: bool = False,
 ) -> None:
-    """Prune the ``targets`` inside one decoder layer (calibrated methods read ``inputs``)."""
+    """Prune the ``targets`` inside one decoder layer (calibrated methods read ``inputs``);
+    with ``permute`` (N:M) the MLP's units are reordered first (:func:`permute_mlp_units`)."""
     if method == "magnitude" and refine == "none":
         apply_masks(model, magnitude_masks(targets, pattern, scope))
         return
     if inputs is None:
         raise ValueError(f"{method} needs the layer's calibration inputs")
+    if permute and pattern.is_nm:
+        permute_mlp_units(model, layer, targets, inputs, method, pattern)
     if method != "sparsegpt":
         stats = calib.collect_stats(layer, targets, inputs, hessian=False, means=refine != "none")
         _prune_decoder_layer(model, targets, stats, method, pattern, scope, refine)
@@ -491,6 +516,36 @@ def _prune_step(
                                     stop_early=stop_early)
         _prune_decoder_layer(model, group, stats, method, pattern, scope, refine)
         del stats
+
+
+def permute_mlp_units(
+    model: nn.Module, layer: nn.Module, targets: dict[str, nn.Linear], inputs: calib.LayerInputs, method: str,
+    pattern: SparsityPattern,
+) -> float | None:
+    """Reorder the MLP's units in ``layer`` (gate/up rows, the writer's columns) by RIA's channel
+    permutation of the writer's scores, before anything in the layer is pruned: the layer computes
+    exactly what it did, and the writer's N:M groups, now contiguous in storage, keep more of its
+    score. Only the MLP writer can be permuted this way in plain ``transformers``: the other
+    Linears read the residual stream or attention heads, whose order other layers share.
+
+    The scores are the method's (SparseGPT's, which change as it solves, by Wanda's). Returns
+    the kept score's relative gain, or None where the layer has no MLP writer among ``targets``.
+    """
+    layout = families.family_for(model).layouts(model.config)[families.MLP]
+    assert layout.writer is not None
+    writer = next((n for n in targets if n.endswith("." + layout.writer)), None)
+    if writer is None:
+        return None
+    stats = calib.collect_stats(layer, {writer: targets[writer]}, inputs, hessian=False)[writer]
+    scores = _scores("wanda" if method == "sparsegpt" else method, targets[writer].weight, stats)  # [out, units]
+    perm = ria.permute_for_nm(scores, pattern.n, pattern.m)
+    identity = torch.arange(perm.numel(), device=perm.device)
+    before = ria.kept_nm_score(scores, identity, pattern.n, pattern.m)
+    after = ria.kept_nm_score(scores, perm, pattern.n, pattern.m)
+    apply.permute_units(layer, layout, perm)
+    gain = after / before - 1.0 if before > 0 else 0.0
+    log.debug("%s: N:M kept score %+.2f%% after permuting the MLP units", writer, 100 * gain)
+    return gain
 
 
 def _writer_first(model: nn.Module, targets: dict[str, nn.Linear]) -> list[tuple[dict[str, nn.Linear], bool]]:
@@ -516,11 +571,15 @@ def prune_model(
     batch_size: int = 8,
     sparsities: Mapping[int, float] | None = None,
     refine: str = "none",
+    permute: bool = False,
 ) -> int:
     """Prune ``layers`` of ``model`` in place; returns the calibration activation bytes held.
 
     ``sparsities`` (decoder-layer index -> unstructured sparsity, e.g. from OWL) replaces the
-    pattern's sparsity layer by layer; ``refine="dsnot"`` refines every mask (calibrated)."""
+    pattern's sparsity layer by layer; ``refine="dsnot"`` refines every mask (calibrated);
+    ``permute`` (N:M, calibrated methods) reorders each layer's MLP units first."""
+    if permute and (method not in CALIBRATED or not pattern.is_nm):
+        raise ValueError(f"permute serves an N:M pattern with a calibrated method, not {method} {pattern.label}")
     if method == "magnitude" and sparsities is None and refine == "none":
         apply_masks(model, magnitude_masks(layers, pattern, scope))
         return 0
@@ -530,7 +589,8 @@ def prune_model(
         return 0
     if calib_blocks is None:
         raise ValueError(f"{method} needs calibration blocks")
-    return prune_sequential(model, layers, method, pattern, scope, calib_blocks, batch_size, sparsities, refine)
+    return prune_sequential(model, layers, method, pattern, scope, calib_blocks, batch_size, sparsities, refine,
+                            permute)
 
 
 def layer_pattern(pattern: SparsityPattern, sparsities: Mapping[int, float] | None, index: int) -> SparsityPattern:
@@ -701,7 +761,7 @@ def run_prune(
     t0 = time.perf_counter()
     sparsities, targets = _allocation(config, ratios, pattern.sparsity)
     held = prune_model(model, layers, config.method, pattern, scope, calib_blocks, config.calib_batch_size,
-                       sparsities, config.refine)
+                       sparsities, config.refine, config.permute)
     prune_seconds = time.perf_counter() - t0 + owl_seconds
 
     t0 = time.perf_counter()
@@ -766,6 +826,7 @@ def _result(
         peak_rss_bytes=peak_rss_bytes(),
         allocation=config.allocation,
         refine=config.refine,
+        permute=config.permute,
         **measured,
     )
 
@@ -841,7 +902,7 @@ def _prune_offloaded(
         targets = grouped.get(index)
         if targets:
             _prune_step(off.model, layer, targets, inputs, method, layer_pattern(pattern, sparsities, index), scope,
-                        config.refine)
+                        config.refine, config.permute)
             recorded.extend(layer_sparsities(targets))
             for i, n in enumerate(actual_sparsity(targets)):
                 counts[i] += n

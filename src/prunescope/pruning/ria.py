@@ -86,7 +86,7 @@ def kept_score(scores: torch.Tensor, keep: torch.Tensor) -> float:
     return float(scores.detach().double()[keep.to(torch.bool)].sum())
 
 
-def _nm_total(scores: torch.Tensor, perm: torch.Tensor, n: int, m: int) -> float:
+def kept_nm_score(scores: torch.Tensor, perm: torch.Tensor, n: int, m: int) -> float:
     """Score an N:M mask (``n`` pruned per ``m``) keeps on ``scores[:, perm]``: top ``m - n``."""
     rows, cols = scores.shape
     groups = scores[:, perm].double().reshape(rows, cols // m, m)  # [out, G, m]
@@ -202,7 +202,7 @@ def permute_for_nm(
     for _ in range(rounds):
         perm = _refine(s, perm, n, m, blocks)
     identity = torch.arange(s.shape[1], device=s.device)
-    before, after = _nm_total(s, identity, n, m), _nm_total(s, perm, n, m)
+    before, after = kept_nm_score(s, identity, n, m), kept_nm_score(s, perm, n, m)
     log.debug("N:M %d:%d kept score: identity %.6g, permuted %.6g", n, m, before, after)
     return perm if after > before else identity
 

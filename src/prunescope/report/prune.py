@@ -53,7 +53,8 @@ def _summary_rows(result: PruneResult) -> list[tuple[str, str]]:
     rows = [
         ("model", result.model),
         ("method", f"{result.method} ({result.scope}, {result.pattern})"
-         + (f", masks refined by {result.refine}" if result.refine != "none" else "")),
+         + (f", masks refined by {result.refine}" if result.refine != "none" else "")
+         + (", MLP units permuted for N:M (RIA)" if result.permute else "")),
         ("sparsity requested", f"{100 * result.sparsity_requested:.1f}%"
          + (" (mean over decoder layers, allocated by OWL)" if result.layer_targets else "")),
         ("sparsity actual (pruned layers)", f"{100 * result.sparsity_actual:.2f}%"),
