@@ -1,8 +1,9 @@
 """WikiText-2 quality and prune time of magnitude, Wanda, RIA and SparseGPT on the bundled model.
 
 A method may carry modifiers joined by ``+``: ``owl`` (OWL's layerwise allocation, outlier ratios
-measured once on the dense model, M = 5, lambda = 0.08) and ``dsnot`` (DSnoT mask refinement),
-e.g. ``--methods wanda,wanda+owl,sparsegpt+dsnot``; OWL's ratio pass is timed into each row.
+measured once on the dense model, M = 5, lambda = 0.08), ``dsnot`` (DSnoT mask refinement) and
+``permute`` (N:M only: RIA's channel permutation of the MLP units, ``prune --permute``), e.g.
+``--methods wanda,wanda+owl,sparsegpt+dsnot,ria+permute``; OWL's ratio pass is timed into each row.
 
 With ``--peer`` every Wanda / SparseGPT row (with or without ``+owl``) is also pruned by
 llm-compressor's ``oneshot`` (its sequential pipeline, its own OWL profile for ``+owl``) in its own
@@ -72,13 +73,14 @@ def _scope(method: str, pattern, magnitude_scope: str) -> str:
     return magnitude_scope if method == "magnitude" else pipeline.SCOPES[method][0]
 
 
-def _spec(text: str) -> tuple[str, str, bool]:
-    """``method[+owl][+dsnot]`` -> (method, refine, owl)."""
+def _spec(text: str) -> tuple[str, str, bool, bool]:
+    """``method[+owl][+dsnot][+permute]`` -> (method, refine, owl, permute)."""
     method, *mods = text.split("+")
-    unknown = set(mods) - {"owl", "dsnot"}
+    unknown = set(mods) - {"owl", "dsnot", "permute"}
     if unknown or method not in pipeline.METHODS:
-        raise SystemExit(f"bad method spec {text!r}: METHOD[+owl][+dsnot], METHOD one of {pipeline.METHODS}")
-    return method, "dsnot" if "dsnot" in mods else "none", "owl" in mods
+        raise SystemExit(f"bad method spec {text!r}: METHOD[+owl][+dsnot][+permute], METHOD one of "
+                         f"{pipeline.METHODS}")
+    return method, "dsnot" if "dsnot" in mods else "none", "owl" in mods, "permute" in mods
 
 
 def run_peer(python: str, model_dir: str, windows: Path, method: str, pattern, use_owl: bool, dtype: str,
@@ -155,20 +157,20 @@ def main() -> None:
     for text in args.patterns.split(","):
         pattern = parse_pattern(text)
         for spec in args.methods.split(","):
-            method, refine, use_owl = _spec(spec)
-            if use_owl and pattern.is_nm:
-                continue  # OWL varies unstructured sparsity only
+            method, refine, use_owl, permute = _spec(spec)
+            if (use_owl and pattern.is_nm) or (permute and not pattern.is_nm):
+                continue  # OWL varies unstructured sparsity only; permuting serves N:M only
             apply_weights(model, dense)
             sparsities = owl.allocate_by_index(ratios, pattern.sparsity) if use_owl and ratios else None
             t0 = time.perf_counter()
             pipeline.prune_model(model, layers, method, pattern, _scope(method, pattern, args.magnitude_scope), calib,
-                                 sparsities=sparsities, refine=refine)
+                                 sparsities=sparsities, refine=refine, permute=permute)
             seconds = time.perf_counter() - t0 + (ratio_seconds if use_owl else 0.0)
             zeros, total = pipeline.actual_sparsity(layers)
             label = f"{100 * pattern.sparsity:.0f}% unstructured" if not pattern.is_nm else pattern.label
             ppl = evaluate.perplexity(model, blocks, progress=False)
             record({"method": spec, "pattern": label, "sparsity": zeros / total, "ppl": ppl, "prune_seconds": seconds})
-            if peer_python and method in ("wanda", "sparsegpt") and refine == "none":
+            if peer_python and method in ("wanda", "sparsegpt") and refine == "none" and not permute:
                 out = args.work / f"llmc-{spec}-{text}".replace(":", "_").replace(".", "p")  # no dot: with_suffix
                 rec = run_peer(peer_python, models.resolve(args.model), windows_file, method, pattern, use_owl,
                                dtype, out)
