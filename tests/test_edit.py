@@ -93,7 +93,7 @@ def test_contrast_ablation_and_weight_edits(dtok, people):
     contexts2 = fields.record_contexts(model, dtok, people, both, 1, 4, 0, 4)
     v = {1: torch.randn(model.config.hidden_size)}
     keys = methods._field_keys(model, contexts2, [1])[1]  # [inter, 2 fields]
-    writer = methods._mlp_writer(model, 1)
+    writer = model.get_submodule(methods.mlp_writer_name(model, 1))
     for null in (False, True):
         w = methods.weight_edit(model, contexts2, v, torch.randint(0, 300, (4, 16)), null=null)
         before = writer(keys.T)  # [2, hidden]

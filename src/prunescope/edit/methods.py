@@ -22,6 +22,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,27 +54,51 @@ def next_token_kl(reference: torch.Tensor, logits: torch.Tensor) -> torch.Tensor
 def residual_norms(model: nn.Module, windows: torch.Tensor, layers: Sequence[int]) -> dict[int, float]:
     """Median norm of the residual stream after each of ``layers`` over ``windows`` ([n, L])."""
     outs: dict[int, torch.Tensor] = {}
-    with _layer_outputs(model, layers, outs):
+    with _capture(_decoder_layers(model, layers), outs, inputs=False):
         model(input_ids=windows.to(models.input_device(model)))
     return {i: float(o.float().norm(dim=-1).median()) for i, o in outs.items()}
 
 
-@contextmanager
-def _layer_outputs(model: nn.Module, layers: Sequence[int], into: dict[int, torch.Tensor]) -> Iterator[None]:
-    """Record the output hidden states ``[B, S, hidden]`` of the given decoder layers."""
+def _decoder_layers(model: nn.Module, layers: Sequence[int]) -> dict[int, nn.Module]:
     decoder = models.adapter_for(model).layers(model)
+    return {i: decoder[i] for i in layers}
 
-    def hook_for(index: int):
-        def hook(_m: nn.Module, _a: tuple, out) -> None:
+
+def _mlp_writers(model: nn.Module, layers: Sequence[int]) -> dict[int, nn.Module]:
+    return {i: model.get_submodule(mlp_writer_name(model, i)) for i in layers}
+
+
+@contextmanager
+def _capture(modules: dict[int, nn.Module], into: dict[int, torch.Tensor], inputs: bool) -> Iterator[None]:
+    """Record, per index, what each module reads (``inputs``: a writer's keys) or writes (a
+    decoder layer's output hidden states), ``[B, S, features]``, detached."""
+    def hook_for(index: int) -> Callable[..., None]:
+        def read(_m: nn.Module, args: tuple) -> None:
+            into[index] = args[0].detach()
+
+        def wrote(_m: nn.Module, _a: tuple, out: torch.Tensor | tuple) -> None:
             into[index] = (out[0] if isinstance(out, (tuple, list)) else out).detach()
-        return hook
 
-    handles = [decoder[i].register_forward_hook(hook_for(i)) for i in layers]
+        return read if inputs else wrote
+
+    handles = [m.register_forward_pre_hook(hook_for(i)) if inputs else m.register_forward_hook(hook_for(i))
+               for i, m in modules.items()]
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+def _states_at_last_token(model: nn.Module, cache: Any, start: int, seqs: list[list[int]],
+                          modules: dict[int, nn.Module], inputs: bool) -> dict[int, torch.Tensor]:
+    """Per index, ``[len(seqs), features]`` float32: what ``modules`` read or wrote (see
+    :func:`_capture`) at each sequence's last token, the sequences teacher-forced after the
+    prompt's KV cache (``fields.prompt_cache``)."""
+    captured: dict[int, torch.Tensor] = {}
+    with _capture(modules, captured, inputs):
+        _logits, lengths = fields.teacher_forced(model, cache, start, seqs)
+    return {i: torch.stack([captured[i][b, n - 1] for b, n in enumerate(lengths)]).float() for i in modules}
 
 
 @dataclass(frozen=True)
@@ -170,16 +195,14 @@ def contrast(
     device = models.input_device(model)
     out = {i: torch.zeros(model.config.hidden_size, device=device) for i in layers}
     cache, start = fields.prompt_cache(model, contexts.prompt)
+    decoder = _decoder_layers(model, layers)
     for field, target, q in zip(contexts.fields, targets, own):
         weights = (target.to(q) - q)  # [C]: wanted minus preferred
         seqs = [s + per_value[0] for s in field.suffixes for per_value in field.continuations]
-        states: dict[int, torch.Tensor] = {}
-        with _layer_outputs(model, layers, states):
-            _logits, lengths = fields.teacher_forced(model, cache, start, seqs)
+        last = _states_at_last_token(model, cache, start, seqs, decoder, inputs=False)  # i -> [T*C, hidden]
         values = len(field.continuations)
         for i in layers:
-            last = torch.stack([states[i][b, n - 1] for b, n in enumerate(lengths)])  # [T*C, hidden]
-            per = last.view(len(field.suffixes), values, -1).float()  # [T, C, hidden]
+            per = last[i].view(len(field.suffixes), values, -1)  # [T, C, hidden]
             out[i] += (weights[None, :, None].to(per) * per).sum(1).mean(0)
     return out
 
@@ -256,39 +279,24 @@ def _field_keys(model: nn.Module, contexts: fields.Contexts, layers: Sequence[in
     """Per layer, ``[inter, fields]``: each field's mean MLP writer input at its last context token."""
     out: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
     cache, start = fields.prompt_cache(model, contexts.prompt)
+    writers = _mlp_writers(model, layers)
     for field in contexts.fields:
-        captured: dict[int, torch.Tensor] = {}
-        with _writer_inputs(model, layers, captured):
-            _logits, lengths = fields.teacher_forced(model, cache, start, list(field.suffixes))
+        last = _states_at_last_token(model, cache, start, list(field.suffixes), writers, inputs=True)  # [T, inter]
         for i in layers:
-            out[i].append(torch.stack([captured[i][b, n - 1].float() for b, n in enumerate(lengths)]).mean(0))
+            out[i].append(last[i].mean(0))
     return {i: torch.stack(v, dim=1) for i, v in out.items()}
 
 
 def _key_covariance(model: nn.Module, windows: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
     """Per layer, ``E[k k^T]`` (float64) of the MLP writer's input over ``windows``."""
     captured: dict[int, torch.Tensor] = {}
-    with _writer_inputs(model, layers, captured):
+    with _capture(_mlp_writers(model, layers), captured, inputs=True):
         model(input_ids=windows.to(models.input_device(model)))
     out = {}
     for i in layers:
         k = captured[i].reshape(-1, captured[i].shape[-1]).double()  # [tokens, inter]
         out[i] = k.T @ k / k.shape[0]
     return out
-
-
-@contextmanager
-def _writer_inputs(model: nn.Module, layers: Sequence[int], into: dict[int, torch.Tensor]) -> Iterator[None]:
-    handles = []
-    for i in layers:
-        def hook(_m: nn.Module, args: tuple, index: int = i) -> None:
-            into[index] = args[0].detach()
-        handles.append(_mlp_writer(model, i).register_forward_pre_hook(hook))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def mlp_writer_name(model: nn.Module, index: int) -> str:
@@ -298,6 +306,3 @@ def mlp_writer_name(model: nn.Module, index: int) -> str:
     path = families.family_for(model).layouts(model.config)[families.MLP].writer
     return f"{models.adapter_for(model).layers_path}.{index}.{path}"
 
-
-def _mlp_writer(model: nn.Module, index: int) -> nn.Module:
-    return model.get_submodule(mlp_writer_name(model, index))
