@@ -116,3 +116,21 @@ def test_bad_permute_options_are_one_line(tiny_model_dir, tmp_path, capsys, argv
     assert cli.main(["prune", str(tiny_model_dir), "--out", str(tmp_path / "o"), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu-check.sh)")
+def test_permute_on_cuda():
+    """On a CUDA model (scipy's assignment runs on CPU copies of the scores): every Linear ends
+    2:4 as stored, and permuting the dense model changes none of its logits."""
+    model = tiny_llama(intermediate_size=128).cuda()
+    layout = families.family_for(model).layouts(model.config)[families.MLP]
+    ids = _blocks()[:2].cuda()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        apply.permute_units(models.adapter_for(model).layers(model)[0], layout,
+                            torch.randperm(layout.count, device="cuda"))
+        torch.testing.assert_close(model(input_ids=ids).logits, before, atol=1e-4, rtol=1e-4)
+    prune_model(model, select_linear_layers(model), "wanda", SparsityPattern.nm(2, 4), "group", _blocks(),
+                permute=True)
+    assert all(masks.nm_violations(m.weight, 2, 4) == 0 for m in select_linear_layers(model).values())
