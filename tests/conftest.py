@@ -54,6 +54,20 @@ def text_file(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
+def quick_prune(tiny_model_dir: Path, text_file: str):
+    """``quick_prune(out, *argv) -> exit code``: ``prunescope prune`` on the tiny model with a few
+    short calibration and evaluation windows of ``text_file``."""
+    from prunescope import cli
+
+    def run(out: Path, *argv: str) -> int:
+        return cli.main(["prune", str(tiny_model_dir), "--calib-text", text_file, "--calib-samples", "4",
+                         "--calib-seqlen", "16", "--eval-text", text_file, "--eval-tokens", "64", "--eval-seqlen",
+                         "16", "--out", str(out), *argv])
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def dtok():
     """The tiny tokenizer writing each digit as its own token (probe and edit tests)."""
     return digit_tokenizer()

@@ -13,13 +13,10 @@ def test_help_lists_prune(capsys):
     assert "prune" in capsys.readouterr().out
 
 
-def test_default_method_is_sparsegpt_and_says_how_to_go_further(tiny_model_dir, text_file, tmp_path, caplog):
+def test_default_method_is_sparsegpt_and_says_how_to_go_further(quick_prune, tmp_path, caplog):
     out = tmp_path / "run"
     caplog.set_level("INFO")
-    rc = cli.main([
-        "prune", str(tiny_model_dir), "--calib-text", text_file, "--calib-samples", "4", "--calib-seqlen", "16",
-        "--eval-text", text_file, "--eval-tokens", "64", "--eval-seqlen", "16", "--out", str(out),
-    ])
+    rc = quick_prune(out)
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert (report["method"], report["scope"], report["calib_samples"]) == ("sparsegpt", "block", 4)
@@ -85,17 +82,10 @@ def test_unknown_model_is_one_line(tmp_path, capsys):
     assert "is not a folder" in err and "Traceback" not in err
 
 
-def _run(tiny_model_dir, text_file, out, *argv):
-    return cli.main([
-        "prune", str(tiny_model_dir), "--calib-text", text_file, "--calib-samples", "4", "--calib-seqlen", "16",
-        "--eval-text", text_file, "--eval-tokens", "64", "--eval-seqlen", "16", "--out", str(out), *argv,
-    ])
-
-
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_calibrated_nm_end_to_end(tiny_model_dir, text_file, tmp_path, method):
+def test_calibrated_nm_end_to_end(quick_prune, tmp_path, method):
     out = tmp_path / "run"
-    assert _run(tiny_model_dir, text_file, out, "--method", method, "--pattern", "2:4") == 0
+    assert quick_prune(out, "--method", method, "--pattern", "2:4") == 0
     report = json.loads((out / "report.json").read_text())
     for key in ("model", "method", "pattern", "sparsity_requested", "sparsity_actual", "dense_ppl",
                 "pruned_ppl", "prune_seconds", "layers"):
@@ -108,9 +98,9 @@ def test_calibrated_nm_end_to_end(tiny_model_dir, text_file, tmp_path, method):
     assert f"{method} (group, 2:4)" in md and "4 x 16 tokens" in md
 
 
-def test_sweep_draws_one_figure(tiny_model_dir, text_file, tmp_path):
+def test_sweep_draws_one_figure(quick_prune, tmp_path):
     out = tmp_path / "sweep"
-    rc = _run(tiny_model_dir, text_file, out, "--method", "magnitude,wanda", "--sweep", "0.3,0.6")
+    rc = quick_prune(out, "--method", "magnitude,wanda", "--sweep", "0.3,0.6")
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert [(p["method"], p["sparsity"]) for p in report["sweep"]] == [
@@ -142,7 +132,7 @@ def test_bundled_wanda_2_4_on_two_layers(tmp_path):
     assert report["calib_activation_bytes"] == 2 * 4 * 64 * 576 * 4
 
 
-def test_save_calls_the_sparse_checkpoint_writer(tiny_model_dir, text_file, tmp_path, monkeypatch):
+def test_save_calls_the_sparse_checkpoint_writer(quick_prune, tmp_path, monkeypatch):
     """--save hands the pruned model to prunescope.formats.save_sparse(model, OUT/model) and
     puts what it reports into the report (the writer itself is tested with formats.py)."""
     from prunescope import formats
@@ -155,7 +145,7 @@ def test_save_calls_the_sparse_checkpoint_writer(tiny_model_dir, text_file, tmp_
 
     monkeypatch.setattr(formats, "save_sparse", save_sparse)
     out = tmp_path / "saved"
-    assert _run(tiny_model_dir, text_file, out, "--no-eval", "--save") == 0
+    assert quick_prune(out, "--no-eval", "--save") == 0
     assert len(calls) == 1 and calls[0][1] == out / "model" and calls[0][2] > 0  # the pruned model
     assert calls[0][3] is not None  # the tokenizer is saved with it
     report = json.loads((out / "report.json").read_text())

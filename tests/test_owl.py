@@ -81,11 +81,9 @@ def test_offloaded_owl_equals_in_memory(tiny_model_dir, text_file, tmp_path):
     assert off.pruned_ppl == pytest.approx(memory.pruned_ppl, rel=1e-6)
 
 
-def test_cli_reports_the_allocation(tiny_model_dir, text_file, tmp_path):
+def test_cli_reports_the_allocation(quick_prune, tmp_path):
     out = tmp_path / "run"
-    rc = cli.main(["prune", str(tiny_model_dir), "--method", "wanda", "--sparsity", "0.6", "--allocation", "owl",
-                   "--calib-text", text_file, "--calib-samples", "4", "--calib-seqlen", "16", "--eval-text",
-                   text_file, "--eval-tokens", "64", "--eval-seqlen", "16", "--out", str(out)])
+    rc = quick_prune(out, "--method", "wanda", "--sparsity", "0.6", "--allocation", "owl")
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["allocation"] == "owl" and [t["index"] for t in report["layer_targets"]] == [0, 1]

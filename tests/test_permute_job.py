@@ -82,13 +82,11 @@ def test_permute_returns_the_gain_and_skips_a_layer_without_the_writer():
     assert permute_mlp_units(model, layer, no_writer, inputs, "wanda", SparsityPattern.nm(2, 4)) is None
 
 
-def test_cli_permute_saves_a_plain_nm_model(tiny_model_dir, text_file, tmp_path):
+def test_cli_permute_saves_a_plain_nm_model(quick_prune, tmp_path):
     from prunescope import formats
 
     out = tmp_path / "run"
-    rc = cli.main(["prune", str(tiny_model_dir), "--method", "sparsegpt", "--pattern", "2:4", "--permute", "--save",
-                   "--calib-text", text_file, "--calib-samples", "4", "--calib-seqlen", "16", "--eval-text",
-                   text_file, "--eval-tokens", "64", "--eval-seqlen", "16", "--out", str(out)])
+    rc = quick_prune(out, "--method", "sparsegpt", "--pattern", "2:4", "--permute", "--save")
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["permute"] is True and report["sparsity_actual"] == pytest.approx(0.5)

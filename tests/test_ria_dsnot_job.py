@@ -84,15 +84,9 @@ def test_dsnot_after_sparsegpt_solves_the_refined_mask_again():
     assert not torch.equal(refined, start)
 
 
-def _cli(tiny_model_dir, text_file, out, *argv):
-    return cli.main(["prune", str(tiny_model_dir), "--calib-text", text_file, "--calib-samples", "4",
-                     "--calib-seqlen", "16", "--eval-text", text_file, "--eval-tokens", "64", "--eval-seqlen", "16",
-                     "--out", str(out), *argv])
-
-
-def test_cli_ria_with_dsnot_at_2_4(tiny_model_dir, text_file, tmp_path):
+def test_cli_ria_with_dsnot_at_2_4(quick_prune, tmp_path):
     out = tmp_path / "run"
-    assert _cli(tiny_model_dir, text_file, out, "--method", "ria", "--pattern", "2:4", "--refine", "dsnot") == 0
+    assert quick_prune(out, "--method", "ria", "--pattern", "2:4", "--refine", "dsnot") == 0
     report = json.loads((out / "report.json").read_text())
     assert (report["method"], report["refine"], report["pattern"]) == ("ria", "dsnot", "2:4")
     assert report["sparsity_actual"] == pytest.approx(0.5)
