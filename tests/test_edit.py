@@ -124,6 +124,7 @@ def test_cli_edit_writes_the_report_and_a_folded_model(digit_model_dir, tmp_path
     for r in report["results"]:
         assert all(k in r for k in schema) and "sampled_in_band" in r
         assert 0 <= r["target_js_after"] <= 1 and 0 <= r["top1_agreement"] <= 1
+        assert 0 <= r["target_js_noise"] <= 1  # bootstrap over the 3 measured tables
     assert len(report["heldout_templates"]) >= 3
     assert (out / "pareto.png").stat().st_size > 1000 and "| fit |" in (out / "report.md").read_text()
     folded = AutoModelForCausalLM.from_pretrained(out / "model")

@@ -93,6 +93,25 @@ def test_statistics_on_known_distributions():
     assert acc == pytest.approx(0.1 / 0.25 * 1.0, rel=1e-6)  # 1 / max(u / p)
 
 
+def test_js_noise_is_the_chance_distance_of_a_mean_of_sampled_prefixes():
+    """Identical rows: no noise. Rows that are each nearly one-hot (a name deciding a gender):
+    the mean of N of them lies about JS(0.5 + sd, 0.5) from the truth, sd = sqrt(0.25 / N),
+    and falls like 1 / sqrt(N)."""
+    assert stats.js_noise(np.tile([0.3, 0.7], (16, 1))) == pytest.approx(0.0, abs=1e-7)
+    assert math.isnan(stats.js_noise(np.array([[0.5, 0.5]])))
+    rng = np.random.default_rng(1)
+
+    def decided(n):
+        picks = rng.integers(0, 2, size=n)
+        return np.eye(2)[picks] * 0.98 + 0.01  # [n, 2]
+
+    small, large = stats.js_noise(decided(32)), stats.js_noise(decided(512))
+    sd = math.sqrt(0.25 / 32)
+    typical = stats.js_distance(np.array([0.5 + 0.6745 * sd, 0.5 - 0.6745 * sd]), np.array([0.5, 0.5]))  # median |z|
+    assert small == pytest.approx(typical, rel=0.35)
+    assert large == pytest.approx(small / 4, rel=0.35)
+
+
 # --- exact vs sampled, garbage models --------------------------------------------------------
 
 def test_exact_and_sampled_estimates_agree(tmp_path, dtok):

@@ -114,6 +114,7 @@ class Measurement:
     target_js: float | None
     target_js_heldout: float | None
     target_js_later_rows: float | None
+    target_js_noise: float | None
     ppl: float
     kl_unrelated: float
     top1_agreement: float
@@ -143,6 +144,7 @@ class EditResult:
     seconds: float
     fit_seconds: float
     matched_ppl_change: float | None = None  # the perplexity change (%) this strength was matched to
+    target_js_noise: float | None = None  # the target JS an exact hit would show on these tables (chance alone)
     fields: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def line(self) -> str:
@@ -226,7 +228,9 @@ def _field_distributions(model: nn.Module, tokenizer, template: Template, rows: 
             if col.type == "text":
                 continue
             for f in fields_of_cell(r, col, cell, digit_ids, {}):
+                per_table = cell.exact[0 if f.position is None else f.position - 1] if cell.exact else None
                 out[f"row {r} / {f.label}"] = {
+                    "js_noise": None if per_table is None else stats.js_noise(per_table.double().numpy()),
                     "values": list(f.values), "distribution": list(f.distribution),
                     "exact_marginal": list(f.exact_marginal or ()), "sampled_counts": list(f.sampled_counts),
                     "sampled_n": f.sampled_n, "wilson_low": list(f.wilson_low), "wilson_high": list(f.wilson_high),
@@ -242,6 +246,18 @@ def _target_js(dists: dict[str, dict[str, Any]], targets: list[Target], rows: ra
             got = dists.get(f"row {r} / {t.key.label}") if t.applies_to(r) else None
             if got is not None:
                 values.append(stats.js_distance(np.array(got["distribution"]), t.as_array()))
+    return float(np.mean(values)) if values else None
+
+
+def _target_noise(dists: dict[str, dict[str, Any]], targets: list[Target], rows: range) -> float | None:
+    """Mean over the targeted fields of their JS noise (``stats.js_noise``): the target JS an
+    edit that reached its targets exactly would show on this many tables."""
+    values = []
+    for t in targets:
+        for r in rows:
+            got = dists.get(f"row {r} / {t.key.label}") if t.applies_to(r) else None
+            if got is not None and got["js_noise"] is not None and np.isfinite(got["js_noise"]):
+                values.append(got["js_noise"])
     return float(np.mean(values)) if values else None
 
 
@@ -299,6 +315,7 @@ def _measure(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting)
         target_js=_target_js(main, setting.targets, fitted),
         target_js_heldout=float(np.mean(js_held)) if js_held else None,
         target_js_later_rows=_target_js(main, setting.targets, later),
+        target_js_noise=_target_noise(main, setting.targets, fitted),
         ppl=ppl, kl_unrelated=kl, top1_agreement=top1,
         other_fields_js=None if setting.before is None else _others_js(setting.before, main, setting.targets),
         sampled_in_band=_sampled_in_band(main, setting.targets, fitted), fields=merged, seconds=time.perf_counter() - start,
@@ -515,7 +532,7 @@ def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str
                 before.target_js_heldout, after.target_js_later_rows, before.ppl, after.ppl,
                 after.kl_unrelated, after.top1_agreement, after.other_fields_js, after.sampled_in_band,
                 seconds=after.seconds + build_seconds + search_seconds, fit_seconds=build_seconds,
-                matched_ppl_change=matched,
+                matched_ppl_change=matched, target_js_noise=after.target_js_noise,
                 fields=after.fields,
             )
             log.info("%s", result.line())

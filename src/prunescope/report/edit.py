@@ -27,13 +27,13 @@ def results_table(report: "EditReport") -> str:
     """One row per kind and strength: target distance (fitted rows, held-out templates, later
     rows) against the side effects."""
     b = report.before
-    rows = [("none", "-", b.target_js, b.target_js_heldout, b.target_js_later_rows, b.ppl, 0.0, 0.0, 1.0, None,
+    rows = [("none", "-", b.target_js, b.target_js_noise, b.target_js_heldout, b.target_js_later_rows, b.ppl, 0.0, 0.0, 1.0, None,
              b.sampled_in_band, b.seconds)]
-    rows += [(r.kind, _strength(r), r.target_js_after, r.target_js_heldout, r.target_js_later_rows, r.ppl_after,
+    rows += [(r.kind, _strength(r), r.target_js_after, r.target_js_noise, r.target_js_heldout, r.target_js_later_rows, r.ppl_after,
               _pct(r.ppl_after, r.ppl_before), r.kl_unrelated, r.top1_agreement, r.other_fields_js,
               r.sampled_in_band, r.seconds)
              for r in report.results]
-    headers = ("kind", "strength", "target JS", "held-out JS", "later rows JS", "ppl", "ppl change %",
+    headers = ("kind", "strength", "target JS", "JS noise", "held-out JS", "later rows JS", "ppl", "ppl change %",
                "KL unrelated", "top-1 agree", "other fields JS", "sampled in band", "seconds")
     return markdown_table(headers, [tuple("n/a" if v is None else v for v in row) for row in rows], ".3f")
 
@@ -61,7 +61,9 @@ def render_markdown(report: "EditReport") -> str:
         f"{report.seconds:.0f} s in all.",
         "Target JS is the mean Jensen-Shannon distance (base 2, 0 = the target exactly) between each "
         "targeted field's exact distribution and its target, on the fitted rows of the training "
-        "template; held-out: the same on reworded templates; later rows: rows after the fitted ones. "
+        "template; JS noise: the target JS an edit that hit its targets exactly would show on these "
+        "tables by chance alone (bootstrap over the tables: the earlier cells are sampled); "
+        "held-out JS: the target JS on reworded templates; later rows JS: on the rows after the fitted ones. "
         "Other fields JS: how far the fields no target names moved (those the unedited model "
         "writes with probability at least 0.05). A strength marked matched was searched for so that "
         "every kind changes perplexity by the same amount (--match-ppl). Sampled in band: the share of the "
