@@ -46,11 +46,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "weight 1): fit and weight: the fitted vectors' multiplier; caa: the added vector's norm as a fraction "
                         "of the layer's median residual norm; ablate: the fraction of the direction removed (2 "
                         "reflects it)")
-    parser.add_argument("--match-ppl", type=float, default=None, metavar="PCT",
-                        help="also find, for each kind, the strength that raises perplexity on the evaluation text "
-                        "by PCT percent (doubling, then bisection on perplexity alone) and measure it there: "
-                        "the kinds compared at a matched side effect. Without --strength only that strength "
-                        "is measured")
+    parser.add_argument("--match-ppl", default=None, metavar="PCT[,PCT]",
+                        help="for each kind, find the strengths that raise perplexity on the evaluation text by "
+                        "these percentages (doubling, then bisection on perplexity alone) and measure the edit "
+                        "there: the kinds compared at matched side effects, e.g. 1,2. Without --strength only "
+                        "these strengths are measured")
     parser.add_argument("--rows", type=int, default=1, help="rows the edit is fitted on (default 1)")
     parser.add_argument("--measure-rows", type=int, default=2,
                         help="rows written when measuring; those after --rows show generalization (default 2)")
@@ -104,7 +104,7 @@ def _config(args: argparse.Namespace):
         model=args.model, template=args.template, targets=tuple(args.target), kinds=tuple(kinds),
         strengths=_floats(args.strength, "--strength"), rows=args.rows, measure_rows=args.measure_rows,
         fit_tables=args.fit_tables, measure_tables=args.measure_tables, steps=args.steps, refresh_every=args.refresh_every, lr=args.lr,
-        kl_weight=args.kl_weight, max_norm=args.max_norm, match_ppl=args.match_ppl, heldout=tuple(args.heldout),
+        kl_weight=args.kl_weight, max_norm=args.max_norm, match_ppl=_floats(args.match_ppl, "--match-ppl") or (), heldout=tuple(args.heldout),
         eval_text=args.eval_text, eval_tokens=args.eval_tokens, eval_seqlen=args.eval_seqlen, seed=args.seed, **cli.placement_options(args),
     )
 

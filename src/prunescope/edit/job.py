@@ -64,7 +64,7 @@ class EditConfig(models.Placement):
     lr: float = 0.03
     kl_weight: float = 10.0
     max_norm: float = 0.5
-    match_ppl: float | None = None
+    match_ppl: tuple[float, ...] = ()
     heldout: tuple[Path, ...] = ()
     eval_text: str = data.DEFAULT_TEXT
     eval_tokens: int = 8192
@@ -91,9 +91,10 @@ class EditConfig(models.Placement):
             value = getattr(self, name)
             if not np.isfinite(value) or value < 0 or (name != "kl_weight" and value == 0):
                 raise PrunescopeError(f"{name.replace('_', '-')} must be a finite positive number, got {value!r}")
-        if self.match_ppl is not None and (not np.isfinite(self.match_ppl) or self.match_ppl <= 0):
-            raise PrunescopeError(f"match-ppl must be a finite positive perplexity change in percent (e.g. 2), "
-                                  f"got {self.match_ppl!r}")
+        for goal in self.match_ppl:
+            if not np.isfinite(goal) or goal <= 0:
+                raise PrunescopeError(f"match-ppl must be finite positive perplexity changes in percent (e.g. 1,2), "
+                                      f"got {goal!r}")
         if self.strengths is not None and not self.strengths:
             raise PrunescopeError("--strength names no strength; give numbers such as 0.5,1")
         for s in self.strengths or ():
@@ -396,20 +397,26 @@ def matched_strength(change: Callable[[float], float], goal: float, start: float
 def _strengths(kind: str, make: EditMaker, model: nn.Module, config: EditConfig, setting: _Setting,
                ppl_before: float) -> list[tuple[float, float | None, float]]:
     """(strength, the perplexity change it was matched to or None, seconds the match took) for
-    every strength of ``kind`` to measure: the given or default ones, and with ``match_ppl`` the
-    strength matched to it (alone when no strengths were given)."""
+    every strength of ``kind`` to measure: the given or default ones, and for each ``match_ppl``
+    goal the strength matched to it (alone when no strengths were given). The goals' searches
+    share their perplexities (a strength is evaluated once)."""
     out: list[tuple[float, float | None, float]] = []
-    if config.strengths is not None or config.match_ppl is None:
+    if config.strengths is not None or not config.match_ppl:
         out = [(s, None, 0.0) for s in config.strengths_for(kind)]
-    if config.match_ppl is not None:
-        def change(strength: float) -> float:
-            with _applied(model, make(strength)):
-                return 100.0 * (evaluate.perplexity(model, setting.eval_blocks, progress=False) / ppl_before - 1.0)
+    seen: dict[float, float] = {}
 
-        log.info("%s: the strength that changes perplexity by %+.2f%%", kind, config.match_ppl)
+    def change(strength: float) -> float:
+        if strength not in seen:
+            with _applied(model, make(strength)):
+                ppl = evaluate.perplexity(model, setting.eval_blocks, progress=False)
+            seen[strength] = 100.0 * (ppl / ppl_before - 1.0)
+        return seen[strength]
+
+    for goal in config.match_ppl:
+        log.info("%s: the strength that changes perplexity by %+.2f%%", kind, goal)
         start = time.perf_counter()
-        strength, _ = matched_strength(change, config.match_ppl, min(DEFAULT_STRENGTHS[kind]))
-        out.append((strength, config.match_ppl, time.perf_counter() - start))
+        strength, _ = matched_strength(change, goal, min(DEFAULT_STRENGTHS[kind]))
+        out.append((strength, goal, time.perf_counter() - start))
     return out
 
 
