@@ -132,3 +132,15 @@ def test_permute_on_cuda():
     prune_model(model, select_linear_layers(model), "wanda", SparsityPattern.nm(2, 4), "group", _blocks(),
                 permute=True)
     assert all(masks.nm_violations(m.weight, 2, 4) == 0 for m in select_linear_layers(model).values())
+
+
+def test_permute_on_an_unknown_family_is_one_line_before_any_work(monkeypatch):
+    from prunescope.errors import PrunescopeError
+
+    model = tiny_llama()
+    monkeypatch.setattr(model.config, "model_type", "mystery")
+    dense = {n: m.weight.detach().clone() for n, m in select_linear_layers(model).items()}
+    with pytest.raises(PrunescopeError, match="--permute does not support model type 'mystery'"):
+        prune_model(model, select_linear_layers(model), "wanda", SparsityPattern.nm(2, 4), "group", _blocks(),
+                    permute=True)
+    assert all(torch.equal(m.weight, dense[n]) for n, m in select_linear_layers(model).items())

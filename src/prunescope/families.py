@@ -182,15 +182,16 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
-def family_for(model: nn.Module) -> Family:
-    """The :class:`Family` of ``model`` (by ``config.model_type``); one clear error otherwise."""
+def family_for(model: nn.Module, purpose: str = "structured pruning") -> Family:
+    """The :class:`Family` of ``model`` (by ``config.model_type``); one clear error (naming what
+    needed the layout, ``purpose``) otherwise."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     for family in FAMILIES:
         if model_type in family.model_types:
             return family
     names = ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in FAMILIES)
     raise PrunescopeError(
-        f"structured pruning does not support model type {model_type!r} "
+        f"{purpose} does not support model type {model_type!r} "
         f"({type(model).__name__}); supported families: {names}"
     )
 

@@ -580,6 +580,8 @@ def prune_model(
     ``permute`` (N:M, calibrated methods) reorders each layer's MLP units first."""
     if permute and (method not in CALIBRATED or not pattern.is_nm):
         raise ValueError(f"permute serves an N:M pattern with a calibrated method, not {method} {pattern.label}")
+    if permute:
+        families.family_for(model, "--permute")  # the MLP layout is known, or one clear line before any work
     if method == "magnitude" and sparsities is None and refine == "none":
         apply_masks(model, magnitude_masks(layers, pattern, scope))
         return 0
@@ -890,6 +892,8 @@ def _prune_offloaded(
     """Prune each decoder layer while it is on the device; returns ((its sparsities,
     (zeros, total)), the calibration activation bytes held, OWL's allocation)."""
     pattern, scope, method = config.sparsity_pattern, config.effective_scope, config.method
+    if config.permute:
+        families.family_for(off.model, "--permute")  # the MLP layout is known, or one clear line before any work
     recorded: list[LayerSparsity] = []
     counts = [0, 0]
     ratios = None
