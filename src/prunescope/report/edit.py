@@ -98,8 +98,11 @@ def plot_pareto(report: "EditReport", path: str | Path) -> Path:
         ax.plot(xs, ys, marker="o", label=kind)
         for r, x, y in zip(runs, xs, ys):
             ax.annotate(f"x{r.strength:.3g}" + ("*" if r.matched_ppl_change is not None else ""), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("symlog", linthresh=1.0)  # linear within +-1%, logarithmic beyond: a broken model stays on the plot
-    ax.set_xlabel("perplexity change (%, symmetric log scale)")
+    changes = [abs(_pct(r.ppl_after, r.ppl_before)) for r in report.results]
+    wide = max(changes, default=0.0) > 10.0
+    if wide:  # linear within +-1%, logarithmic beyond: a broken model stays on the plot
+        ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel("perplexity change (%" + (", symmetric log scale)" if wide else ")"))
     ax.set_ylabel("target JS distance" + (" (held-out templates)" if use_heldout else ""))
     ax.set_title("Edits: distance to the target against the side effect")
     ax.grid(alpha=0.3)
