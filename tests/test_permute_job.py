@@ -144,3 +144,16 @@ def test_permute_on_an_unknown_family_is_one_line_before_any_work(monkeypatch):
         prune_model(model, select_linear_layers(model), "wanda", SparsityPattern.nm(2, 4), "group", _blocks(),
                     permute=True)
     assert all(torch.equal(m.weight, dense[n]) for n, m in select_linear_layers(model).items())
+
+
+def test_the_summary_suggests_permute_for_nm_wanda_and_ria_only():
+    from types import SimpleNamespace
+
+    from prunescope.commands.prune import _next_steps
+
+    def hint(**kw):
+        base = dict(allocation="uniform", pattern="2:4", refine="none", method="wanda", permute=False)
+        return "--permute" in _next_steps(SimpleNamespace(**{**base, **kw}))
+
+    assert hint() and hint(method="ria")
+    assert not hint(permute=True) and not hint(pattern="unstructured") and not hint(method="sparsegpt")

@@ -201,6 +201,8 @@ def _next_steps(result) -> str:
         hints.append("at higher sparsity OWL spreads it by layer (--sparsity 0.7 --allocation owl)")
     if result.refine == "none" and result.method != "sparsegpt":  # measured to hurt after SparseGPT
         hints.append("--refine dsnot refines the masks without training")
+    if result.pattern != "unstructured" and result.method in ("wanda", "ria") and not result.permute:
+        hints.append("--permute reorders the MLP units so that N:M keeps more")
     hints.append("masks make no model faster: `prunescope shrink` removes channels, heads and layers for real")
     if result.method != "magnitude":
         hints.append("the plain baseline is --method magnitude")
