@@ -39,7 +39,8 @@ def test_permute_units_rejects_a_non_permutation():
     model = tiny_llama()
     layout = families.family_for(model).layouts(model.config)[families.MLP]
     with pytest.raises(ValueError, match="permutation of range"):
-        apply.permute_units(models.adapter_for(model).layers(model)[0], layout, torch.zeros(layout.count, dtype=torch.long))
+        apply.permute_units(models.adapter_for(model).layers(model)[0], layout,
+                            torch.zeros(layout.count, dtype=torch.long))
 
 
 def _layer0(model):

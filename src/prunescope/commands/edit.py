@@ -103,9 +103,11 @@ def _config(args: argparse.Namespace):
     return EditConfig(
         model=args.model, template=args.template, targets=tuple(args.target), kinds=tuple(kinds),
         strengths=_floats(args.strength, "--strength"), rows=args.rows, measure_rows=args.measure_rows,
-        fit_tables=args.fit_tables, measure_tables=args.measure_tables, steps=args.steps, refresh_every=args.refresh_every, lr=args.lr,
-        kl_weight=args.kl_weight, max_norm=args.max_norm, match_ppl=_floats(args.match_ppl, "--match-ppl") or (), heldout=tuple(args.heldout),
-        eval_text=args.eval_text, eval_tokens=args.eval_tokens, eval_seqlen=args.eval_seqlen, seed=args.seed, **cli.placement_options(args),
+        fit_tables=args.fit_tables, measure_tables=args.measure_tables, steps=args.steps,
+        refresh_every=args.refresh_every, lr=args.lr, kl_weight=args.kl_weight, max_norm=args.max_norm,
+        match_ppl=_floats(args.match_ppl, "--match-ppl") or (), heldout=tuple(args.heldout),
+        eval_text=args.eval_text, eval_tokens=args.eval_tokens, eval_seqlen=args.eval_seqlen, seed=args.seed,
+        **cli.placement_options(args),
     )
 
 

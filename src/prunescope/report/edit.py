@@ -27,14 +27,14 @@ def results_table(report: "EditReport") -> str:
     """One row per kind and strength: target distance (fitted rows, held-out templates, later
     rows) against the side effects."""
     b = report.before
-    rows = [("none", "-", b.target_js, b.target_js_noise, b.target_js_heldout, b.target_js_later_rows, b.ppl, 0.0, 0.0, 1.0, None,
-             b.sampled_in_band, b.seconds)]
-    rows += [(r.kind, _strength(r), r.target_js_after, r.target_js_noise, r.target_js_heldout, r.target_js_later_rows, r.ppl_after,
-              _pct(r.ppl_after, r.ppl_before), r.kl_unrelated, r.top1_agreement, r.other_fields_js,
-              r.sampled_in_band, r.seconds)
+    rows = [("none", "-", b.target_js, b.target_js_noise, b.target_js_heldout, b.target_js_later_rows, b.ppl,
+             0.0, 0.0, 1.0, None, b.sampled_in_band, b.seconds)]
+    rows += [(r.kind, _strength(r), r.target_js_after, r.target_js_noise, r.target_js_heldout,
+              r.target_js_later_rows, r.ppl_after, _pct(r.ppl_after, r.ppl_before), r.kl_unrelated,
+              r.top1_agreement, r.other_fields_js, r.sampled_in_band, r.seconds)
              for r in report.results]
-    headers = ("kind", "strength", "target JS", "JS noise", "held-out JS", "later rows JS", "ppl", "ppl change %",
-               "KL unrelated", "top-1 agree", "other fields JS", "sampled in band", "seconds")
+    headers = ("kind", "strength", "target JS", "JS noise", "held-out JS", "later rows JS", "ppl",
+               "ppl change %", "KL unrelated", "top-1 agree", "other fields JS", "sampled in band", "seconds")
     return markdown_table(headers, [tuple("n/a" if v is None else v for v in row) for row in rows], ".3f")
 
 
@@ -46,7 +46,8 @@ def fields_table(report: "EditReport") -> str:
             continue
         values = f["values"]
         rows = [("before", *f["distribution"])]
-        rows += [(f"{r.kind} x{_strength(r)}", *r.fields[key]["distribution"]) for r in report.results if key in r.fields]
+        rows += [(f"{r.kind} x{_strength(r)}", *r.fields[key]["distribution"])
+                 for r in report.results if key in r.fields]
         lines.append(f"**{key}**\n\n" + markdown_table(("model", *values), rows, ".3f"))
     return "\n\n".join(lines)
 
@@ -63,10 +64,10 @@ def render_markdown(report: "EditReport") -> str:
         "targeted field's exact distribution and its target, on the fitted rows of the training "
         "template; JS noise: the target JS an edit that hit its targets exactly would show on these "
         "tables by chance alone (bootstrap over the tables: the earlier cells are sampled); "
-        "held-out JS: the target JS on reworded templates; later rows JS: on the rows after the fitted ones. "
-        "Other fields JS: how far the fields no target names moved (those the unedited model "
-        "writes with probability at least 0.05). A strength marked matched was searched for so that "
-        "every kind changes perplexity by the same amount (--match-ppl). Sampled in band: the share of the "
+        "held-out JS: the target JS on reworded templates; later rows JS: on the rows after the "
+        "fitted ones. Other fields JS: how far the fields no target names moved (those the unedited "
+        "model writes with probability at least 0.05). A strength marked matched was searched for so "
+        "that every kind changes perplexity by the same amount (--match-ppl). Sampled in band: the share of the "
         "targeted values whose exact probability lies in the 95% Wilson interval of the sampled tables "
         "(near 1 when the samples agree with the exact distribution: the tables' stratified draws "
         "are tighter than independent ones, and values never written with probability near 0 count "
@@ -97,7 +98,8 @@ def plot_pareto(report: "EditReport", path: str | Path) -> Path:
         ys = [r.target_js_heldout if use_heldout else r.target_js_after for r in runs]
         ax.plot(xs, ys, marker="o", label=kind)
         for r, x, y in zip(runs, xs, ys):
-            ax.annotate(f"x{r.strength:.3g}" + ("*" if r.matched_ppl_change is not None else ""), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            star = "*" if r.matched_ppl_change is not None else ""  # a strength matched to a perplexity change
+            ax.annotate(f"x{r.strength:.3g}{star}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     changes = [abs(_pct(r.ppl_after, r.ppl_before)) for r in report.results]
     wide = max(changes, default=0.0) > 10.0
     if wide:  # linear within +-1%, logarithmic beyond: a broken model stays on the plot
