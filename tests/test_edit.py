@@ -24,6 +24,13 @@ def people():
     return load_template("people")
 
 
+def _unrelated_text(folder):
+    """A short repetitive text file: perplexity, the fit's KL and the side effects of the CLI runs."""
+    text = folder / "text.txt"
+    text.write_text(" ".join(f"word{i % 50} and {i}" for i in range(600)))
+    return text
+
+
 def _targets(template, *specs):
     return parse_targets(list(specs), template)
 
@@ -108,8 +115,7 @@ def test_contrast_ablation_and_weight_edits(dtok, people):
 def test_cli_edit_writes_the_report_and_a_folded_model(digit_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    text = tmp_path / "text.txt"
-    text.write_text(" ".join(f"word{i % 50} and {i}" for i in range(600)))
+    text = _unrelated_text(tmp_path)
     out = tmp_path / "out"
     rc = cli.main(["-q", "edit", str(digit_model_dir), "--target", "Age.digit1=uniform:2-6", "--target", "Gender=uniform",
                    "--method", "fit,caa,ablate,weight,weight-null", "--layers", "0-1", "--steps", "2",
@@ -241,8 +247,7 @@ def test_matched_strength_that_never_reaches_the_goal_is_the_largest_tried(caplo
 def test_match_ppl_measures_each_kind_at_the_matched_change(digit_model_dir, tmp_path):
     """--match-ppl alone: one row per kind, at a strength whose perplexity change is the goal
     (within a tenth) or, for a kind that cannot reach it, the largest strength tried."""
-    text = tmp_path / "text.txt"
-    text.write_text(" ".join(f"word{i % 50} and {i}" for i in range(600)))
+    text = _unrelated_text(tmp_path)
     out = tmp_path / "out"
     rc = cli.main(["-q", "edit", str(digit_model_dir), "--target", "Gender=uniform", "--method", "fit,caa",
                    "--layers", "0-1", "--steps", "2", "--fit-tables", "3", "--measure-tables", "3",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,26 +239,28 @@ def _field_distributions(model: nn.Module, tokenizer, template: Template, rows: 
     return out
 
 
-def _target_js(dists: dict[str, dict[str, Any]], targets: list[Target], rows: range) -> float | None:
-    """Mean Jensen-Shannon distance between each targeted field's distribution and its target."""
-    values = []
+def _targeted(dists: dict[str, dict[str, Any]], targets: list[Target], rows: range
+              ) -> Iterator[tuple[Target, dict[str, Any]]]:
+    """(target, measured record) of every targeted field on ``rows`` that the tables reached."""
     for t in targets:
         for r in rows:
             got = dists.get(f"row {r} / {t.key.label}") if t.applies_to(r) else None
             if got is not None:
-                values.append(stats.js_distance(np.array(got["distribution"]), t.as_array()))
+                yield t, got
+
+
+def _target_js(dists: dict[str, dict[str, Any]], targets: list[Target], rows: range) -> float | None:
+    """Mean Jensen-Shannon distance between each targeted field's distribution and its target."""
+    values = [stats.js_distance(np.array(got["distribution"]), t.as_array())
+              for t, got in _targeted(dists, targets, rows)]
     return float(np.mean(values)) if values else None
 
 
 def _target_noise(dists: dict[str, dict[str, Any]], targets: list[Target], rows: range) -> float | None:
     """Mean over the targeted fields of their JS noise (``stats.js_noise``): the target JS an
     edit that reached its targets exactly would show on this many tables."""
-    values = []
-    for t in targets:
-        for r in rows:
-            got = dists.get(f"row {r} / {t.key.label}") if t.applies_to(r) else None
-            if got is not None and got["js_noise"] is not None and np.isfinite(got["js_noise"]):
-                values.append(got["js_noise"])
+    values = [got["js_noise"] for _, got in _targeted(dists, targets, rows)
+              if got["js_noise"] is not None and np.isfinite(got["js_noise"])]
     return float(np.mean(values)) if values else None
 
 
@@ -266,14 +268,9 @@ def _sampled_in_band(dists: dict[str, dict[str, Any]], targets: list[Target], ro
     """The sampled check: the share of the targeted fields' values whose exact probability lies
     inside the 95% Wilson interval of how often the tables really wrote it (about 0.95 when the
     edited model samples what its exact distribution says)."""
-    hits = []
-    for t in targets:
-        for r in rows:
-            got = dists.get(f"row {r} / {t.key.label}") if t.applies_to(r) else None
-            if got is None or not got["exact_marginal"]:
-                continue
-            hits += [lo - 1e-12 <= p <= hi + 1e-12
-                     for p, lo, hi in zip(got["exact_marginal"], got["wilson_low"], got["wilson_high"])]
+    hits = [lo - 1e-12 <= p <= hi + 1e-12
+            for _, got in _targeted(dists, targets, rows) if got["exact_marginal"]
+            for p, lo, hi in zip(got["exact_marginal"], got["wilson_low"], got["wilson_high"])]
     return float(np.mean(hits)) if hits else None
 
 
