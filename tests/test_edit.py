@@ -52,6 +52,42 @@ def test_marginals_equal_the_probes_exact_readout(dtok, people):
         torch.testing.assert_close(q.double(), want, atol=1e-5, rtol=1e-4)
 
 
+def test_drawn_context_tokens_and_their_log_probability(dtok, people):
+    """The tokens a fit reweights by are exactly those the model drew in the cells before the
+    field (the writer's forced tokens left out), and their log-probability is what a direct
+    forward pass over the prompt and the context gives."""
+    model = digit_model(dtok, seed=1)
+    targets = _targets(people, "Gender=uniform", "Age.digit1=uniform:2-6")
+    contexts = fields.record_contexts(model, dtok, people, targets, rows=2, tables=6, seed=3, batch_size=3)
+    written = write_tables(model, dtok, people, 2, 6, 3, exact=False, batch_size=3, progress=False, draws="iid")
+    columns = [c.name for c in people.columns]
+    start = len(contexts.prompt)
+    with torch.no_grad():
+        read = fields.readout(model, contexts)
+        for f, (_p, drawn_logp) in zip(contexts.fields, read):
+            cell = (f.row - 1, columns.index(f.key.column))
+            before = [(r, c) for r in range(f.row) for c in range(len(columns)) if (r, c) < cell]
+            assert len(f.sampled) == len(f.suffixes) == 6
+            for t, (suffix, drawn) in enumerate(zip(f.suffixes, f.sampled)):
+                assert [suffix[j] for j in drawn] == [x for r, c in before for x in written.cells[r][c].tokens[t]]
+                logp = torch.log_softmax(model(input_ids=torch.tensor([contexts.prompt + suffix])).logits[0], -1)
+                direct = sum(float(logp[start + j - 1, suffix[j]]) for j in drawn)
+                assert float(drawn_logp[t]) == pytest.approx(direct, abs=1e-3)
+
+
+def test_reweighted_marginal_is_exact_when_contexts_come_in_their_proportions():
+    """Self-normalised importance weights: contexts drawn under one model in exactly its
+    proportions (3 of context A, 1 of B at 0.75 / 0.25), weighted by p_new / p_old, give the
+    marginal under the new model's proportions (0.4 / 0.6) exactly."""
+    per_table = torch.tensor([[0.9, 0.1]] * 3 + [[0.2, 0.8]])  # [tables, values]: A's and B's
+    old, new = torch.tensor([0.75] * 3 + [0.25]), torch.tensor([0.4] * 3 + [0.6])
+    got = fields.marginal(per_table, new.log() - old.log())
+    torch.testing.assert_close(got, 0.4 * per_table[0] + 0.6 * per_table[3])
+    torch.testing.assert_close(fields.marginal(per_table), per_table.mean(0))
+    assert fields.effective_tables(torch.zeros(4)) == pytest.approx(4)
+    assert fields.effective_tables(torch.tensor([0.0, -50.0, -50.0, -50.0])) == pytest.approx(1)
+
+
 def test_a_digit_no_table_reached_is_a_clear_error(dtok, people):
     from prunescope.errors import PrunescopeError
 
@@ -214,9 +250,32 @@ def test_fit_refreshes_its_contexts_from_the_edited_model(dtok, people):
             return fields.record_contexts(model, dtok, people, targets, 1, 3, refresh, 3)
 
     methods.fit(model, contexts, [torch.tensor(targets[0].probs)], [0, 1], torch.randint(0, 300, (2, 16)),
-                steps=5, lr=0.2, recontext=recontext, refresh_every=2)
+                steps=5, lr=0.2, recontext=recontext, refresh_every=2, reweight=False)
     assert [c[0] for c in calls] == [1, 2] and not any(c[2] for c in calls)
     assert all(n > 0 for c in calls for n in c[1])  # the edit so far, not the zero start
+
+
+def test_reweighted_fit_refreshes_once_its_weights_degenerate(dtok, people, monkeypatch):
+    """With importance weights the fit also re-records as soon as the effective tables fall below
+    the threshold (raised here: the tiny model's contexts barely depend on the edit); the first
+    step's weights are all equal (the contexts' own edit)."""
+    monkeypatch.setattr(methods, "REFRESH_EFFECTIVE", 0.9)
+    model = digit_model(dtok, seed=2)
+    targets = _targets(people, "Age.digit1@2=3:1")
+    contexts = fields.record_contexts(model, dtok, people, targets, 2, 6, 0, 6)
+    steps = []
+
+    def recontext(edit, refresh):
+        steps.append(refresh)
+        with applied(model, edit):
+            return fields.record_contexts(model, dtok, people, targets, 2, 6, refresh, 6)
+
+    _edit, trace = methods.fit(model, contexts, [torch.tensor(targets[0].probs)], [0, 1],
+                               torch.randint(0, 300, (2, 16)), steps=4, lr=1.0, kl_weight=0.0,
+                               recontext=recontext, refresh_every=100)
+    assert trace.effective_tables[0] == pytest.approx(6)
+    low = [i for i, e in enumerate(trace.effective_tables[:-1]) if e < methods.REFRESH_EFFECTIVE * 6]
+    assert low and len(steps) == len(low)  # one refresh after each step whose weights degenerated
 
 
 @pytest.mark.parametrize(

@@ -59,7 +59,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps of the fit (default 30)")
     parser.add_argument("--refresh-every", type=int, default=10,
                         help="re-record the fit's contexts from tables the edited model writes every this many "
-                        "steps (default 10): the edit also changes the cells before the targeted ones")
+                        "steps (default 10), and sooner once the importance weights leave fewer than half "
+                        "the tables effective: the edit also changes the cells before the targeted ones")
+    parser.add_argument("--no-reweight", dest="reweight", action="store_false",
+                        help="between refreshes, count every recorded context alike instead of weighting it by "
+                        "how much more likely the edit so far makes it than the edit that wrote it (importance "
+                        "weights: the fitted marginal is then the edited model's own)")
     parser.add_argument("--lr", type=float, default=0.03,
                         help="fit step size as a fraction of the layer's residual norm (default 0.03)")
     parser.add_argument("--kl-weight", type=float, default=10.0,
@@ -104,7 +109,8 @@ def _config(args: argparse.Namespace):
         model=args.model, template=args.template, targets=tuple(args.target), kinds=tuple(kinds),
         strengths=_floats(args.strength, "--strength"), rows=args.rows, measure_rows=args.measure_rows,
         fit_tables=args.fit_tables, measure_tables=args.measure_tables, steps=args.steps,
-        refresh_every=args.refresh_every, lr=args.lr, kl_weight=args.kl_weight, max_norm=args.max_norm,
+        refresh_every=args.refresh_every, reweight=args.reweight, lr=args.lr, kl_weight=args.kl_weight,
+        max_norm=args.max_norm,
         match_ppl=_floats(args.match_ppl, "--match-ppl") or (), heldout=tuple(args.heldout),
         eval_text=args.eval_text, eval_tokens=args.eval_tokens, eval_seqlen=args.eval_seqlen, seed=args.seed,
         **cli.placement_options(args),

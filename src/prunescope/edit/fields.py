@@ -17,8 +17,12 @@ unedited model (:func:`record_contexts`), and each step replays them teacher-for
   drop out, as in the probe).
 
 Contexts are recorded from tables a model wrote (the unedited one first; ``prunescope edit``
-re-records them with the edit so far every few steps, since the edit also changes the earlier
-cells of a row); the measurement afterwards (the probe on the edited model) writes its own.
+re-records them with the edit so far, since the edit also changes the earlier cells of a row);
+the measurement afterwards (the probe on the edited model) writes its own. Between recordings
+the fit can weight each context by how much likelier the edit so far makes the tokens the
+model drew in it (:func:`readout` returns their log-probability, :func:`marginal` takes the
+log-weights): self-normalised importance sampling of the edited model's own marginal, whose
+gradient also reaches the earlier cells through those log-probabilities.
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ class FieldContexts:
         continuations: per value, the token sequences scored after a suffix (choice: the
             spellings; digits: one single-token sequence, the digit).
         closers: tokens that end a cell (choice fields: scored after each spelling), else empty.
+        sampled: per kept table, the indices in its suffix of the tokens the model drew (the
+            cells before the field; the template's forced tokens left out): the product of
+            their probabilities is how likely the model was to write that context, what
+            :func:`context_weights` reweights by.
     """
 
     row: int
@@ -56,6 +64,7 @@ class FieldContexts:
     suffixes: tuple[tuple[int, ...], ...]
     continuations: tuple[tuple[tuple[int, ...], ...], ...]
     closers: torch.Tensor
+    sampled: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,8 +98,10 @@ def record_contexts(
     shared = (list(tokenizer(prompt_text, add_special_tokens=add)["input_ids"]) + vocab.row_start)[:-1]
     wanted = {(r, _column_index(template, t.key.column)) for t in targets for r in _rows(t, rows)}
     seen: dict[tuple[int, int], list[list[int]]] = {w: [] for w in wanted}
+    starts: dict[tuple[int, int], list[int]] = {}  # (row, column) -> per table, suffix index of the cell's start
 
     def on_cell(row: int, column: int, batch: Batch) -> None:
+        starts.setdefault((row + 1, column), []).extend(len(h) - len(shared) for h in batch.history)
         if (row + 1, column) in seen:
             seen[(row + 1, column)].extend(h[len(shared):] for h in batch.history)
 
@@ -100,34 +111,53 @@ def record_contexts(
     for t in targets:
         for r in _rows(t, rows):
             c = _column_index(template, t.key.column)
-            fields.append(_field(t, r, seen[(r, c)], written, c, vocab, template))
+            drawn = _drawn_before(written, starts, (r, c), template, vocab)
+            fields.append(_field(t, r, seen[(r, c)], drawn, written, c, vocab, template))
     return Contexts(tuple(shared), tuple(fields))
+
+
+def _drawn_before(written: Tables, starts: dict[tuple[int, int], list[int]], cell: tuple[int, int],
+                  template: Template, vocab: Vocab) -> list[list[int]]:
+    """Per table, the suffix indices of the tokens the model drew in the cells before ``cell``
+    (1-based row, column): each cell's drawn tokens follow its start (and a digits cell's forced
+    lead); what the writer forced between them is not the model's choice."""
+    out: list[list[int]] = [[] for _ in starts[cell]]
+    for (row, column), begin in starts.items():
+        if (row, column) >= cell:
+            continue
+        lead = len(vocab.digit_lead) if template.columns[column].type == "digits" else 0
+        for table, (first, tokens) in enumerate(zip(begin, written.cells[row - 1][column].tokens)):
+            out[table].extend(range(first + lead, first + lead + len(tokens)))
+    return out
 
 
 def _rows(target: Target, rows: int) -> list[int]:
     return [r for r in (target.rows or range(1, rows + 1)) if r <= rows]
 
 
-def _field(target: Target, row: int, suffixes: list[list[int]], written: Tables, column: int,
-           vocab: Vocab, template: Template) -> FieldContexts:
+def _field(target: Target, row: int, suffixes: list[list[int]], drawn: list[list[int]], written: Tables,
+           column: int, vocab: Vocab, template: Template) -> FieldContexts:
     col = template.columns[column]
     if col.type == "choice":
         conts = tuple(tuple(tuple(ids) for ids in vocab.spellings[col.name][i]) for i in range(len(col.choices)))
         return FieldContexts(row, target.key, target.values, tuple(tuple(s) for s in suffixes), conts,
-                             vocab.closers)
+                             vocab.closers, tuple(tuple(d) for d in drawn))
     k = target.key.position or 1
     digit_set = set(vocab.digits)
-    kept = []
-    for suffix, cell in zip(suffixes, written.cells[row - 1][column].tokens):
+    kept, kept_drawn = [], []
+    for suffix, before, cell in zip(suffixes, drawn, written.cells[row - 1][column].tokens):
         if len(cell) >= k - 1 and all(t in digit_set for t in cell[: k - 1]):
+            lead = len(suffix) + len(vocab.digit_lead)  # the cell's own earlier digits were drawn too
             kept.append(tuple(suffix) + tuple(vocab.digit_lead) + tuple(cell[: k - 1]))
+            kept_drawn.append(tuple(before) + tuple(range(lead, lead + k - 1)))
     if not kept:
         raise PrunescopeError(
             f"none of the {len(suffixes)} tables written for fitting reached {target.key.label} at row {row} "
             f"(each wrote fewer than {k} digits there); target an earlier digit or fit on more tables"
         )
     conts = tuple(((d,),) for d in vocab.digits)
-    return FieldContexts(row, target.key, target.values, tuple(kept), conts, torch.empty(0, dtype=torch.long))
+    return FieldContexts(row, target.key, target.values, tuple(kept), conts, torch.empty(0, dtype=torch.long),
+                         tuple(kept_drawn))
 
 
 def prompt_cache(model: nn.Module, prompt: tuple[int, ...]):
@@ -165,10 +195,29 @@ def teacher_forced(model: nn.Module, cache, start: int, seqs: list[tuple[int, ..
     return out.logits.float(), [len(s) for s in seqs]
 
 
-def _choice_probs(model: nn.Module, cache, start: int, field: FieldContexts) -> torch.Tensor:
-    """``[tables, options]`` probability of each option in each table (any spelling, then a closer)."""
-    seqs, owners = [], []
+def _drawn_logprob(logits: torch.Tensor, rows: list[int], field: FieldContexts) -> torch.Tensor:
+    """``[tables]``: the log-probability of the tokens the model drew in each table's context
+    (``field.sampled``), read from teacher-forced ``logits`` ``[B, S, V]`` whose batch row
+    ``rows[t]`` holds table ``t``'s suffix; zeros where nothing was drawn (or not recorded)."""
+    out = []
+    for t, b in enumerate(rows):
+        drawn = field.sampled[t] if field.sampled else ()
+        if not drawn:
+            out.append(logits.new_zeros(()))
+            continue
+        at = torch.tensor(drawn, device=logits.device)  # [n] suffix indices (>= 1: index 0 is forced)
+        ids = torch.tensor([field.suffixes[t][j] for j in drawn], device=logits.device)  # [n]
+        picked = logits[b, at - 1].float()  # [n, V]: the token before predicts each drawn one
+        out.append((picked.gather(-1, ids[:, None])[:, 0] - picked.logsumexp(-1)).sum())
+    return torch.stack(out)
+
+
+def _choice_probs(model: nn.Module, cache, start: int, field: FieldContexts) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[tables, options]`` probability of each option in each table (any spelling, then a
+    closer), and ``[tables]`` the log-probability of each context's drawn tokens."""
+    seqs, owners, rows = [], [], []
     for t, suffix in enumerate(field.suffixes):
+        rows.append(len(seqs))
         for c, spellings in enumerate(field.continuations):
             for spelling in spellings:
                 seqs.append(suffix + spelling)
@@ -182,26 +231,48 @@ def _choice_probs(model: nn.Module, cache, start: int, field: FieldContexts) -> 
         score = logp[b, first - 1 : length - 1].gather(-1, ids[:, None]).sum()
         close = logp[b, length - 1, field.closers.to(logp.device)].exp().sum()
         probs[t, c] = probs[t, c] + score.exp() * close
-    return probs
+    return probs, _drawn_logprob(logp, rows, field)
 
 
-def _digit_probs(model: nn.Module, cache, start: int, field: FieldContexts) -> torch.Tensor:
-    """``[tables, 10]`` next-token probability of each digit after each table's context."""
+def _digit_probs(model: nn.Module, cache, start: int, field: FieldContexts) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[tables, 10]`` next-token probability of each digit after each table's context, and
+    ``[tables]`` the log-probability of each context's drawn tokens."""
     logits, lengths = teacher_forced(model, cache, start, list(field.suffixes))
     last = torch.stack([logits[b, n - 1] for b, n in enumerate(lengths)])  # [B, V]
     digits = torch.tensor([c[0][0] for c in field.continuations], device=last.device)
-    return torch.softmax(last, dim=-1)[:, digits]
+    return torch.softmax(last, dim=-1)[:, digits], _drawn_logprob(logits, list(range(len(lengths))), field)
 
 
-def marginals(model: nn.Module, contexts: Contexts) -> list[torch.Tensor]:
-    """Per field of ``contexts``, the ``[values]`` marginal renormalised over the values
-    (differentiable in whatever the model's forward depends on: the edit's vectors)."""
+def readout(model: nn.Module, contexts: Contexts) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per field of ``contexts``: ``[tables, values]`` each value's probability after each
+    table's context and ``[tables]`` the log-probability of that context's drawn tokens, both
+    differentiable in whatever the model's forward depends on (the edit's vectors)."""
     cache, start = prompt_cache(model, contexts.prompt)
     out = []
     for field in contexts.fields:
         if not field.suffixes:
             raise ValueError(f"no table reached {field.key.label} at row {field.row}")
-        per_table = (_choice_probs if field.closers.numel() else _digit_probs)(model, cache, start, field)
-        marginal = per_table.mean(dim=0)  # [C]
-        out.append(marginal / marginal.sum().clamp_min(1e-30))
+        out.append((_choice_probs if field.closers.numel() else _digit_probs)(model, cache, start, field))
     return out
+
+
+def marginal(per_table: torch.Tensor, log_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``[values]``: the mean over tables of ``per_table`` ``[tables, values]`` (weighted by
+    ``softmax(log_weight)`` when given), renormalised over the values."""
+    if log_weight is None:
+        mean = per_table.mean(dim=0)  # [C]
+    else:
+        mean = (torch.softmax(log_weight, dim=0)[:, None] * per_table).sum(dim=0)  # [C]
+    return mean / mean.sum().clamp_min(1e-30)
+
+
+def effective_tables(log_weight: torch.Tensor) -> float:
+    """Kish's effective sample size ``1 / sum w^2`` of the normalised weights ``softmax(log_weight)``."""
+    w = torch.softmax(log_weight.detach().double(), dim=0)
+    return float(1.0 / (w * w).sum())
+
+
+def marginals(model: nn.Module, contexts: Contexts) -> list[torch.Tensor]:
+    """Per field of ``contexts``, the ``[values]`` marginal over its tables, renormalised over
+    the values (differentiable, see :func:`readout`)."""
+    return [marginal(per_table) for per_table, _drawn in readout(model, contexts)]

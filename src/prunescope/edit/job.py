@@ -61,6 +61,7 @@ class EditConfig(models.Placement):
     measure_tables: int = 32
     steps: int = 30
     refresh_every: int = 10
+    reweight: bool = True
     lr: float = 0.03
     kl_weight: float = 10.0
     max_norm: float = 0.5
@@ -340,7 +341,8 @@ def _edit_family(kind: str, model: nn.Module, tokenizer, config: EditConfig, con
                                               prompt_rows=config.measure_rows)
 
         edit, trace = methods.fit(model, contexts, targets, layers, setting.fit_windows[:FIT_KL_WINDOWS], config.steps,
-                                  config.lr, config.kl_weight, config.max_norm, recontext, config.refresh_every)
+                                  config.lr, config.kl_weight, config.max_norm, recontext, config.refresh_every,
+                                  config.reweight)
         cache["fit"], cache["trace"] = edit, trace
     if kind in ("caa", "ablate") and "contrast" not in cache:
         cache["contrast"] = methods.contrast(model, contexts, targets, layers)

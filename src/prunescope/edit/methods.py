@@ -3,7 +3,9 @@
 * ``fit``: one vector per chosen layer, added to the MLP writer's output (the residual stream
   after that layer) at every position, optimized with the model frozen (Adam) to minimize
   ``sum_fields KL(target || exact marginal) + kl_weight * KL(original || edited)`` of the
-  next-token distributions on unrelated text, each vector's norm kept under a bound.
+  next-token distributions on unrelated text, each vector's norm kept under a bound. The
+  marginals are read on contexts recorded from tables the edited model wrote, importance-weighted
+  by how much likelier the edit so far makes them (re-recorded when the weights degenerate).
 * ``caa``: contrastive activation addition: per chosen layer, the mean residual after the value
   tokens weighted by the target minus the same weighted by the model's own distribution, i.e.
   "activations that lead to the wanted values minus those that lead to the preferred ones",
@@ -33,6 +35,8 @@ from prunescope.edit import fields
 from prunescope.edit.hooks import Edit, LayerEdit, applied
 
 log = logging.getLogger(__name__)
+
+REFRESH_EFFECTIVE = 0.5  # re-record the fit's contexts once the weights' effective tables fall below this share
 
 
 def kl_to(target: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -109,13 +113,14 @@ class FitTrace:
     target_kl: tuple[float, ...]
     unrelated_kl: tuple[float, ...]
     seconds: float
+    effective_tables: tuple[float, ...] = ()
 
 
 def fit(
     model: nn.Module, contexts: fields.Contexts, targets: Sequence[torch.Tensor], layers: Sequence[int],
     unrelated: torch.Tensor, steps: int = 30, lr: float = 0.03, kl_weight: float = 1.0,
     max_norm: float = 0.5, recontext: Callable[[Edit, int], fields.Contexts] | None = None,
-    refresh_every: int = 10,
+    refresh_every: int = 10, reweight: bool = True,
 ) -> tuple[Edit, FitTrace]:
     """Fit one added vector per layer (see the module docstring).
 
@@ -125,9 +130,17 @@ def fit(
         lr: Adam step as a fraction of each layer's median residual norm per unit vector.
         max_norm: bound on each vector's norm as a fraction of its layer's median residual norm.
         recontext: ``(edit so far, refresh number) -> contexts`` recorded from tables the edited
-            model writes, called every ``refresh_every`` steps: the edit also changes the cells
-            written before the targeted one (the names before a gender), so contexts from the
-            unedited model alone would fit the targets on tables the edited model never writes.
+            model writes, called every ``refresh_every`` steps (and, with ``reweight``, as soon
+            as the weights' effective tables fall below ``REFRESH_EFFECTIVE``): the edit also
+            changes the cells written before the targeted one (the names before a gender), so
+            contexts from the unedited model alone would fit the targets on tables the edited
+            model never writes.
+        reweight: between refreshes, weight each table's context by how much more likely the
+            edit so far makes it than the edit that wrote it (self-normalised importance
+            weights ``p_now(context) / p_then(context)`` over the tokens the model drew), so the
+            marginal fitted is the one of the tables the edited model would write, and the
+            gradient also moves the earlier cells (a name) towards contexts that lead to the
+            target. Without it each context counts alike, as if the edit left them unchanged.
     """
     import time
 
@@ -136,8 +149,8 @@ def fit(
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.requires_grad_(False)  # the model is frozen; restored below
     try:
-        return _fit(model, contexts, targets, layers, unrelated, (steps, lr, kl_weight, max_norm, refresh_every),
-                    recontext, device, start)
+        return _fit(model, contexts, targets, layers, unrelated,
+                    (steps, lr, kl_weight, max_norm, refresh_every, reweight), recontext, device, start)
     finally:
         for p in trainable:
             p.requires_grad_(True)
@@ -145,12 +158,12 @@ def fit(
 
 def _fit(
     model: nn.Module, contexts: fields.Contexts, targets: Sequence[torch.Tensor], layers: Sequence[int],
-    unrelated: torch.Tensor, options: tuple[int, float, float, float, int],
+    unrelated: torch.Tensor, options: tuple[int, float, float, float, int, bool],
     recontext: Callable[[Edit, int], fields.Contexts] | None, device: torch.device, start: float,
 ) -> tuple[Edit, FitTrace]:
     import time
 
-    steps, lr, kl_weight, max_norm, refresh_every = options
+    steps, lr, kl_weight, max_norm, refresh_every, reweight = options
     norms = residual_norms(model, unrelated, layers)
     hidden = model.config.hidden_size
     vectors = {i: torch.zeros(hidden, device=device, requires_grad=True) for i in layers}
@@ -159,13 +172,24 @@ def _fit(
     opt = torch.optim.Adam([{"params": [vectors[i]], "lr": lr * float(s)} for i, s in zip(layers, scale)])
     with torch.no_grad():
         reference = torch.log_softmax(model(input_ids=unrelated.to(device)).logits.float(), dim=-1)  # [n, L, V]
-    target_kl, unrelated_kl = [], []
+    target_kl, unrelated_kl, effective = [], [], []
+    written_by: list[torch.Tensor] | None = None  # per field [tables]: log p of the drawn contexts when written
+    refreshes, since = 0, 0
     for _step in tqdm(range(steps), desc="fit", unit="step", leave=False):
-        if recontext is not None and _step and _step % refresh_every == 0:
+        degenerate = effective[-1] if reweight and effective else None
+        if recontext is not None and _step and _due(since, refresh_every, degenerate, contexts):
+            refreshes, since = refreshes + 1, 0
             with torch.no_grad():
-                contexts = recontext(Edit([LayerEdit(i, add=vectors[i].detach()) for i in layers]), _step // refresh_every)
+                contexts = recontext(Edit([LayerEdit(i, add=vectors[i].detach()) for i in layers]), refreshes)
+            written_by = None
+        since += 1
         with applied(model, edit):
-            tkl = torch.stack([kl_to(t, q) for t, q in zip(targets, fields.marginals(model, contexts))]).sum()
+            read = fields.readout(model, contexts)
+            if written_by is None:  # the vectors now are those the contexts were written with
+                written_by = [drawn.detach() for _p, drawn in read]
+            log_w = [drawn - then for (_p, drawn), then in zip(read, written_by)]
+            qs = [fields.marginal(p, w if reweight else None) for (p, _d), w in zip(read, log_w)]
+            tkl = torch.stack([kl_to(t, q) for t, q in zip(targets, qs)]).sum()
             ukl = next_token_kl(reference, model(input_ids=unrelated.to(device)).logits) if kl_weight \
                 else torch.zeros((), device=device)
         loss = tkl + kl_weight * ukl
@@ -180,9 +204,19 @@ def _fit(
                     vectors[i].mul_(bound / n)
         target_kl.append(float(tkl.detach()))
         unrelated_kl.append(float(ukl.detach()))
-        log.info("fit step %d: target KL %.4f, unrelated KL %.5f", _step + 1, target_kl[-1], unrelated_kl[-1])
+        effective.append(min(fields.effective_tables(w) for w in log_w))
+        log.info("fit step %d: target KL %.4f, unrelated KL %.5f, effective tables %.1f of %d", _step + 1,
+                 target_kl[-1], unrelated_kl[-1], effective[-1], min(len(f.suffixes) for f in contexts.fields))
     fitted = Edit([LayerEdit(i, add=vectors[i].detach().clone()) for i in layers])
-    return fitted, FitTrace(tuple(target_kl), tuple(unrelated_kl), time.perf_counter() - start)
+    return fitted, FitTrace(tuple(target_kl), tuple(unrelated_kl), time.perf_counter() - start, tuple(effective))
+
+
+def _due(since: int, every: int, effective: float | None, contexts: fields.Contexts) -> bool:
+    """Whether the fit re-records its contexts now: ``every`` steps after the last recording, or
+    sooner when the importance weights have degenerated (``effective`` tables below
+    ``REFRESH_EFFECTIVE`` of the fewest any field has: a handful of contexts would stand for all)."""
+    fewest = min(len(f.suffixes) for f in contexts.fields)
+    return since >= every or (effective is not None and effective < REFRESH_EFFECTIVE * fewest)
 
 
 @torch.no_grad()
