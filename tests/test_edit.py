@@ -168,9 +168,20 @@ def test_cli_edit_writes_the_report_and_a_folded_model(digit_model_dir, tmp_path
         assert 0 <= r["target_js_after"] <= 1 and 0 <= r["top1_agreement"] <= 1
         assert 0 <= r["target_js_noise"] <= 1  # bootstrap over the 3 measured tables
     assert len(report["heldout_templates"]) >= 3
-    assert (out / "pareto.png").stat().st_size > 1000 and "| fit |" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert (out / "pareto.png").stat().st_size > 1000 and "| fit |" in markdown
+    assert "Effective tables of the importance weights" in markdown
     folded = AutoModelForCausalLM.from_pretrained(out / "model")
     assert folded.config.mlp_bias  # the fitted vector lives in down_proj's bias
+
+
+def test_cli_reweighting_is_on_unless_turned_off():
+    from prunescope.commands.edit import _config
+
+    parser = cli.build_parser()
+    base = ["edit", "--target", "Gender=uniform"]
+    assert _config(parser.parse_args(base)).reweight
+    assert not _config(parser.parse_args(base + ["--no-reweight"])).reweight
 
 
 @pytest.mark.parametrize(
@@ -276,6 +287,7 @@ def test_reweighted_fit_refreshes_once_its_weights_degenerate(dtok, people, monk
     assert trace.effective_tables[0] == pytest.approx(6)
     low = [i for i, e in enumerate(trace.effective_tables[:-1]) if e < methods.REFRESH_EFFECTIVE * 6]
     assert low and len(steps) == len(low)  # one refresh after each step whose weights degenerated
+    assert list(trace.refreshed_before) == [i + 2 for i in low]  # 1-based: before the next step
 
 
 @pytest.mark.parametrize(

@@ -108,12 +108,14 @@ def _states_at_last_token(model: nn.Module, cache: Any, start: int, seqs: list[l
 @dataclass(frozen=True)
 class FitTrace:
     """How the fit went: per step, before that step's update, the target KL (nats, summed over
-    fields) and the unrelated KL."""
+    fields), the unrelated KL and the importance weights' effective tables (the fewest of any
+    field); and the steps (1-based) before which the contexts were re-recorded."""
 
     target_kl: tuple[float, ...]
     unrelated_kl: tuple[float, ...]
     seconds: float
     effective_tables: tuple[float, ...] = ()
+    refreshed_before: tuple[int, ...] = ()
 
 
 def fit(
@@ -174,13 +176,14 @@ def _fit(
         reference = torch.log_softmax(model(input_ids=unrelated.to(device)).logits.float(), dim=-1)  # [n, L, V]
     target_kl, unrelated_kl, effective = [], [], []
     written_by: list[torch.Tensor] | None = None  # per field [tables]: log p of the drawn contexts when written
-    refreshes, since = 0, 0
+    refreshed, since = [], 0
     for _step in tqdm(range(steps), desc="fit", unit="step", leave=False):
         degenerate = effective[-1] if reweight and effective else None
         if recontext is not None and _step and _due(since, refresh_every, degenerate, contexts):
-            refreshes, since = refreshes + 1, 0
+            refreshed.append(_step + 1)
+            since = 0
             with torch.no_grad():
-                contexts = recontext(Edit([LayerEdit(i, add=vectors[i].detach()) for i in layers]), refreshes)
+                contexts = recontext(Edit([LayerEdit(i, add=vectors[i].detach()) for i in layers]), len(refreshed))
             written_by = None
         since += 1
         with applied(model, edit):
@@ -208,7 +211,8 @@ def _fit(
         log.info("fit step %d: target KL %.4f, unrelated KL %.5f, effective tables %.1f of %d", _step + 1,
                  target_kl[-1], unrelated_kl[-1], effective[-1], min(len(f.suffixes) for f in contexts.fields))
     fitted = Edit([LayerEdit(i, add=vectors[i].detach().clone()) for i in layers])
-    return fitted, FitTrace(tuple(target_kl), tuple(unrelated_kl), time.perf_counter() - start, tuple(effective))
+    return fitted, FitTrace(tuple(target_kl), tuple(unrelated_kl), time.perf_counter() - start, tuple(effective),
+                            tuple(refreshed))
 
 
 def _due(since: int, every: int, effective: float | None, contexts: fields.Contexts) -> bool:

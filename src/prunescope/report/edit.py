@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prunescope.report.io import markdown_table
 from prunescope.report.plots import new_figure, save_figure
@@ -80,8 +81,20 @@ def render_markdown(report: "EditReport") -> str:
         t = report.fit_trace
         parts.append(f"## Fit\n\n{len(t['target_kl'])} steps in {t['seconds']:.0f} s: target KL (before each step) "
                      f"{t['target_kl'][0]:.4f} -> {t['target_kl'][-1]:.4f} nats, unrelated KL "
-                     f"{t['unrelated_kl'][0]:.5f} -> {t['unrelated_kl'][-1]:.5f}.")
+                     f"{t['unrelated_kl'][0]:.5f} -> {t['unrelated_kl'][-1]:.5f}."
+                     + _refresh_line(t))
     return "\n\n".join(parts) + "\n"
+
+
+def _refresh_line(trace: dict[str, Any]) -> str:
+    """When the contexts were re-recorded and how evenly the importance weights spread over them."""
+    steps = trace.get("refreshed_before") or []
+    effective = trace.get("effective_tables") or []
+    text = f" Contexts re-recorded before steps {', '.join(map(str, steps))}." if steps else ""
+    if effective:
+        text += (f" Effective tables of the importance weights: median {statistics.median(effective):.1f}, "
+                 f"least {min(effective):.1f}.")
+    return text
 
 
 def plot_pareto(report: "EditReport", path: str | Path) -> Path:
