@@ -88,6 +88,24 @@ def test_reweighted_marginal_is_exact_when_contexts_come_in_their_proportions():
     assert fields.effective_tables(torch.tensor([0.0, -50.0, -50.0, -50.0])) == pytest.approx(1)
 
 
+def test_the_fit_keeps_the_share_of_cells_holding_no_value():
+    """The fit's extra outcome "none of the values" is held at the unedited share: the extended
+    target sums to 1 and an edit that empties the cell pays for it even where the renormalised
+    distribution is exactly the target."""
+    target = torch.tensor([0.5, 0.5, 0.0])
+    t, q = methods._with_elsewhere(target, torch.tensor([0.35, 0.35, 0.0]), 0.3)
+    torch.testing.assert_close(t, torch.tensor([0.35, 0.35, 0.0, 0.3]))
+    assert float(methods.kl_to(t, q)) == pytest.approx(0.0, abs=1e-6)
+    broken = methods.kl_to(*methods._with_elsewhere(target, torch.tensor([0.01, 0.01, 0.0]), 0.3))
+    assert float(broken) > 1.0 and float(methods.kl_to(target, fields.marginal(torch.tensor([[0.01, 0.01, 0.0]])))) < 1e-6
+
+
+def test_target_reach_is_the_exact_marginals_sum():
+    dists = {"row 1 / Gender": {"exact_marginal": [0.2, 0.3, 0.0]}, "row 1 / Age digit 1": {"exact_marginal": [0.1] * 9}}
+    targets = _targets(load_template("people"), "Gender=uniform", "Age.digit1=uniform")
+    assert job._target_reach(dists, targets, range(1, 2)) == pytest.approx((0.5 + 0.9) / 2)
+
+
 def test_a_digit_no_table_reached_is_a_clear_error(dtok, people):
     from prunescope.errors import PrunescopeError
 
@@ -167,6 +185,7 @@ def test_cli_edit_writes_the_report_and_a_folded_model(digit_model_dir, tmp_path
         assert all(k in r for k in schema) and "sampled_in_band" in r
         assert 0 <= r["target_js_after"] <= 1 and 0 <= r["top1_agreement"] <= 1
         assert 0 <= r["target_js_noise"] <= 1  # bootstrap over the 3 measured tables
+        assert 0 < r["target_reach_before"] <= 1 + 1e-6 and 0 <= r["target_reach"] <= 1 + 1e-6
     assert len(report["heldout_templates"]) >= 3
     markdown = (out / "report.md").read_text()
     assert (out / "pareto.png").stat().st_size > 1000 and "| fit |" in markdown

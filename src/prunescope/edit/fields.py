@@ -256,13 +256,18 @@ def readout(model: nn.Module, contexts: Contexts) -> list[tuple[torch.Tensor, to
     return out
 
 
-def marginal(per_table: torch.Tensor, log_weight: torch.Tensor | None = None) -> torch.Tensor:
+def mass(per_table: torch.Tensor, log_weight: torch.Tensor | None = None) -> torch.Tensor:
     """``[values]``: the mean over tables of ``per_table`` ``[tables, values]`` (weighted by
-    ``softmax(log_weight)`` when given), renormalised over the values."""
+    ``softmax(log_weight)`` when given), not renormalised: its sum is how often the cell holds
+    one of the values at all."""
     if log_weight is None:
-        mean = per_table.mean(dim=0)  # [C]
-    else:
-        mean = (torch.softmax(log_weight, dim=0)[:, None] * per_table).sum(dim=0)  # [C]
+        return per_table.mean(dim=0)  # [C]
+    return (torch.softmax(log_weight, dim=0)[:, None] * per_table).sum(dim=0)  # [C]
+
+
+def marginal(per_table: torch.Tensor, log_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``[values]``: :func:`mass` renormalised over the values (what the probe reports)."""
+    mean = mass(per_table, log_weight)
     return mean / mean.sum().clamp_min(1e-30)
 
 

@@ -124,6 +124,8 @@ class Measurement:
     sampled_in_band: float | None
     fields: dict[str, dict[str, Any]]
     seconds: float
+    target_reach: float | None = None
+    target_reach_heldout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,11 @@ class EditResult:
     fit_seconds: float
     matched_ppl_change: float | None = None  # the perplexity change (%) this strength was matched to
     target_js_noise: float | None = None  # the target JS an exact hit would show on these tables (chance alone)
+    # how often the targeted cells hold one of their field's values at all (the distributions
+    # above are renormalised over the values; an edit can "reach" a target by breaking the cell)
+    target_reach_before: float | None = None
+    target_reach: float | None = None
+    target_reach_heldout: float | None = None
     fields: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def line(self) -> str:
@@ -257,6 +264,13 @@ def _target_js(dists: dict[str, dict[str, Any]], targets: list[Target], rows: ra
     return float(np.mean(values)) if values else None
 
 
+def _target_reach(dists: dict[str, dict[str, Any]], targets: list[Target], rows: range) -> float | None:
+    """Mean over the targeted fields of their reach (:func:`_reach`): how often the tables' cells
+    hold one of the field's values at all, the mass the renormalised distributions leave out."""
+    values = [_reach(got) for _, got in _targeted(dists, targets, rows) if got["exact_marginal"]]
+    return float(np.mean(values)) if values else None
+
+
 def _target_noise(dists: dict[str, dict[str, Any]], targets: list[Target], rows: range) -> float | None:
     """Mean over the targeted fields of their JS noise (``stats.js_noise``): the target JS an
     edit that reached its targets exactly would show on this many tables."""
@@ -276,8 +290,9 @@ def _sampled_in_band(dists: dict[str, dict[str, Any]], targets: list[Target], ro
 
 
 def _reach(field_record: dict[str, Any]) -> float:
-    """How often the unedited model writes the field at all: the sum of its exact marginal (an
-    age's second digit is reached only by ages of two digits or more)."""
+    """How often a model writes the field at all: the sum of its exact marginal (an age's second
+    digit is reached only by ages of two digits or more; a gender only where the cell holds one
+    of the template's spellings)."""
     return float(sum(field_record["exact_marginal"])) if field_record["exact_marginal"] else 1.0
 
 
@@ -302,6 +317,7 @@ def _measure(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting)
                for t in setting.heldout]
     fitted, later = range(1, config.rows + 1), range(config.rows + 1, config.measure_rows + 1)
     js_held = [v for v in (_target_js(h, setting.targets, fitted) for h in heldout) if v is not None]
+    reach_held = [v for v in (_target_reach(h, setting.targets, fitted) for h in heldout) if v is not None]
     ppl = evaluate.perplexity(model, setting.eval_blocks, progress=False)
     logits = model(input_ids=setting.unrelated.to(models.input_device(model))).logits.float()  # [n, L, V]
     if setting.reference_logits is None:
@@ -317,7 +333,9 @@ def _measure(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting)
         target_js_noise=_target_noise(main, setting.targets, fitted),
         ppl=ppl, kl_unrelated=kl, top1_agreement=top1,
         other_fields_js=None if setting.before is None else _others_js(setting.before, main, setting.targets),
-        sampled_in_band=_sampled_in_band(main, setting.targets, fitted), fields=merged, seconds=time.perf_counter() - start,
+        sampled_in_band=_sampled_in_band(main, setting.targets, fitted), fields=merged,
+        seconds=time.perf_counter() - start, target_reach=_target_reach(main, setting.targets, fitted),
+        target_reach_heldout=float(np.mean(reach_held)) if reach_held else None,
     )
 
 
@@ -539,7 +557,8 @@ def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str
                 after.kl_unrelated, after.top1_agreement, after.other_fields_js, after.sampled_in_band,
                 seconds=after.seconds + build_seconds + search_seconds, fit_seconds=build_seconds,
                 matched_ppl_change=matched, target_js_noise=after.target_js_noise,
-                fields=after.fields,
+                target_reach_before=before.target_reach, target_reach=after.target_reach,
+                target_reach_heldout=after.target_reach_heldout, fields=after.fields,
             )
             log.info("%s", result.line())
             results.append(result)

@@ -28,14 +28,16 @@ def results_table(report: "EditReport") -> str:
     """One row per kind and strength: target distance (fitted rows, held-out templates, later
     rows) against the side effects."""
     b = report.before
-    rows = [("none", "-", b.target_js, b.target_js_noise, b.target_js_heldout, b.target_js_later_rows, b.ppl,
-             0.0, 0.0, 1.0, None, b.sampled_in_band, b.seconds)]
+    rows = [("none", "-", b.target_js, b.target_js_noise, b.target_js_heldout, b.target_js_later_rows,
+             b.target_reach, b.target_reach_heldout, b.ppl, 0.0, 0.0, 1.0, None, b.sampled_in_band, b.seconds)]
     rows += [(r.kind, _strength(r), r.target_js_after, r.target_js_noise, r.target_js_heldout,
-              r.target_js_later_rows, r.ppl_after, _pct(r.ppl_after, r.ppl_before), r.kl_unrelated,
-              r.top1_agreement, r.other_fields_js, r.sampled_in_band, r.seconds)
+              r.target_js_later_rows, r.target_reach, r.target_reach_heldout, r.ppl_after,
+              _pct(r.ppl_after, r.ppl_before), r.kl_unrelated, r.top1_agreement, r.other_fields_js,
+              r.sampled_in_band, r.seconds)
              for r in report.results]
-    headers = ("kind", "strength", "target JS", "JS noise", "held-out JS", "later rows JS", "ppl",
-               "ppl change %", "KL unrelated", "top-1 agree", "other fields JS", "sampled in band", "seconds")
+    headers = ("kind", "strength", "target JS", "JS noise", "held-out JS", "later rows JS", "reach",
+               "held-out reach", "ppl", "ppl change %", "KL unrelated", "top-1 agree", "other fields JS",
+               "sampled in band", "seconds")
     return markdown_table(headers, [tuple("n/a" if v is None else v for v in row) for row in rows], ".3f")
 
 
@@ -66,7 +68,10 @@ def render_markdown(report: "EditReport") -> str:
         "template; JS noise: the target JS an edit that hit its targets exactly would show on these "
         "tables by chance alone (bootstrap over the tables: the earlier cells are sampled); "
         "held-out JS: the target JS on reworded templates; later rows JS: on the rows after the "
-        "fitted ones. Other fields JS: how far the fields no target names moved (those the unedited "
+        "fitted ones. Reach: how often the targeted cells hold one of their field's values at all "
+        "(the sum of the exact marginal; the distributions are renormalised over the values, so an "
+        "edit that makes the model write something else in the cell can look close to its target "
+        "while the cell is broken: read the JS next to the reach). Other fields JS: how far the fields no target names moved (those the unedited "
         "model writes with probability at least 0.05). A strength marked matched was searched for so "
         "that every kind changes perplexity by the same amount (--match-ppl). Sampled in band: the share of the "
         "targeted values whose exact probability lies in the 95% Wilson interval of the sampled tables "
