@@ -189,18 +189,18 @@ def test_cli_edit_writes_the_report_and_a_folded_model(digit_model_dir, tmp_path
     assert len(report["heldout_templates"]) >= 3
     markdown = (out / "report.md").read_text()
     assert (out / "pareto.png").stat().st_size > 1000 and "| fit |" in markdown
-    assert "Effective tables of the importance weights" in markdown
+    assert "Effective tables of the importance weights (not used" in markdown  # off by default
     folded = AutoModelForCausalLM.from_pretrained(out / "model")
     assert folded.config.mlp_bias  # the fitted vector lives in down_proj's bias
 
 
-def test_cli_reweighting_is_on_unless_turned_off():
+def test_cli_reweighting_is_off_unless_asked_for():
     from prunescope.commands.edit import _config
 
     parser = cli.build_parser()
     base = ["edit", "--target", "Gender=uniform"]
-    assert _config(parser.parse_args(base)).reweight
-    assert not _config(parser.parse_args(base + ["--no-reweight"])).reweight
+    assert not _config(parser.parse_args(base)).reweight
+    assert _config(parser.parse_args(base + ["--reweight"])).reweight
 
 
 @pytest.mark.parametrize(
@@ -302,8 +302,8 @@ def test_reweighted_fit_refreshes_once_its_weights_degenerate(dtok, people, monk
 
     _edit, trace = methods.fit(model, contexts, [torch.tensor(targets[0].probs)], [0, 1],
                                torch.randint(0, 300, (2, 16)), steps=4, lr=1.0, kl_weight=0.0,
-                               recontext=recontext, refresh_every=100)
-    assert trace.effective_tables[0] == pytest.approx(6)
+                               recontext=recontext, refresh_every=100, reweight=True)
+    assert trace.reweighted and trace.effective_tables[0] == pytest.approx(6)
     low = [i for i, e in enumerate(trace.effective_tables[:-1]) if e < methods.REFRESH_EFFECTIVE * 6]
     assert low and len(steps) == len(low)  # one refresh after each step whose weights degenerated
     assert list(trace.refreshed_before) == [i + 2 for i in low]  # 1-based: before the next step

@@ -59,12 +59,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps of the fit (default 30)")
     parser.add_argument("--refresh-every", type=int, default=10,
                         help="re-record the fit's contexts from tables the edited model writes every this many "
-                        "steps (default 10), and sooner once the importance weights leave fewer than half "
-                        "the tables effective: the edit also changes the cells before the targeted ones")
-    parser.add_argument("--no-reweight", dest="reweight", action="store_false",
-                        help="between refreshes, count every recorded context alike instead of weighting it by "
-                        "how much more likely the edit so far makes it than the edit that wrote it (importance "
-                        "weights: the fitted marginal is then the edited model's own)")
+                        "steps (default 10; with --reweight also sooner, once the importance weights leave fewer "
+                        "than half the tables effective): the edit also changes the cells before the targeted ones")
+    parser.add_argument("--reweight", action="store_true",
+                        help="between refreshes, weight each recorded context by how much more likely the edit so "
+                        "far makes it than the edit that wrote it (importance weights: the fitted marginal is then "
+                        "the edited model's own). Off by default: on the bundled model it cost more agreement on "
+                        "unrelated text at the same perplexity and came no closer on held-out templates")
     parser.add_argument("--lr", type=float, default=0.03,
                         help="fit step size as a fraction of the layer's residual norm (default 0.03)")
     parser.add_argument("--kl-weight", type=float, default=10.0,

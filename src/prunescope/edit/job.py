@@ -61,7 +61,7 @@ class EditConfig(models.Placement):
     measure_tables: int = 32
     steps: int = 30
     refresh_every: int = 10
-    reweight: bool = True
+    reweight: bool = False
     lr: float = 0.03
     kl_weight: float = 10.0
     max_norm: float = 0.5

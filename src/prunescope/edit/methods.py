@@ -118,13 +118,14 @@ class FitTrace:
     seconds: float
     effective_tables: tuple[float, ...] = ()
     refreshed_before: tuple[int, ...] = ()
+    reweighted: bool = False  # whether the importance weights were used (else only recorded)
 
 
 def fit(
     model: nn.Module, contexts: fields.Contexts, targets: Sequence[torch.Tensor], layers: Sequence[int],
     unrelated: torch.Tensor, steps: int = 30, lr: float = 0.03, kl_weight: float = 1.0,
     max_norm: float = 0.5, recontext: Callable[[Edit, int], fields.Contexts] | None = None,
-    refresh_every: int = 10, reweight: bool = True,
+    refresh_every: int = 10, reweight: bool = False,
 ) -> tuple[Edit, FitTrace]:
     """Fit one added vector per layer (see the module docstring).
 
@@ -144,7 +145,11 @@ def fit(
             weights ``p_now(context) / p_then(context)`` over the tokens the model drew), so the
             marginal fitted is the one of the tables the edited model would write, and the
             gradient also moves the earlier cells (a name) towards contexts that lead to the
-            target. Without it each context counts alike, as if the edit left them unchanged.
+            target. Without it (the default) each context counts alike, as if the edit left them
+            unchanged; the weights are still recorded in the trace, to show how far the edit
+            moved away from the tables it was fitted on. Off by default because on the bundled
+            model it cost more unrelated-text agreement at the same perplexity and was no closer
+            on held-out templates (README, 2026-12-04).
     """
     import time
 
@@ -217,7 +222,7 @@ def _fit(
                  target_kl[-1], unrelated_kl[-1], effective[-1], min(len(f.suffixes) for f in contexts.fields))
     fitted = Edit([LayerEdit(i, add=vectors[i].detach().clone()) for i in layers])
     return fitted, FitTrace(tuple(target_kl), tuple(unrelated_kl), time.perf_counter() - start, tuple(effective),
-                            tuple(refreshed))
+                            tuple(refreshed), reweight)
 
 
 def _with_elsewhere(target: torch.Tensor, mass: torch.Tensor, elsewhere: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -92,12 +92,15 @@ def render_markdown(report: "EditReport") -> str:
 
 
 def _refresh_line(trace: dict[str, Any]) -> str:
-    """When the contexts were re-recorded and how evenly the importance weights spread over them."""
+    """When the contexts were re-recorded and how evenly the importance weights spread over them
+    (used by the fit with --reweight; otherwise recorded only, as a measure of how far the edit
+    drifted from the tables it was fitted on)."""
     steps = trace.get("refreshed_before") or []
     effective = trace.get("effective_tables") or []
     text = f" Contexts re-recorded before steps {', '.join(map(str, steps))}." if steps else ""
     if effective:
-        text += (f" Effective tables of the importance weights: median {statistics.median(effective):.1f}, "
+        used = "" if trace.get("reweighted") else " (not used: the contexts counted alike, without --reweight)"
+        text += (f" Effective tables of the importance weights{used}: median {statistics.median(effective):.1f}, "
                  f"least {min(effective):.1f}.")
     return text
 
