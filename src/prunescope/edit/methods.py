@@ -5,9 +5,10 @@
   ``sum_fields KL(target || exact marginal) + kl_weight * KL(original || edited)`` of the
   next-token distributions on unrelated text, each vector's norm kept under a bound; each
   field's distribution has one more outcome, "none of the values" (the cell written some other
-  way), held at the unedited model's share (:func:`_with_elsewhere`). The
-  marginals are read on contexts recorded from tables the edited model wrote, importance-weighted
-  by how much likelier the edit so far makes them (re-recorded when the weights degenerate).
+  way), held at the unedited model's share (:func:`_with_elsewhere`). The marginals are read
+  on contexts recorded from tables the edited model wrote, re-recorded every few steps; with
+  ``reweight`` also importance-weighted by how much likelier the edit so far makes them
+  (re-recorded as soon as the weights degenerate).
 * ``caa``: contrastive activation addition: per chosen layer, the mean residual after the value
   tokens weighted by the target minus the same weighted by the model's own distribution, i.e.
   "activations that lead to the wanted values minus those that lead to the preferred ones",
