@@ -173,7 +173,8 @@ def test_cli_edit_writes_the_report_and_a_folded_model(digit_model_dir, tmp_path
     out = tmp_path / "out"
     rc = cli.main(["-q", "edit", str(digit_model_dir), "--target", "Age.digit1=uniform:2-6", "--target", "Gender=uniform",
                    "--method", "fit,caa,ablate,weight,weight-null", "--layers", "0-1", "--steps", "2",
-                   "--fit-tables", "3", "--measure-tables", "3", "--strength", "1", "--eval-text", str(text),
+                   "--fit-tables", "3", "--fit-rewordings", "1", "--measure-tables", "3", "--strength", "1",
+                   "--eval-text", str(text),
                    "--eval-tokens", "512", "--eval-seqlen", "16", "--save", "--out", str(out)])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
@@ -187,8 +188,10 @@ def test_cli_edit_writes_the_report_and_a_folded_model(digit_model_dir, tmp_path
         assert 0 <= r["target_js_noise"] <= 1  # bootstrap over the 3 measured tables
         assert 0 < r["target_reach_before"] <= 1 + 1e-6 and 0 <= r["target_reach"] <= 1 + 1e-6
     assert len(report["heldout_templates"]) >= 3
+    assert report["fit_templates"] == ["people", "people/fit-1"]
     markdown = (out / "report.md").read_text()
     assert (out / "pareto.png").stat().st_size > 1000 and "| fit |" in markdown
+    assert "fitted on templates: people, people/fit-1;" in markdown
     assert "Effective tables of the importance weights (not used" in markdown  # off by default
     folded = AutoModelForCausalLM.from_pretrained(out / "model")
     assert folded.config.mlp_bias  # the fitted vector lives in down_proj's bias
@@ -220,6 +223,9 @@ def test_cli_reweighting_is_off_unless_asked_for():
         (["--target", "Gender=uniform", "--match-ppl", "0"], "match-ppl must be finite positive"),
         (["--target", "Gender=uniform", "--match-ppl", "1,inf"], "match-ppl must be finite positive"),
         (["--target", "Gender=uniform", "--match-ppl", "two"], "--match-ppl 'two': expected comma-separated numbers"),
+        (["--target", "Gender=uniform", "--fit-rewordings", "4"], "has 3 shipped fit rewordings"),
+        (["--target", "Gender=uniform", "--fit-rewordings", "-1"], "fit-rewordings must be an integer >= 0"),
+        (["--target", "Gender=uniform", "--fit-rewordings", "2", "--fit-tables", "2"], "at least one table per template"),
     ],
 )
 def test_cli_edit_bad_input(digit_model_dir, tmp_path, capsys, args, message):
@@ -363,3 +369,82 @@ def test_other_fields_leave_out_fields_rarely_reached():
     only_gender = _others_js({"row 1 / Gender": before["row 1 / Gender"]}, after, [])
     assert _others_js(before, after, []) == pytest.approx(only_gender)  # the digit reached 1% of the time: left out
     assert only_gender > 0.2
+
+
+def test_fit_templates_are_the_template_then_its_fit_rewordings(people, tmp_path):
+    """The shipped fit rewordings come after the template, worded apart from it and from every
+    held-out rewording; asking for more than are shipped, or fitting on a held-out prompt, is a
+    clear error."""
+    from prunescope.edit.rewordings import fit_templates, heldout_templates
+    from prunescope.errors import PrunescopeError
+
+    heldout = heldout_templates(people)
+    got = fit_templates(people, 3, heldout=heldout)
+    assert [t.name for t in got] == ["people", "people/fit-1", "people/fit-2", "people/fit-3"]
+    prompts = {t.prompt for t in got} | {t.prompt for t in heldout}
+    assert len(prompts) == len(got) + len(heldout) and all(t.columns == people.columns for t in got)
+    assert all("{rows}" in t.prompt and t.prompt.endswith("{table}") for t in got)
+    with pytest.raises(PrunescopeError, match="has 3 shipped fit rewordings; give at most 3"):
+        fit_templates(people, 4)
+    copy = tmp_path / "copy.yaml"
+    copy.write_text(json.dumps({"name": "x", "prompt": heldout[0].prompt,
+                                "columns": [{"name": "Name", "type": "text", "max_tokens": 8},
+                                            {"name": "Gender", "type": "choice",
+                                             "choices": ["Male", "Female", "Non-binary"]},
+                                            {"name": "Age", "type": "digits", "min_length": 1, "max_length": 3}]}))
+    with pytest.raises(PrunescopeError, match="both fitted on and held out"):
+        fit_templates(people, 0, [copy], heldout)
+
+
+def test_fit_on_several_templates_averages_their_target_terms(dtok, people):
+    """With two templates' contexts the fit's target term is the mean of each template's own
+    (first step: no edit yet), and one template's contexts given twice fit what it fits alone."""
+    from prunescope.edit.rewordings import fit_templates
+
+    model = digit_model(dtok, seed=2)
+    targets = _targets(people, "Age.digit1=3:1", "Gender=uniform")
+    wanted = [torch.tensor(t.probs) for t in targets]
+    a, b = [fields.record_contexts(model, dtok, t, targets, 1, 3, 0, 3) for t in fit_templates(people, 1)]
+    assert a.prompt != b.prompt
+    unrelated = torch.randint(0, 300, (2, 16))
+
+    def fitted(contexts, steps=1):
+        return methods.fit(model, contexts, wanted, [0, 1], unrelated, steps=steps, lr=0.2)
+
+    first = {name: fitted(c)[1].target_kl[0] for name, c in (("a", a), ("b", b), ("ab", [a, b]))}
+    assert first["a"] != pytest.approx(first["b"])
+    assert first["ab"] == pytest.approx((first["a"] + first["b"]) / 2, rel=1e-5)
+    alone, twice = fitted(a, 3), fitted([a, a], 3)
+    assert alone[1].target_kl == pytest.approx(twice[1].target_kl, rel=1e-5)
+    for x, y in zip(alone[0].layers, twice[0].layers):
+        torch.testing.assert_close(x.add, y.add)
+
+
+def test_contrast_and_keys_average_over_templates(dtok, people):
+    """caa's contrast and the weight edits' keys over two templates are the means of each one's."""
+    from prunescope.edit.rewordings import fit_templates
+
+    model = digit_model(dtok, seed=4)
+    targets = _targets(people, "Age.digit1=uniform:2-6", "Gender=uniform")
+    wanted = [torch.tensor(t.probs) for t in targets]
+    a, b = [fields.record_contexts(model, dtok, t, targets, 1, 3, 0, 3) for t in fit_templates(people, 1)]
+    one, other, both = (methods.contrast(model, c, wanted, [1])[1] for c in (a, b, [a, b]))
+    torch.testing.assert_close(both, (one + other) / 2)
+    one, other, both = (methods._field_keys(model, c, [1])[1] for c in (a, b, [a, b]))
+    assert both.shape == (model.config.intermediate_size, 2)
+    torch.testing.assert_close(both, (one + other) / 2)
+
+
+def test_fit_contexts_spread_the_tables_and_keep_the_templates_seeds(dtok, people):
+    """--fit-tables are spread evenly over the fit templates, and the training template's
+    contexts are those a fit on it alone records (the same seed)."""
+    config = job.EditConfig(targets=("Gender=uniform",), fit_tables=5, fit_rewordings=2)
+    template, targets, heldout, fitted_on = job.check_inputs(config)
+    setting = job._Setting(template, heldout, fitted_on, targets, torch.empty(0), torch.empty(0), torch.empty(0))
+    model = digit_model(dtok, seed=2)
+    got = job.record_fit_contexts(model, dtok, config, setting, 0)
+    assert [len(c.fields[0].suffixes) for c in got] == [2, 2, 1]
+    alone = fields.record_contexts(model, dtok, people, targets, 1, 2, config.seed, prompt_rows=config.measure_rows)
+    assert got[0].prompt == alone.prompt
+    assert got[0].fields[0].suffixes == alone.fields[0].suffixes and got[0].fields[0].sampled == alone.fields[0].sampled
+    assert got[1].prompt != got[0].prompt != got[2].prompt

@@ -54,7 +54,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--rows", type=int, default=1, help="rows the edit is fitted on (default 1)")
     parser.add_argument("--measure-rows", type=int, default=2,
                         help="rows written when measuring; those after --rows show generalization (default 2)")
-    parser.add_argument("--fit-tables", type=int, default=16, help="tables whose contexts the fit uses (default 16)")
+    parser.add_argument("--fit-tables", type=int, default=16,
+                        help="tables whose contexts every edit is built from, spread evenly over the fit templates "
+                        "(default 16)")
+    parser.add_argument("--fit-rewordings", type=int, default=0, metavar="K",
+                        help="also fit on the first K rewordings the built-in template ships for fitting (people: "
+                        "3; never the held-out ones): the fit's target term is then the mean over the templates, "
+                        "so the edit cannot learn one prompt alone (default 0: the template only)")
+    parser.add_argument("--fit-template", type=Path, action="append", default=[], metavar="FILE",
+                        help="a reworded template to fit on as well (repeatable; same columns as --template)")
     parser.add_argument("--measure-tables", type=int, default=32, help="tables per measurement (default 32)")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps of the fit (default 30)")
     parser.add_argument("--refresh-every", type=int, default=10,
@@ -113,6 +121,7 @@ def _config(args: argparse.Namespace):
         refresh_every=args.refresh_every, reweight=args.reweight, lr=args.lr, kl_weight=args.kl_weight,
         max_norm=args.max_norm,
         match_ppl=_floats(args.match_ppl, "--match-ppl") or (), heldout=tuple(args.heldout),
+        fit_rewordings=args.fit_rewordings, fit_template_files=tuple(args.fit_template),
         eval_text=args.eval_text, eval_tokens=args.eval_tokens, eval_seqlen=args.eval_seqlen, seed=args.seed,
         **cli.placement_options(args),
     )

@@ -5,7 +5,9 @@ held-out rewordings of it, on rows beyond those fitted); then for each kind and 
 same measurements with the edit applied by hooks (or, for ``weight``, by the changed weights),
 plus the side effects: perplexity on the evaluation text, KL and top-1 agreement of next-token
 distributions against the original on unrelated text, and the change of the fields no target
-names.
+names. Every kind is built from the same recorded contexts: tables written on the training
+template, and with ``fit_rewordings`` / ``fit_template_files`` also on rewordings of it (never
+the held-out ones).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 from prunescope import data, evaluate, models
 from prunescope.edit import fields, methods
 from prunescope.edit.hooks import Edit, applied
-from prunescope.edit.rewordings import heldout_templates
+from prunescope.edit.rewordings import fit_templates, heldout_templates
 from prunescope.edit.targets import Target, parse_targets
 from prunescope.errors import PrunescopeError
 from prunescope.pruning import apply
@@ -67,6 +69,8 @@ class EditConfig(models.Placement):
     max_norm: float = 0.5
     match_ppl: tuple[float, ...] = ()
     heldout: tuple[Path, ...] = ()
+    fit_rewordings: int = 0
+    fit_template_files: tuple[Path, ...] = ()
     eval_text: str = data.DEFAULT_TEXT
     eval_tokens: int = 8192
     eval_seqlen: int = 512
@@ -86,6 +90,12 @@ class EditConfig(models.Placement):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise PrunescopeError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.fit_rewordings, int) or self.fit_rewordings < 0:
+            raise PrunescopeError(f"fit-rewordings must be an integer >= 0, got {self.fit_rewordings!r}")
+        templates = 1 + self.fit_rewordings + len(self.fit_template_files)
+        if self.fit_tables < templates:
+            raise PrunescopeError(f"fit-tables ({self.fit_tables}) are spread over the {templates} fit templates; "
+                                  f"give at least one table per template")
         if self.measure_rows < self.rows:
             raise PrunescopeError(f"measure-rows ({self.measure_rows}) must be at least rows ({self.rows})")
         for name in ("lr", "kl_weight", "max_norm"):
@@ -179,6 +189,7 @@ class EditReport:
     results: tuple[EditResult, ...]
     fit_trace: dict[str, Any] | None
     seconds: float
+    fit_templates: tuple[str, ...] = ()  # the templates whose contexts every edit was built from
 
 
 def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
@@ -213,6 +224,7 @@ class _Setting:
 
     template: Template
     heldout: list[Template]
+    fitted_on: list[Template]  # the template first, then its fit rewordings
     targets: list[Target]
     eval_blocks: torch.Tensor
     fit_windows: torch.Tensor  # the fit's KL term and the weight edits' key covariance
@@ -345,18 +357,16 @@ def _measure(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting)
 EditMaker = Callable[[float], "Edit | methods.WeightEdit"]
 
 
-def _edit_family(kind: str, model: nn.Module, tokenizer, config: EditConfig, contexts: fields.Contexts,
+def _edit_family(kind: str, model: nn.Module, tokenizer, config: EditConfig, contexts: list[fields.Contexts],
                  targets: list[torch.Tensor], layers: tuple[int, ...], setting: _Setting, cache: dict[str, Any],
                  ) -> tuple[EditMaker, float]:
     """``kind``'s edits as a function of the strength, and the seconds it took to build them. The
     fit and the contrast vectors are computed once and shared by the kinds built on them."""
     start = time.perf_counter()
     if kind in ("fit", "weight", "weight-null") and "fit" not in cache:
-        def recontext(edit: Edit, refresh: int) -> fields.Contexts:
+        def recontext(edit: Edit, refresh: int) -> list[fields.Contexts]:
             with applied(model, edit):
-                return fields.record_contexts(model, tokenizer, setting.template, setting.targets, config.rows,
-                                              config.fit_tables, config.seed + 100 * refresh,
-                                              prompt_rows=config.measure_rows)
+                return record_fit_contexts(model, tokenizer, config, setting, refresh)
 
         edit, trace = methods.fit(model, contexts, targets, layers, setting.fit_windows[:FIT_KL_WINDOWS], config.steps,
                                   config.lr, config.kl_weight, config.max_norm, recontext, config.refresh_every,
@@ -479,9 +489,23 @@ def save_edited(model: nn.Module, tokenizer, edit: Edit | methods.WeightEdit, fo
     return diff
 
 
-def check_inputs(config: EditConfig) -> tuple[Template, list[Target], list[Template]]:
-    """The template, the targets and the held-out templates, every one checked (no model needed):
-    a target row beyond the fitted rows is refused here, not silently left out."""
+def record_fit_contexts(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting,
+                        refresh: int) -> list[fields.Contexts]:
+    """The fit's contexts from tables ``model`` writes (the edit so far applied by the caller),
+    one entry per fit template: ``config.fit_tables`` tables spread evenly over them, each
+    template on its own seeds (``refresh`` 0 is the first recording; the training template's
+    seeds are those of a fit on it alone)."""
+    n = len(setting.fitted_on)
+    shares = [config.fit_tables // n + (j < config.fit_tables % n) for j in range(n)]
+    return [fields.record_contexts(model, tokenizer, t, setting.targets, config.rows, tables,
+                                   config.seed + 100 * refresh + j, prompt_rows=config.measure_rows)
+            for j, (t, tables) in enumerate(zip(setting.fitted_on, shares))]
+
+
+def check_inputs(config: EditConfig) -> tuple[Template, list[Target], list[Template], list[Template]]:
+    """The template, the targets, the held-out templates and the fit templates (the template
+    first), every one checked (no model needed): a target row beyond the fitted rows is refused
+    here, not silently left out."""
     template = load_template(config.template)
     targets = parse_targets(config.targets, template)
     for t in targets:
@@ -489,7 +513,9 @@ def check_inputs(config: EditConfig) -> tuple[Template, list[Target], list[Templ
         if beyond:
             raise PrunescopeError(f"target {t.describe()} names row {beyond[0]}, but the edit is fitted on "
                                   f"rows 1-{config.rows}; raise --rows or drop the row")
-    return template, targets, heldout_templates(template, config.heldout)
+    heldout = heldout_templates(template, config.heldout)
+    return template, targets, heldout, fit_templates(template, config.fit_rewordings, config.fit_template_files,
+                                                     heldout)
 
 
 def check_layers(layers: tuple[int, ...], n_layers: int) -> None:
@@ -526,18 +552,17 @@ def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str
     ``built``, when given, receives every edit: ``(kind, strength) -> Edit`` (vectors and
     directions, applied by hooks) or ``WeightEdit`` (weight deltas)."""
     t0 = time.perf_counter()
-    template, targets, heldout = check_inputs(config)
+    template, targets, heldout, fitted_on = check_inputs(config)
     n_layers = len(models.adapter_for(model).layers(model))
     layers = config.layers if config.layers is not None else default_layers(n_layers)
     check_layers(layers, n_layers)
     blocks, fit_windows, unrelated = _windows(tokenizer, config)
-    setting = _Setting(template, heldout, targets, blocks, fit_windows, unrelated)
+    setting = _Setting(template, heldout, fitted_on, targets, blocks, fit_windows, unrelated)
     if not setting.heldout:
         log.warning("no held-out rewordings of template %s: give --heldout FILE to measure generalization", template.name)
     # the contexts first: a target no fitted table reaches fails before minutes of measuring
-    contexts = fields.record_contexts(model, tokenizer, template, targets, config.rows, config.fit_tables,
-                                      config.seed, prompt_rows=config.measure_rows)
-    wanted = [torch.tensor(_target_of(f, targets).probs) for f in contexts.fields]
+    contexts = record_fit_contexts(model, tokenizer, config, setting, 0)
+    wanted = [torch.tensor(_target_of(f, targets).probs) for f in contexts[0].fields]
     log.info("measuring the unedited model")
     before = _measure(model, tokenizer, config, setting)
     setting.before = {k: v for k, v in before.fields.items() if k.startswith("row ")}
@@ -567,6 +592,7 @@ def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str
         model_name or config.model, template.name, config.targets, tuple(dict.fromkeys(t.key.label for t in targets)),
         tuple(layers), config.rows, config.measure_rows, tuple(t.name for t in setting.heldout), before,
         tuple(results), None if trace is None else dataclasses.asdict(trace), time.perf_counter() - t0,
+        tuple(t.name for t in fitted_on),
     )
 
 

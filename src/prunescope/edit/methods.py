@@ -123,24 +123,27 @@ class FitTrace:
 
 
 def fit(
-    model: nn.Module, contexts: fields.Contexts, targets: Sequence[torch.Tensor], layers: Sequence[int],
-    unrelated: torch.Tensor, steps: int = 30, lr: float = 0.03, kl_weight: float = 1.0,
-    max_norm: float = 0.5, recontext: Callable[[Edit, int], fields.Contexts] | None = None,
+    model: nn.Module, contexts: fields.Contexts | Sequence[fields.Contexts], targets: Sequence[torch.Tensor],
+    layers: Sequence[int], unrelated: torch.Tensor, steps: int = 30, lr: float = 0.03, kl_weight: float = 1.0,
+    max_norm: float = 0.5, recontext: Callable[[Edit, int], fields.Contexts | list[fields.Contexts]] | None = None,
     refresh_every: int = 10, reweight: bool = False,
 ) -> tuple[Edit, FitTrace]:
     """Fit one added vector per layer (see the module docstring).
 
     Args:
+        contexts: one template's recorded contexts, or several templates' (rewordings of one
+            table, the same targeted fields in the same order): the target term is then the
+            mean over templates of each one's KL, so no wording is matched at another's cost.
         targets: per field of ``contexts``, the ``[values]`` target distribution.
         unrelated: ``[n, L]`` token windows of unrelated text for the side-effect term.
         lr: Adam step as a fraction of each layer's median residual norm per unit vector.
         max_norm: bound on each vector's norm as a fraction of its layer's median residual norm.
-        recontext: ``(edit so far, refresh number) -> contexts`` recorded from tables the edited
-            model writes, called every ``refresh_every`` steps (and, with ``reweight``, as soon
-            as the weights' effective tables fall below ``REFRESH_EFFECTIVE``): the edit also
-            changes the cells written before the targeted one (the names before a gender), so
-            contexts from the unedited model alone would fit the targets on tables the edited
-            model never writes.
+        recontext: ``(edit so far, refresh number) -> contexts`` (as many templates as given)
+            recorded from tables the edited model writes, called every ``refresh_every`` steps
+            (and, with ``reweight``, as soon as the weights' effective tables fall below
+            ``REFRESH_EFFECTIVE``): the edit also changes the cells written before the targeted
+            one (the names before a gender), so contexts from the unedited model alone would fit
+            the targets on tables the edited model never writes.
         reweight: between refreshes, weight each table's context by how much more likely the
             edit so far makes it than the edit that wrote it (self-normalised importance
             weights ``p_now(context) / p_then(context)`` over the tokens the model drew), so the
@@ -159,17 +162,50 @@ def fit(
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.requires_grad_(False)  # the model is frozen; restored below
     try:
-        return _fit(model, contexts, targets, layers, unrelated,
+        return _fit(model, _listed(contexts), targets, layers, unrelated,
                     (steps, lr, kl_weight, max_norm, refresh_every, reweight), recontext, device, start)
     finally:
         for p in trainable:
             p.requires_grad_(True)
 
 
+def _listed(contexts: fields.Contexts | Sequence[fields.Contexts]) -> list[fields.Contexts]:
+    """One template's contexts as a list of one; several templates' as they are."""
+    return [contexts] if isinstance(contexts, fields.Contexts) else list(contexts)
+
+
+@dataclass
+class _Readout:
+    """What the fit keeps between steps about its current contexts (one entry per template,
+    then per field): the drawn tokens' log-probability under the edit that wrote them, and the
+    unedited model's share of cells holding none of the values."""
+
+    written_by: list[list[torch.Tensor]] | None = None
+    elsewhere: list[list[float]] | None = None
+
+
+def _target_term(model: nn.Module, contexts: list[fields.Contexts], targets: Sequence[torch.Tensor],
+                 kept: _Readout, reweight: bool) -> tuple[torch.Tensor, float]:
+    """The fit's target term (mean over templates of the KL summed over fields) with the edit as
+    applied now, and the importance weights' fewest effective tables of any template and field."""
+    reads = [fields.readout(model, c) for c in contexts]  # per template, per field: ([T, C], [T])
+    if kept.written_by is None:  # the vectors now are those the contexts were written with
+        kept.written_by = [[drawn.detach() for _p, drawn in read] for read in reads]
+    log_w = [[drawn - then for (_p, drawn), then in zip(read, wb)] for read, wb in zip(reads, kept.written_by)]
+    masses = [[fields.mass(p, w if reweight else None) for (p, _d), w in zip(read, lw)]
+              for read, lw in zip(reads, log_w)]  # per template, per field: [C]
+    if kept.elsewhere is None:
+        kept.elsewhere = [[float((1 - m.detach().sum()).clamp(0, 1)) for m in ms] for ms in masses]
+    per_template = [torch.stack([kl_to(*_with_elsewhere(t, m, e)) for t, m, e in zip(targets, ms, es)]).sum()
+                    for ms, es in zip(masses, kept.elsewhere)]
+    return torch.stack(per_template).mean(), min(fields.effective_tables(w) for lw in log_w for w in lw)
+
+
 def _fit(
-    model: nn.Module, contexts: fields.Contexts, targets: Sequence[torch.Tensor], layers: Sequence[int],
+    model: nn.Module, contexts: list[fields.Contexts], targets: Sequence[torch.Tensor], layers: Sequence[int],
     unrelated: torch.Tensor, options: tuple[int, float, float, float, int, bool],
-    recontext: Callable[[Edit, int], fields.Contexts] | None, device: torch.device, start: float,
+    recontext: Callable[[Edit, int], fields.Contexts | list[fields.Contexts]] | None, device: torch.device,
+    start: float,
 ) -> tuple[Edit, FitTrace]:
     import time
 
@@ -183,8 +219,7 @@ def _fit(
     with torch.no_grad():
         reference = torch.log_softmax(model(input_ids=unrelated.to(device)).logits.float(), dim=-1)  # [n, L, V]
     target_kl, unrelated_kl, effective = [], [], []
-    written_by: list[torch.Tensor] | None = None  # per field [tables]: log p of the drawn contexts when written
-    elsewhere: list[float] | None = None
+    kept = _Readout()
     refreshed, since = [], 0
     for _step in tqdm(range(steps), desc="fit", unit="step", leave=False):
         degenerate = effective[-1] if reweight and effective else None
@@ -192,18 +227,12 @@ def _fit(
             refreshed.append(_step + 1)
             since = 0
             with torch.no_grad():
-                contexts = recontext(Edit([LayerEdit(i, add=vectors[i].detach()) for i in layers]), len(refreshed))
-            written_by = None
+                contexts = _listed(recontext(Edit([LayerEdit(i, add=vectors[i].detach()) for i in layers]),
+                                             len(refreshed)))
+            kept.written_by = None  # the elsewhere shares stay the unedited model's
         since += 1
         with applied(model, edit):
-            read = fields.readout(model, contexts)
-            if written_by is None:  # the vectors now are those the contexts were written with
-                written_by = [drawn.detach() for _p, drawn in read]
-            log_w = [drawn - then for (_p, drawn), then in zip(read, written_by)]
-            masses = [fields.mass(p, w if reweight else None) for (p, _d), w in zip(read, log_w)]
-            if elsewhere is None:  # the unedited model's share of cells holding none of the values
-                elsewhere = [float((1 - m.detach().sum()).clamp(0, 1)) for m in masses]
-            tkl = torch.stack([kl_to(*_with_elsewhere(t, m, e)) for t, m, e in zip(targets, masses, elsewhere)]).sum()
+            tkl, fewest = _target_term(model, contexts, targets, kept, reweight)
             ukl = next_token_kl(reference, model(input_ids=unrelated.to(device)).logits) if kl_weight \
                 else torch.zeros((), device=device)
         loss = tkl + kl_weight * ukl
@@ -218,9 +247,9 @@ def _fit(
                     vectors[i].mul_(bound / n)
         target_kl.append(float(tkl.detach()))
         unrelated_kl.append(float(ukl.detach()))
-        effective.append(min(fields.effective_tables(w) for w in log_w))
+        effective.append(fewest)
         log.info("fit step %d: target KL %.4f, unrelated KL %.5f, effective tables %.1f of %d", _step + 1,
-                 target_kl[-1], unrelated_kl[-1], effective[-1], min(len(f.suffixes) for f in contexts.fields))
+                 target_kl[-1], unrelated_kl[-1], effective[-1], _fewest_tables(contexts))
     fitted = Edit([LayerEdit(i, add=vectors[i].detach().clone()) for i in layers])
     return fitted, FitTrace(tuple(target_kl), tuple(unrelated_kl), time.perf_counter() - start, tuple(effective),
                             tuple(refreshed), reweight)
@@ -236,33 +265,41 @@ def _with_elsewhere(target: torch.Tensor, mass: torch.Tensor, elsewhere: float) 
     return t, q
 
 
-def _due(since: int, every: int, effective: float | None, contexts: fields.Contexts) -> bool:
+def _fewest_tables(contexts: list[fields.Contexts]) -> int:
+    """The fewest recorded tables any template's field has."""
+    return min(len(f.suffixes) for c in contexts for f in c.fields)
+
+
+def _due(since: int, every: int, effective: float | None, contexts: list[fields.Contexts]) -> bool:
     """Whether the fit re-records its contexts now: ``every`` steps after the last recording, or
     sooner when the importance weights have degenerated (``effective`` tables below
     ``REFRESH_EFFECTIVE`` of the fewest any field has: a handful of contexts would stand for all)."""
-    fewest = min(len(f.suffixes) for f in contexts.fields)
-    return since >= every or (effective is not None and effective < REFRESH_EFFECTIVE * fewest)
+    return since >= every or (effective is not None and effective < REFRESH_EFFECTIVE * _fewest_tables(contexts))
 
 
 @torch.no_grad()
 def contrast(
-    model: nn.Module, contexts: fields.Contexts, targets: Sequence[torch.Tensor], layers: Sequence[int],
+    model: nn.Module, contexts: fields.Contexts | Sequence[fields.Contexts], targets: Sequence[torch.Tensor],
+    layers: Sequence[int],
 ) -> dict[int, torch.Tensor]:
-    """Per layer, ``[hidden]`` mean over tables and fields of the residual after the value's
-    last token weighted by the target minus weighted by the model's own marginal."""
-    own = [q.detach() for q in fields.marginals(model, contexts)]
+    """Per layer, ``[hidden]`` mean over templates and tables (summed over fields) of the
+    residual after the value's last token weighted by the target minus weighted by the model's
+    own marginal."""
+    listed = _listed(contexts)
     device = models.input_device(model)
     out = {i: torch.zeros(model.config.hidden_size, device=device) for i in layers}
-    cache, start = fields.prompt_cache(model, contexts.prompt)
     decoder = _decoder_layers(model, layers)
-    for field, target, q in zip(contexts.fields, targets, own):
-        weights = (target.to(q) - q)  # [C]: wanted minus preferred
-        seqs = [s + per_value[0] for s in field.suffixes for per_value in field.continuations]
-        last = _states_at_last_token(model, cache, start, seqs, decoder, inputs=False)  # i -> [T*C, hidden]
-        values = len(field.continuations)
-        for i in layers:
-            per = last[i].view(len(field.suffixes), values, -1)  # [T, C, hidden]
-            out[i] += (weights[None, :, None].to(per) * per).sum(1).mean(0)
+    for one in listed:
+        own = [q.detach() for q in fields.marginals(model, one)]
+        cache, start = fields.prompt_cache(model, one.prompt)
+        for field, target, q in zip(one.fields, targets, own):
+            weights = (target.to(q) - q)  # [C]: wanted minus preferred
+            seqs = [s + per_value[0] for s in field.suffixes for per_value in field.continuations]
+            last = _states_at_last_token(model, cache, start, seqs, decoder, inputs=False)  # i -> [T*C, hidden]
+            values = len(field.continuations)
+            for i in layers:
+                per = last[i].view(len(field.suffixes), values, -1)  # [T, C, hidden]
+                out[i] += (weights[None, :, None].to(per) * per).sum(1).mean(0) / len(listed)
     return out
 
 
@@ -297,12 +334,12 @@ class WeightEdit:
 
 @torch.no_grad()
 def weight_edit(
-    model: nn.Module, contexts: fields.Contexts, vectors: dict[int, torch.Tensor], unrelated: torch.Tensor,
-    null: bool = False, damp: float = 1e-2, null_fraction: float = 1e-2,
+    model: nn.Module, contexts: fields.Contexts | Sequence[fields.Contexts], vectors: dict[int, torch.Tensor],
+    unrelated: torch.Tensor, null: bool = False, damp: float = 1e-2, null_fraction: float = 1e-2,
 ) -> WeightEdit:
     """Rank-one ``delta = v u^T`` per layer with ``u^T k_f = 1`` for the mean key ``k_f`` of every
-    targeted field ``f`` (the writer's input at the field's last context token): the writer adds
-    ``v`` at each targeted cell.
+    targeted field ``f`` (the writer's input at the field's last context token, over the tables
+    of every template in ``contexts``): the writer adds ``v`` at each targeted cell.
 
     ROME's metric: ``u = C^-1 K (K^T C^-1 K)^-1 1``, ``C`` the (dampened) second moment of the
     writer's input over ``unrelated`` text: the smallest change of other keys' outputs on
@@ -334,16 +371,22 @@ def weight_edit(
     return WeightEdit(deltas)
 
 
-def _field_keys(model: nn.Module, contexts: fields.Contexts, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-    """Per layer, ``[inter, fields]``: each field's mean MLP writer input at its last context token."""
-    out: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
-    cache, start = fields.prompt_cache(model, contexts.prompt)
+def _field_keys(model: nn.Module, contexts: fields.Contexts | Sequence[fields.Contexts],
+                layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Per layer, ``[inter, fields]``: each field's MLP writer input at its last context token,
+    averaged over tables and templates."""
+    listed = _listed(contexts)
+    per_template: list[dict[int, torch.Tensor]] = []
     writers = _mlp_writers(model, layers)
-    for field in contexts.fields:
-        last = _states_at_last_token(model, cache, start, list(field.suffixes), writers, inputs=True)  # [T, inter]
-        for i in layers:
-            out[i].append(last[i].mean(0))
-    return {i: torch.stack(v, dim=1) for i, v in out.items()}
+    for one in listed:
+        keys: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+        cache, start = fields.prompt_cache(model, one.prompt)
+        for field in one.fields:
+            last = _states_at_last_token(model, cache, start, list(field.suffixes), writers, inputs=True)  # [T, inter]
+            for i in layers:
+                keys[i].append(last[i].mean(0))
+        per_template.append({i: torch.stack(v, dim=1) for i, v in keys.items()})  # i -> [inter, F]
+    return {i: torch.stack([k[i] for k in per_template]).mean(0) for i in layers}
 
 
 def _key_covariance(model: nn.Module, windows: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:

@@ -1,9 +1,12 @@
-"""Held-out rewordings of a template: does an edit fitted on one prompt hold on others?
+"""Rewordings of a template: held out (does an edit fitted on one prompt hold on others?) and
+for fitting (an edit fitted on several wordings has less room to learn one prompt alone).
 
 An edit fitted on one prompt may only have learnt that prompt. Each rewording asks for the same
-table (same columns, same value grammar, same number of rows) in clearly different words, and is
-never used for fitting; the target distance measured on them is the report's generalization
-figure. Built-in templates ship their rewordings here; a user template brings its own files.
+table (same columns, same value grammar, same number of rows) in clearly different words. The
+held-out ones are never used for fitting; the target distance measured on them is the report's
+generalization figure. The fit rewordings are a separate set, worded apart from the held-out
+ones, that ``--fit-rewordings`` adds to the fit's contexts. Built-in templates ship both sets
+here; a user template brings its own files.
 """
 
 from __future__ import annotations
@@ -28,6 +31,17 @@ REWORDINGS: dict[str, tuple[str, ...]] = {
         "them as a markdown table and answer with that table alone.\n{table}",
         "I need sample data for a test. Please invent {rows} random people and show their Name, "
         "Gender and Age in a markdown table, with no other text.\n{table}",
+    ),
+}
+
+FIT_REWORDINGS: dict[str, tuple[str, ...]] = {
+    "people": (
+        "Write a markdown table listing {rows} randomly generated people. Use the columns Name, "
+        "Gender and Age, and print only the table.\n{table}",
+        "Invent {rows} people at random. For each one, state the Name, the Gender and the Age as a "
+        "row of a markdown table. Return the table without any commentary.\n{table}",
+        "Produce random example data: a markdown table of {rows} persons with a Name, a Gender and "
+        "an Age each. The answer must contain the table and nothing more.\n{table}",
     ),
 }
 
@@ -64,28 +78,30 @@ def _column_text(col: Column | None) -> str:
     return f"{col.name} (text)"
 
 
-def _builtin_rewordings(template: Template) -> list[Template]:
-    """The shipped rewordings of a built-in template, only if ``template`` has its columns."""
-    prompts = REWORDINGS.get(template.name, ())
+def _builtin_rewordings(template: Template, shipped: dict[str, tuple[str, ...]] = REWORDINGS,
+                        label: str = "reworded") -> list[Template]:
+    """The ``shipped`` rewordings of a built-in template (named ``NAME/LABEL-i``), only if
+    ``template`` has its columns."""
+    prompts = shipped.get(template.name, ())
     if not prompts or template.name not in BUILTIN_TEMPLATES:
         return []
     if column_mismatch(load_template(template.name).columns, template.columns) is not None:
         log.debug("template %s is not the built-in one (its columns differ): no built-in rewordings", template.name)
         return []
-    return [Template(f"{template.name}/reworded-{i}", prompt, template.columns) for i, prompt in enumerate(prompts, 1)]
+    return [Template(f"{template.name}/{label}-{i}", prompt, template.columns) for i, prompt in enumerate(prompts, 1)]
 
 
-def _from_file(path: Path, template: Template) -> Template:
-    """A held-out template file, checked to have ``template``'s columns; named by its path."""
+def _from_file(path: Path, template: Template, role: str = "held-out") -> Template:
+    """A ``role`` template file, checked to have ``template``'s columns; named by its path."""
     if not path.is_file():
-        raise PrunescopeError(f"held-out template file {path} does not exist; pass a .yaml, .yml or .json template")
+        raise PrunescopeError(f"{role} template file {path} does not exist; pass a .yaml, .yml or .json template")
     loaded = load_template(path)
     diff = column_mismatch(template.columns, loaded.columns)
     if diff is not None:
         raise PrunescopeError(
-            f"held-out template {path}: its columns must be those of template {template.name}; {diff}"
+            f"{role} template {path}: its columns must be those of template {template.name}; {diff}"
         )
-    if loaded.prompt.strip() == template.prompt.strip():
+    if role == "held-out" and loaded.prompt.strip() == template.prompt.strip():
         log.warning("held-out template %s has the same prompt as %s: it is not held out", path, template.name)
     return replace(loaded, name=str(path))
 
@@ -95,3 +111,23 @@ def heldout_templates(template: Template, files: Sequence[Path] = ()) -> list[Te
     then one per file in ``files`` (each must have exactly ``template``'s columns). An empty list
     when there are none; the caller decides whether to warn."""
     return _builtin_rewordings(template) + [_from_file(Path(f), template) for f in files]
+
+
+def fit_templates(template: Template, count: int = 0, files: Sequence[Path] = (),
+                  heldout: Sequence[Template] = ()) -> list[Template]:
+    """The templates the fit reads its contexts from: ``template`` itself, the first ``count``
+    shipped fit rewordings of a built-in template, then one per file in ``files`` (each with
+    ``template``'s columns). A fit template whose prompt is one of ``heldout``'s is refused: the
+    held-out figure would then measure a fitted prompt."""
+    shipped = _builtin_rewordings(template, FIT_REWORDINGS, "fit")
+    if count > len(shipped):
+        have = f"{len(shipped)} shipped fit rewordings" if shipped else "no shipped fit rewordings"
+        raise PrunescopeError(f"--fit-rewordings {count}: template {template.name} has {have}; give at most "
+                              f"{len(shipped)} or bring your own with --fit-template FILE")
+    out = [template, *shipped[:count], *(_from_file(Path(f), template, "fit") for f in files)]
+    held = {t.prompt.strip(): t.name for t in heldout}
+    for t in out:
+        if t.prompt.strip() in held:
+            raise PrunescopeError(f"fit template {t.name} has the prompt of held-out template "
+                                  f"{held[t.prompt.strip()]}; a template cannot be both fitted on and held out")
+    return out

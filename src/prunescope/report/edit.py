@@ -61,7 +61,8 @@ def render_markdown(report: "EditReport") -> str:
         f"# prunescope edit: {report.model}",
         f"Template `{report.template}`, targets {', '.join(f'`{t}`' for t in report.targets)}, "
         f"edited layers {list(report.layers)}, {report.rows} fitted row(s), measured on "
-        f"{report.measure_rows} rows; held-out templates: {', '.join(report.heldout_templates) or 'none'}. "
+        f"{report.measure_rows} rows; fitted on templates: {', '.join(report.fit_templates) or report.template}; "
+        f"held-out templates: {', '.join(report.heldout_templates) or 'none'}. "
         f"{report.seconds:.0f} s in all.",
         "Target JS is the mean Jensen-Shannon distance (base 2, 0 = the target exactly) between each "
         "targeted field's exact distribution and its target, on the fitted rows of the training "
