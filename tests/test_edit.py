@@ -226,6 +226,7 @@ def test_cli_reweighting_is_off_unless_asked_for():
         (["--target", "Gender=uniform", "--fit-rewordings", "4"], "has 3 shipped fit rewordings"),
         (["--target", "Gender=uniform", "--fit-rewordings", "-1"], "fit-rewordings must be an integer >= 0"),
         (["--target", "Gender=uniform", "--fit-rewordings", "2", "--fit-tables", "2"], "at least one table per template"),
+        (["--target", "Gender=uniform", "--fit-tables", "3"], "over the 4 fit templates (people, people/fit-1"),
     ],
 )
 def test_cli_edit_bad_input(digit_model_dir, tmp_path, capsys, args, message):
@@ -346,7 +347,7 @@ def test_match_ppl_measures_each_kind_at_the_matched_change(digit_model_dir, tmp
     text = _unrelated_text(tmp_path)
     out = tmp_path / "out"
     rc = cli.main(["-q", "edit", str(digit_model_dir), "--target", "Gender=uniform", "--method", "fit,caa",
-                   "--layers", "0-1", "--steps", "2", "--fit-tables", "3", "--measure-tables", "3",
+                   "--layers", "0-1", "--steps", "2", "--fit-tables", "4", "--measure-tables", "3",
                    "--match-ppl", "1,3", "--eval-text", str(text), "--eval-tokens", "512", "--eval-seqlen", "16",
                    "--out", str(out)])
     assert rc == 0
@@ -356,6 +357,8 @@ def test_match_ppl_measures_each_kind_at_the_matched_change(digit_model_dir, tmp
         change, goal = 100 * (r["ppl_after"] / r["ppl_before"] - 1), r["matched_ppl_change"]
         assert abs(change - goal) <= goal / 10 or r["strength"] == 64 * min(job.DEFAULT_STRENGTHS[r["kind"]])
     assert "matched +1% ppl" in (out / "report.md").read_text()
+    # by default the fit reads every rewording the template ships for fitting
+    assert len(json.loads((out / "report.json").read_text())["fit_templates"]) == 4
 
 
 def test_other_fields_leave_out_fields_rarely_reached():

@@ -6,8 +6,8 @@ same measurements with the edit applied by hooks (or, for ``weight``, by the cha
 plus the side effects: perplexity on the evaluation text, KL and top-1 agreement of next-token
 distributions against the original on unrelated text, and the change of the fields no target
 names. Every kind is built from the same recorded contexts: tables written on the training
-template, and with ``fit_rewordings`` / ``fit_template_files`` also on rewordings of it (never
-the held-out ones).
+template and the rewordings of it shipped for fitting (``fit_rewordings``: all of them unless
+told otherwise) and given (``fit_template_files``), never the held-out ones.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class EditConfig(models.Placement):
     max_norm: float = 0.5
     match_ppl: tuple[float, ...] = ()
     heldout: tuple[Path, ...] = ()
-    fit_rewordings: int = 0
+    fit_rewordings: int | None = None  # None: every rewording the template ships for fitting
     fit_template_files: tuple[Path, ...] = ()
     eval_text: str = data.DEFAULT_TEXT
     eval_tokens: int = 8192
@@ -90,12 +90,8 @@ class EditConfig(models.Placement):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise PrunescopeError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.fit_rewordings, int) or self.fit_rewordings < 0:
+        if self.fit_rewordings is not None and (not isinstance(self.fit_rewordings, int) or self.fit_rewordings < 0):
             raise PrunescopeError(f"fit-rewordings must be an integer >= 0, got {self.fit_rewordings!r}")
-        templates = 1 + self.fit_rewordings + len(self.fit_template_files)
-        if self.fit_tables < templates:
-            raise PrunescopeError(f"fit-tables ({self.fit_tables}) are spread over the {templates} fit templates; "
-                                  f"give at least one table per template")
         if self.measure_rows < self.rows:
             raise PrunescopeError(f"measure-rows ({self.measure_rows}) must be at least rows ({self.rows})")
         for name in ("lr", "kl_weight", "max_norm"):
@@ -514,8 +510,12 @@ def check_inputs(config: EditConfig) -> tuple[Template, list[Target], list[Templ
             raise PrunescopeError(f"target {t.describe()} names row {beyond[0]}, but the edit is fitted on "
                                   f"rows 1-{config.rows}; raise --rows or drop the row")
     heldout = heldout_templates(template, config.heldout)
-    return template, targets, heldout, fit_templates(template, config.fit_rewordings, config.fit_template_files,
-                                                     heldout)
+    fitted_on = fit_templates(template, config.fit_rewordings, config.fit_template_files, heldout)
+    if config.fit_tables < len(fitted_on):
+        raise PrunescopeError(f"fit-tables ({config.fit_tables}) are spread over the {len(fitted_on)} fit templates "
+                              f"({', '.join(t.name for t in fitted_on)}); give at least one table per template "
+                              f"or fewer --fit-rewordings")
+    return template, targets, heldout, fitted_on
 
 
 def check_layers(layers: tuple[int, ...], n_layers: int) -> None:

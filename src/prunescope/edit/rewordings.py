@@ -5,7 +5,8 @@ An edit fitted on one prompt may only have learnt that prompt. Each rewording as
 table (same columns, same value grammar, same number of rows) in clearly different words. The
 held-out ones are never used for fitting; the target distance measured on them is the report's
 generalization figure. The fit rewordings are a separate set, worded apart from the held-out
-ones, that ``--fit-rewordings`` adds to the fit's contexts. Built-in templates ship both sets
+ones, that the fit reads contexts from as well (all of them unless ``--fit-rewordings`` says
+fewer). Built-in templates ship both sets
 here; a user template brings its own files.
 """
 
@@ -113,13 +114,14 @@ def heldout_templates(template: Template, files: Sequence[Path] = ()) -> list[Te
     return _builtin_rewordings(template) + [_from_file(Path(f), template) for f in files]
 
 
-def fit_templates(template: Template, count: int = 0, files: Sequence[Path] = (),
+def fit_templates(template: Template, count: int | None = None, files: Sequence[Path] = (),
                   heldout: Sequence[Template] = ()) -> list[Template]:
     """The templates the fit reads its contexts from: ``template`` itself, the first ``count``
-    shipped fit rewordings of a built-in template, then one per file in ``files`` (each with
+    (None: all) shipped fit rewordings of a built-in template, then one per file in ``files`` (each with
     ``template``'s columns). A fit template whose prompt is one of ``heldout``'s is refused: the
     held-out figure would then measure a fitted prompt."""
     shipped = _builtin_rewordings(template, FIT_REWORDINGS, "fit")
+    count = len(shipped) if count is None else count
     if count > len(shipped):
         have = f"{len(shipped)} shipped fit rewordings" if shipped else "no shipped fit rewordings"
         raise PrunescopeError(f"--fit-rewordings {count}: template {template.name} has {have}; give at most "
