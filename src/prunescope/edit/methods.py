@@ -5,8 +5,9 @@
   ``sum_fields KL(target || exact marginal) + kl_weight * KL(original || edited)`` of the
   next-token distributions on unrelated text, each vector's norm kept under a bound; each
   field's distribution has one more outcome, "none of the values" (the cell written some other
-  way), held at the unedited model's share (:func:`_with_elsewhere`). The marginals are read
-  on contexts recorded from tables the edited model wrote, re-recorded every few steps; with
+  way), held at the unedited model's share (:func:`_with_elsewhere`); with several templates
+  (rewordings of one table) the mean of each one's KL. The marginals are read on contexts
+  recorded from tables the edited model wrote, re-recorded every few steps; with
   ``reweight`` also importance-weighted by how much likelier the edit so far makes them
   (re-recorded as soon as the weights degenerate).
 * ``caa``: contrastive activation addition: per chosen layer, the mean residual after the value

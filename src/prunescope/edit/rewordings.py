@@ -6,8 +6,7 @@ table (same columns, same value grammar, same number of rows) in clearly differe
 held-out ones are never used for fitting; the target distance measured on them is the report's
 generalization figure. The fit rewordings are a separate set, worded apart from the held-out
 ones, that the fit reads contexts from as well (all of them unless ``--fit-rewordings`` says
-fewer). Built-in templates ship both sets
-here; a user template brings its own files.
+fewer). Built-in templates ship both sets here; a user template brings its own files.
 """
 
 from __future__ import annotations
@@ -117,9 +116,9 @@ def heldout_templates(template: Template, files: Sequence[Path] = ()) -> list[Te
 def fit_templates(template: Template, count: int | None = None, files: Sequence[Path] = (),
                   heldout: Sequence[Template] = ()) -> list[Template]:
     """The templates the fit reads its contexts from: ``template`` itself, the first ``count``
-    (None: all) shipped fit rewordings of a built-in template, then one per file in ``files`` (each with
-    ``template``'s columns). A fit template whose prompt is one of ``heldout``'s is refused: the
-    held-out figure would then measure a fitted prompt."""
+    (None: all) shipped fit rewordings of a built-in template, then one per file in ``files``
+    (each with ``template``'s columns). A fit template whose prompt is one of ``heldout``'s is
+    refused: the held-out figure would then measure a fitted prompt."""
     shipped = _builtin_rewordings(template, FIT_REWORDINGS, "fit")
     count = len(shipped) if count is None else count
     if count > len(shipped):
