@@ -225,7 +225,7 @@ def test_cli_reweighting_is_off_unless_asked_for():
         (["--target", "Gender=uniform", "--match-ppl", "two"], "--match-ppl 'two': expected comma-separated numbers"),
         (["--target", "Gender=uniform", "--fit-rewordings", "4"], "has 3 shipped fit rewordings"),
         (["--target", "Gender=uniform", "--fit-rewordings", "-1"], "fit-rewordings must be an integer >= 0"),
-        (["--target", "Gender=uniform", "--fit-rewordings", "2", "--fit-tables", "2"], "at least one table per template"),
+        (["--target", "Gender=uniform", "--fit-rewordings", "2", "--fit-tables", "2"], "give --fit-tables 3 or more"),
         (["--target", "Gender=uniform", "--fit-tables", "3"], "over the 4 fit templates (people, people/fit-1"),
     ],
 )
@@ -397,6 +397,11 @@ def test_fit_templates_are_the_template_then_its_fit_rewordings(people, tmp_path
                                             {"name": "Age", "type": "digits", "min_length": 1, "max_length": 3}]}))
     with pytest.raises(PrunescopeError, match="both fitted on and held out"):
         fit_templates(people, 0, [copy], heldout)
+    own = tmp_path / "own.yaml"
+    own.write_text(copy.read_text().replace(json.dumps(heldout[0].prompt)[1:-1], "List {rows} people.\\n{table}"))
+    assert [t.name for t in fit_templates(people, 1, [own], heldout)] == ["people", "people/fit-1", str(own)]
+    with pytest.raises(PrunescopeError, match="fit template file .*missing.yaml does not exist"):
+        fit_templates(people, 0, [tmp_path / "missing.yaml"])
 
 
 def test_fit_on_several_templates_averages_their_target_terms(dtok, people):
@@ -450,4 +455,54 @@ def test_fit_contexts_spread_the_tables_and_keep_the_templates_seeds(dtok, peopl
     alone = fields.record_contexts(model, dtok, people, targets, 1, 2, config.seed, prompt_rows=config.measure_rows)
     assert got[0].prompt == alone.prompt
     assert got[0].fields[0].suffixes == alone.fields[0].suffixes and got[0].fields[0].sampled == alone.fields[0].sampled
-    assert got[1].prompt != got[0].prompt != got[2].prompt
+    assert len({c.prompt for c in got}) == 3
+    seeds = [job.fit_seed(0, r, j) for r in range(25) for j in range(4)]
+    assert len(set(seeds)) == len(seeds) and job.MEASURE_SEED not in seeds  # never the measured tables
+    assert seeds[:2] == [0, 1] and job.fit_seed(0, 1, 0) == 100  # the seeds of the runs before rewordings
+
+
+def test_a_fit_template_no_table_reached_is_named(dtok, people, monkeypatch):
+    from prunescope.errors import PrunescopeError
+
+    config = job.EditConfig(targets=("Age.digit3=uniform",), fit_tables=4, fit_rewordings=1)
+    template, targets, heldout, fitted_on = job.check_inputs(config)
+    setting = job._Setting(template, heldout, fitted_on, targets, torch.empty(0), torch.empty(0), torch.empty(0))
+
+    def record(model, tokenizer, t, *args, **kwargs):
+        if t.name == "people/fit-1":
+            raise PrunescopeError("none of the 2 tables written for fitting reached Age digit 3 at row 1")
+        return "contexts"
+
+    monkeypatch.setattr(fields, "record_contexts", record)
+    with pytest.raises(PrunescopeError, match="^fit template people/fit-1: none of the 2 tables"):
+        job.record_fit_contexts(None, dtok, config, setting, 0)
+
+
+def test_fit_on_several_templates_refreshes_them_all_and_checks_their_fields(dtok, people):
+    """A refresh re-records every template; a recontext that returns other fields is refused."""
+    from prunescope.edit.rewordings import fit_templates
+
+    model = digit_model(dtok, seed=2)
+    targets = _targets(people, "Age.digit1=3:1", "Gender=uniform")
+    wanted = [torch.tensor(t.probs) for t in targets]
+    templates = fit_templates(people, 1)
+
+    def record(seed, which=targets):
+        return [fields.record_contexts(model, dtok, t, which, 1, 2, seed + j, 2) for j, t in enumerate(templates)]
+
+    calls = []
+
+    def recontext(edit, refresh):
+        calls.append(refresh)
+        with applied(model, edit):
+            return record(100 * refresh)
+
+    edit, trace = methods.fit(model, record(0), wanted, [0, 1], torch.randint(0, 300, (2, 16)), steps=4, lr=0.2,
+                              recontext=recontext, refresh_every=2)
+    assert calls == [1] and trace.refreshed_before == (3,) and len(trace.target_kl) == 4
+    assert all(torch.isfinite(e.add).all() for e in edit.layers)
+    with pytest.raises(ValueError, match="other templates or fields"):
+        methods.fit(model, record(0), wanted, [0], torch.randint(0, 300, (2, 16)), steps=2,
+                    recontext=lambda e, r: record(7, targets[::-1]), refresh_every=1)
+    with pytest.raises(ValueError, match="record different fields"):
+        methods.fit(model, [record(0)[0], record(0, targets[::-1])[1]], wanted, [0], torch.randint(0, 300, (2, 16)))

@@ -60,7 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--fit-rewordings", type=int, default=None, metavar="K",
                         help="also fit on the first K rewordings the built-in template ships for fitting (people: "
                         "3; never the held-out ones): the fit's target term is then the mean over the templates, "
-                        "so the edit cannot learn one prompt alone (default: all it ships; 0: the template only)")
+                        "fitting the wordings together rather than one prompt (default: all it ships; 0: the "
+                        "template only)")
     parser.add_argument("--fit-template", type=Path, action="append", default=[], metavar="FILE",
                         help="a reworded template to fit on as well (repeatable; same columns as --template)")
     parser.add_argument("--measure-tables", type=int, default=32, help="tables per measurement (default 32)")

@@ -45,6 +45,7 @@ DEFAULT_STRENGTHS = {"fit": (0.5, 1.0), "caa": (0.05, 0.2), "ablate": (1.0, 2.0)
 MIN_REACH = 0.05  # other fields reached less often than this are left out of other_fields_js
 MATCH_DOUBLINGS = 6  # a kind's matched strength is searched up to 2**6 x its smallest default strength
 MATCH_HALVINGS = 8
+MEASURE_SEED = 1000  # the measured tables' seed offset; no fit recording ever uses it (fit_seed)
 
 
 @dataclass(frozen=True)
@@ -318,7 +319,7 @@ def _others_js(before: dict, after: dict, targets: list[Target]) -> float | None
 @torch.no_grad()
 def _measure(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting) -> Measurement:
     start = time.perf_counter()
-    seed = config.seed + 1000  # tables not used for fitting
+    seed = config.seed + MEASURE_SEED  # tables not used for fitting (fit_seed never gives it)
     main = _field_distributions(model, tokenizer, setting.template, config.measure_rows, config.measure_tables, seed,
                                 config.measure_rows)
     heldout = [_field_distributions(model, tokenizer, t, config.rows, config.measure_tables, seed, config.measure_rows)
@@ -485,17 +486,30 @@ def save_edited(model: nn.Module, tokenizer, edit: Edit | methods.WeightEdit, fo
     return diff
 
 
+def fit_seed(seed: int, refresh: int, template: int) -> int:
+    """The seed of fit template ``template``'s tables at recording ``refresh`` (0: the first):
+    ``seed + 100 * refresh + template``, moved past the measurement's seed once the offset
+    reaches it (ten refreshes and more), so the fit never reads the tables it is measured on."""
+    offset = 100 * refresh + template
+    return seed + offset + (100 * MEASURE_SEED if offset >= MEASURE_SEED else 0)
+
+
 def record_fit_contexts(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting,
                         refresh: int) -> list[fields.Contexts]:
     """The fit's contexts from tables ``model`` writes (the edit so far applied by the caller),
     one entry per fit template: ``config.fit_tables`` tables spread evenly over them, each
-    template on its own seeds (``refresh`` 0 is the first recording; the training template's
-    seeds are those of a fit on it alone)."""
+    template on its own seeds (:func:`fit_seed`; the training template's are those a fit on it
+    alone uses)."""
     n = len(setting.fitted_on)
     shares = [config.fit_tables // n + (j < config.fit_tables % n) for j in range(n)]
-    return [fields.record_contexts(model, tokenizer, t, setting.targets, config.rows, tables,
-                                   config.seed + 100 * refresh + j, prompt_rows=config.measure_rows)
-            for j, (t, tables) in enumerate(zip(setting.fitted_on, shares))]
+    out = []
+    for j, (t, tables) in enumerate(zip(setting.fitted_on, shares)):
+        try:
+            out.append(fields.record_contexts(model, tokenizer, t, setting.targets, config.rows, tables,
+                                              fit_seed(config.seed, refresh, j), prompt_rows=config.measure_rows))
+        except PrunescopeError as exc:
+            raise PrunescopeError(f"fit template {t.name}: {exc}") from exc
+    return out
 
 
 def check_inputs(config: EditConfig) -> tuple[Template, list[Target], list[Template], list[Template]]:
@@ -513,8 +527,8 @@ def check_inputs(config: EditConfig) -> tuple[Template, list[Target], list[Templ
     fitted_on = fit_templates(template, config.fit_rewordings, config.fit_template_files, heldout)
     if config.fit_tables < len(fitted_on):
         raise PrunescopeError(f"fit-tables ({config.fit_tables}) are spread over the {len(fitted_on)} fit templates "
-                              f"({', '.join(t.name for t in fitted_on)}); give at least one table per template "
-                              f"or fewer --fit-rewordings")
+                              f"({', '.join(t.name for t in fitted_on)}); give --fit-tables {len(fitted_on)} or "
+                              f"more, or fewer --fit-rewordings / --fit-template")
     return template, targets, heldout, fitted_on
 
 

@@ -133,8 +133,9 @@ def fit(
 
     Args:
         contexts: one template's recorded contexts, or several templates' (rewordings of one
-            table, the same targeted fields in the same order): the target term is then the
-            mean over templates of each one's KL, so no wording is matched at another's cost.
+            table, the same targeted fields in the same order, else ValueError): the target
+            term is then the mean over templates of each one's KL, not the KL of one pooled
+            marginal, where one wording's excess of a value could cancel another's shortfall.
         targets: per field of ``contexts``, the ``[values]`` target distribution.
         unrelated: ``[n, L]`` token windows of unrelated text for the side-effect term.
         lr: Adam step as a fraction of each layer's median residual norm per unit vector.
@@ -186,9 +187,10 @@ class _Readout:
 
 
 def _target_term(model: nn.Module, contexts: list[fields.Contexts], targets: Sequence[torch.Tensor],
-                 kept: _Readout, reweight: bool) -> tuple[torch.Tensor, float]:
+                 kept: _Readout, reweight: bool) -> tuple[torch.Tensor, float, float]:
     """The fit's target term (mean over templates of the KL summed over fields) with the edit as
-    applied now, and the importance weights' fewest effective tables of any template and field."""
+    applied now; the importance weights' fewest effective tables of any template and field, and
+    the smallest share of its recorded tables any template's field keeps effective."""
     reads = [fields.readout(model, c) for c in contexts]  # per template, per field: ([T, C], [T])
     if kept.written_by is None:  # the vectors now are those the contexts were written with
         kept.written_by = [[drawn.detach() for _p, drawn in read] for read in reads]
@@ -199,7 +201,10 @@ def _target_term(model: nn.Module, contexts: list[fields.Contexts], targets: Seq
         kept.elsewhere = [[float((1 - m.detach().sum()).clamp(0, 1)) for m in ms] for ms in masses]
     per_template = [torch.stack([kl_to(*_with_elsewhere(t, m, e)) for t, m, e in zip(targets, ms, es)]).sum()
                     for ms, es in zip(masses, kept.elsewhere)]
-    return torch.stack(per_template).mean(), min(fields.effective_tables(w) for lw in log_w for w in lw)
+    effective = [fields.effective_tables(w) for lw in log_w for w in lw]
+    recorded = [len(f.suffixes) for c in contexts for f in c.fields]
+    return (torch.stack(per_template).mean(), min(effective),
+            min(e / n for e, n in zip(effective, recorded, strict=True)))
 
 
 def _fit(
@@ -221,19 +226,21 @@ def _fit(
         reference = torch.log_softmax(model(input_ids=unrelated.to(device)).logits.float(), dim=-1)  # [n, L, V]
     target_kl, unrelated_kl, effective = [], [], []
     kept = _Readout()
-    refreshed, since = [], 0
+    refreshed, since, share = [], 0, 1.0
+    layout = _check_aligned(contexts, targets)
     for _step in tqdm(range(steps), desc="fit", unit="step", leave=False):
-        degenerate = effective[-1] if reweight and effective else None
-        if recontext is not None and _step and _due(since, refresh_every, degenerate, contexts):
+        if recontext is not None and _step and _due(since, refresh_every, share if reweight else None):
             refreshed.append(_step + 1)
             since = 0
             with torch.no_grad():
                 contexts = _listed(recontext(Edit([LayerEdit(i, add=vectors[i].detach()) for i in layers]),
                                              len(refreshed)))
+            if _check_aligned(contexts, targets) != layout:
+                raise ValueError("recontext returned other templates or fields than the fit started with")
             kept.written_by = None  # the elsewhere shares stay the unedited model's
         since += 1
         with applied(model, edit):
-            tkl, fewest = _target_term(model, contexts, targets, kept, reweight)
+            tkl, fewest, share = _target_term(model, contexts, targets, kept, reweight)
             ukl = next_token_kl(reference, model(input_ids=unrelated.to(device)).logits) if kl_weight \
                 else torch.zeros((), device=device)
         loss = tkl + kl_weight * ukl
@@ -271,11 +278,24 @@ def _fewest_tables(contexts: list[fields.Contexts]) -> int:
     return min(len(f.suffixes) for c in contexts for f in c.fields)
 
 
-def _due(since: int, every: int, effective: float | None, contexts: list[fields.Contexts]) -> bool:
+def _check_aligned(contexts: list[fields.Contexts], targets: Sequence[torch.Tensor]) -> tuple:
+    """The templates' common field layout ``(count, ((row, field), ...))``; a ValueError when the
+    templates' fields differ or do not match ``targets`` one to one (the fit pairs them by position)."""
+    layouts = {tuple((f.row, f.key) for f in c.fields) for c in contexts}
+    if len(layouts) != 1:
+        raise ValueError(f"the fit's templates record different fields: {sorted(map(str, layouts))}")
+    (layout,) = layouts
+    if len(layout) != len(targets):
+        raise ValueError(f"{len(targets)} targets for {len(layout)} recorded fields")
+    return len(contexts), layout
+
+
+def _due(since: int, every: int, share: float | None) -> bool:
     """Whether the fit re-records its contexts now: ``every`` steps after the last recording, or
-    sooner when the importance weights have degenerated (``effective`` tables below
-    ``REFRESH_EFFECTIVE`` of the fewest any field has: a handful of contexts would stand for all)."""
-    return since >= every or (effective is not None and effective < REFRESH_EFFECTIVE * _fewest_tables(contexts))
+    sooner when the importance weights have degenerated (``share``: the smallest fraction of its
+    recorded tables any template's field keeps effective, below ``REFRESH_EFFECTIVE``: a handful
+    of contexts would stand for all)."""
+    return since >= every or (share is not None and share < REFRESH_EFFECTIVE)
 
 
 @torch.no_grad()
@@ -283,9 +303,9 @@ def contrast(
     model: nn.Module, contexts: fields.Contexts | Sequence[fields.Contexts], targets: Sequence[torch.Tensor],
     layers: Sequence[int],
 ) -> dict[int, torch.Tensor]:
-    """Per layer, ``[hidden]`` mean over templates and tables (summed over fields) of the
-    residual after the value's last token weighted by the target minus weighted by the model's
-    own marginal."""
+    """Per layer, ``[hidden]``: the residual after the value's last token weighted by the target
+    minus weighted by the model's own marginal, averaged over each template's tables, summed over
+    fields, then averaged over the templates (each counts alike, whatever its tables)."""
     listed = _listed(contexts)
     device = models.input_device(model)
     out = {i: torch.zeros(model.config.hidden_size, device=device) for i in layers}
@@ -375,7 +395,7 @@ def weight_edit(
 def _field_keys(model: nn.Module, contexts: fields.Contexts | Sequence[fields.Contexts],
                 layers: Sequence[int]) -> dict[int, torch.Tensor]:
     """Per layer, ``[inter, fields]``: each field's MLP writer input at its last context token,
-    averaged over tables and templates."""
+    averaged over each template's tables, then over the templates (each counts alike)."""
     listed = _listed(contexts)
     per_template: list[dict[int, torch.Tensor]] = []
     writers = _mlp_writers(model, layers)

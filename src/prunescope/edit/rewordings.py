@@ -127,8 +127,14 @@ def fit_templates(template: Template, count: int | None = None, files: Sequence[
                               f"{len(shipped)} or bring your own with --fit-template FILE")
     out = [template, *shipped[:count], *(_from_file(Path(f), template, "fit") for f in files)]
     held = {t.prompt.strip(): t.name for t in heldout}
-    for t in out:
-        if t.prompt.strip() in held:
-            raise PrunescopeError(f"fit template {t.name} has the prompt of held-out template "
-                                  f"{held[t.prompt.strip()]}; a template cannot be both fitted on and held out")
+    seen = {template.prompt.strip(): template.name}
+    for t in out[1:]:  # a held-out file with the template's own prompt is warned about by heldout_templates
+        prompt = t.prompt.strip()
+        if prompt in held:
+            raise PrunescopeError(f"fit template {t.name} has the prompt of held-out template {held[prompt]}; "
+                                  f"a template cannot be both fitted on and held out")
+        if prompt in seen:
+            log.warning("fit template %s has the prompt of %s: that wording counts twice in the fit", t.name,
+                        seen[prompt])
+        seen.setdefault(prompt, t.name)
     return out
