@@ -142,8 +142,8 @@ def fit(
         max_norm: bound on each vector's norm as a fraction of its layer's median residual norm.
         recontext: ``(edit so far, refresh number) -> contexts`` (as many templates as given)
             recorded from tables the edited model writes, called every ``refresh_every`` steps
-            (and, with ``reweight``, as soon as the weights' effective tables fall below
-            ``REFRESH_EFFECTIVE``): the edit also changes the cells written before the targeted
+            (and, with ``reweight``, as soon as some template's field keeps fewer than
+            ``REFRESH_EFFECTIVE`` of its tables effective): the edit also changes the cells written before the targeted
             one (the names before a gender), so contexts from the unedited model alone would fit
             the targets on tables the edited model never writes.
         reweight: between refreshes, weight each table's context by how much more likely the
