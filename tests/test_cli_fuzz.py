@@ -166,7 +166,7 @@ def _base(command: str, inputs: dict[str, Path]) -> list[str]:
         "eval": ["eval", str(model), "--tasks", "prunescope_facts", "--include-path", str(inputs["tasks"]),
                  "--limit", "2"],
         "edit": ["edit", str(model), "--target", "Gender=uniform", "--method", "fit", "--strength", "1",
-                 "--steps", "1", "--fit-tables", "2", "--measure-tables", "2", "--eval-text", text,
+                 "--steps", "1", "--fit-tables", "2", "--fit-rewordings", "0", "--measure-tables", "2", "--eval-text", text,
                  "--eval-tokens", "64", "--eval-seqlen", "16"],
     }[command]
 

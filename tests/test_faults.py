@@ -251,7 +251,7 @@ def model_command(command: str, model: Path, inputs: dict[str, Path]) -> list[st
         "probe": ["probe", str(model), "--rows", "2", "--samples", "2", "--batch", "2", "--no-calibration"],
         "eval": ["eval", str(model), "--tasks", TASK, "--include-path", str(inputs["tasks"]), "--limit", "2"],
         "edit": ["edit", str(model), "--target", "Gender=uniform", "--method", "fit", "--strength", "1",
-                 "--steps", "1", "--fit-tables", "2", "--measure-tables", "2", "--eval-text", text,
+                 "--steps", "1", "--fit-tables", "2", "--fit-rewordings", "0", "--measure-tables", "2", "--eval-text", text,
                  "--eval-tokens", "64", "--eval-seqlen", "16"],
     }[command]
 
