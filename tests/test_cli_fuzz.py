@@ -99,6 +99,7 @@ EDIT_OPTIONS = {
     "--measure-rows": SMALL,
     "--steps": SMALL,
     "--lr": NUMBERS,
+    "--lr-final": NUMBERS,
     "--kl-weight": NUMBERS,
     "--max-norm": NUMBERS,
 }

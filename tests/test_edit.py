@@ -254,6 +254,33 @@ def test_saved_folded_model_gives_the_hooked_logits(dtok, people, tmp_path, kind
     assert (tmp_path / "model" / "edit.safetensors").exists() == (kind == "vector")
 
 
+def test_lr_factor_is_a_cosine_from_one_to_the_final_share():
+    factors = [methods.lr_factor(s, 11, 0.1) for s in range(11)]
+    assert factors[0] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.1)
+    assert factors[5] == pytest.approx(0.55)  # half way: the mean of the two ends
+    assert all(a > b for a, b in zip(factors, factors[1:]))
+    assert methods.lr_factor(3, 11, 1.0) == 1.0 and methods.lr_factor(0, 1, 0.1) == 1.0
+
+
+def test_the_fits_last_step_takes_the_final_step_size(dtok, people):
+    """With ``lr_final=0`` the second of two steps moves nothing: the vectors are the one-step
+    fit's; with the constant step (the default) they move on."""
+    model = digit_model(dtok, seed=2)
+    targets = _targets(people, "Age.digit1=3:1")
+    contexts = fields.record_contexts(model, dtok, people, targets, 1, 4, 0, 4)
+    wanted, unrelated = [torch.tensor(targets[0].probs)], torch.randint(0, 300, (2, 16))
+
+    def vectors(steps: int, lr_final: float = 1.0) -> list[torch.Tensor]:
+        edit, _ = methods.fit(model, contexts, wanted, [0, 1], unrelated, steps=steps, lr=0.2, max_norm=2.0,
+                              lr_final=lr_final)
+        return [e.add for e in edit.layers]
+
+    one = vectors(1)
+    for a, b in zip(one, vectors(2, lr_final=0.0)):
+        torch.testing.assert_close(a, b)
+    assert any(not torch.allclose(a, b) for a, b in zip(one, vectors(2)))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu-check.sh)")
 def test_fit_on_cuda_matches_cpu(dtok, people):

@@ -77,6 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "unrelated text at the same perplexity and came no closer on held-out templates")
     parser.add_argument("--lr", type=float, default=0.03,
                         help="fit step size as a fraction of the layer's residual norm (default 0.03)")
+    parser.add_argument("--lr-final", type=float, default=1.0, metavar="F",
+                        help="the fit's step size at its last step as a fraction of --lr, reached by a cosine "
+                        "decay (default 1: constant)")
     parser.add_argument("--kl-weight", type=float, default=10.0,
                         help="weight of KL(original || edited) on unrelated text in the fit (default 10)")
     parser.add_argument("--max-norm", type=float, default=0.5,
@@ -119,8 +122,8 @@ def _config(args: argparse.Namespace):
         model=args.model, template=args.template, targets=tuple(args.target), kinds=tuple(kinds),
         strengths=_floats(args.strength, "--strength"), rows=args.rows, measure_rows=args.measure_rows,
         fit_tables=args.fit_tables, measure_tables=args.measure_tables, steps=args.steps,
-        refresh_every=args.refresh_every, reweight=args.reweight, lr=args.lr, kl_weight=args.kl_weight,
-        max_norm=args.max_norm,
+        refresh_every=args.refresh_every, reweight=args.reweight, lr=args.lr, lr_final=args.lr_final,
+        kl_weight=args.kl_weight, max_norm=args.max_norm,
         match_ppl=_floats(args.match_ppl, "--match-ppl") or (), heldout=tuple(args.heldout),
         fit_rewordings=args.fit_rewordings, fit_template_files=tuple(args.fit_template),
         eval_text=args.eval_text, eval_tokens=args.eval_tokens, eval_seqlen=args.eval_seqlen, seed=args.seed,

@@ -66,6 +66,7 @@ class EditConfig(models.Placement):
     refresh_every: int = 10
     reweight: bool = False
     lr: float = 0.03
+    lr_final: float = 1.0
     kl_weight: float = 10.0
     max_norm: float = 0.5
     match_ppl: tuple[float, ...] = ()
@@ -95,7 +96,7 @@ class EditConfig(models.Placement):
             raise PrunescopeError(f"fit-rewordings must be an integer >= 0, got {self.fit_rewordings!r}")
         if self.measure_rows < self.rows:
             raise PrunescopeError(f"measure-rows ({self.measure_rows}) must be at least rows ({self.rows})")
-        for name in ("lr", "kl_weight", "max_norm"):
+        for name in ("lr", "lr_final", "kl_weight", "max_norm"):
             value = getattr(self, name)
             if not np.isfinite(value) or value < 0 or (name != "kl_weight" and value == 0):
                 raise PrunescopeError(f"{name.replace('_', '-')} must be a finite positive number, got {value!r}")
@@ -367,7 +368,7 @@ def _edit_family(kind: str, model: nn.Module, tokenizer, config: EditConfig, con
 
         edit, trace = methods.fit(model, contexts, targets, layers, setting.fit_windows[:FIT_KL_WINDOWS], config.steps,
                                   config.lr, config.kl_weight, config.max_norm, recontext, config.refresh_every,
-                                  config.reweight)
+                                  config.reweight, config.lr_final)
         cache["fit"], cache["trace"] = edit, trace
     if kind in ("caa", "ablate") and "contrast" not in cache:
         cache["contrast"] = methods.contrast(model, contexts, targets, layers)
