@@ -79,7 +79,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="fit step size as a fraction of the layer's residual norm (default 0.03)")
     parser.add_argument("--lr-final", type=float, default=1.0, metavar="F",
                         help="the fit's step size at its last step as a fraction of --lr, reached by a cosine "
-                        "decay (default 1: constant)")
+                        "decay (default 1: constant; on the bundled model 0.1 came no closer on held-out "
+                        "templates at the same perplexity, even with twice the --steps)")
     parser.add_argument("--kl-weight", type=float, default=10.0,
                         help="weight of KL(original || edited) on unrelated text in the fit (default 10)")
     parser.add_argument("--max-norm", type=float, default=0.5,
