@@ -188,6 +188,15 @@ class EditReport:
     fit_trace: dict[str, Any] | None
     seconds: float
     fit_templates: tuple[str, ...] = ()  # the templates whose contexts every edit was built from
+    options: dict[str, Any] = field(default_factory=dict)  # the fit's and the measurement's settings (run_options)
+
+
+def run_options(config: EditConfig) -> dict[str, Any]:
+    """The settings a report's figures depend on beyond its other fields (the fit's and the
+    measurement's), so a report says how to make it again."""
+    names = ("steps", "lr", "lr_final", "kl_weight", "max_norm", "refresh_every", "reweight", "fit_tables",
+             "measure_tables", "match_ppl", "strengths", "eval_text", "eval_tokens", "eval_seqlen", "seed")
+    return {n: list(v) if isinstance(v := getattr(config, n), tuple) else v for n in names}
 
 
 def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
@@ -607,7 +616,7 @@ def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str
         model_name or config.model, template.name, config.targets, tuple(dict.fromkeys(t.key.label for t in targets)),
         tuple(layers), config.rows, config.measure_rows, tuple(t.name for t in setting.heldout), before,
         tuple(results), None if trace is None else dataclasses.asdict(trace), time.perf_counter() - t0,
-        tuple(t.name for t in fitted_on),
+        tuple(t.name for t in fitted_on), run_options(config),
     )
 
 

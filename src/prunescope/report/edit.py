@@ -63,7 +63,7 @@ def render_markdown(report: "EditReport") -> str:
         f"edited layers {list(report.layers)}, {report.rows} fitted row(s), measured on "
         f"{report.measure_rows} rows; fitted on templates: {', '.join(report.fit_templates) or report.template}; "
         f"held-out templates: {', '.join(report.heldout_templates) or 'none'}. "
-        f"{report.seconds:.0f} s in all.",
+        f"{report.seconds:.0f} s in all." + _options_line(report.options),
         "Target JS is the mean Jensen-Shannon distance (base 2, 0 = the target exactly) between each "
         "targeted field's exact distribution and its target, on the fitted rows of the training "
         "template; JS noise: the target JS an edit that hit its targets exactly would show on these "
@@ -90,6 +90,13 @@ def render_markdown(report: "EditReport") -> str:
                      f"{t['unrelated_kl'][0]:.5f} -> {t['unrelated_kl'][-1]:.5f}."
                      + _refresh_line(t))
     return "\n\n".join(parts) + "\n"
+
+
+def _options_line(options: dict[str, Any]) -> str:
+    """The run's settings (``EditReport.options``) as one sentence; empty for a report without them."""
+    if not options:
+        return ""
+    return " Settings: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in options.items()) + "."
 
 
 def _refresh_line(trace: dict[str, Any]) -> str:
