@@ -193,10 +193,11 @@ class EditReport:
 
 def run_options(config: EditConfig) -> dict[str, Any]:
     """The settings a report's figures depend on beyond its other fields (the fit's and the
-    measurement's), so a report says how to make it again."""
+    measurement's), so a report says how to make it again (as the config holds them: the JSON
+    writer turns tuples into lists)."""
     names = ("steps", "lr", "lr_final", "kl_weight", "max_norm", "refresh_every", "reweight", "fit_tables",
              "measure_tables", "match_ppl", "strengths", "eval_text", "eval_tokens", "eval_seqlen", "seed")
-    return {n: list(v) if isinstance(v := getattr(config, n), tuple) else v for n in names}
+    return {n: getattr(config, n) for n in names}
 
 
 def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
