@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from prunescope import models
-from prunescope.edit.hooks import Edit, LayerEdit, applied, fold, load_edit, save_edit
+from prunescope.edit.hooks import Edit, LayerEdit, Units, applied, fold, load_edit, new_units, save_edit
 from prunescope.errors import PrunescopeError
 from prunescope.testing import tiny_family_model, tiny_llama
 
@@ -253,3 +253,124 @@ def test_fold_leaves_the_hooked_copy_equal():
     folded = fold(model, edit)
     with applied(twin, edit):
         torch.testing.assert_close(_logits(folded), _logits(twin), atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- new MLP units
+
+
+def _units(seed: int, count: int, hidden: int = HIDDEN) -> Units:
+    """Reproducible random units (gate and up rows, down columns)."""
+    g = torch.Generator().manual_seed(seed)
+    return Units(torch.randn(count, hidden, generator=g), torch.randn(count, hidden, generator=g),
+                 torch.randn(hidden, count, generator=g))
+
+
+def test_units_add_what_they_compute_to_the_mlp_output():
+    """The MLP's output grows by exactly silu(x G^T) * (x U^T) D^T, x being the MLP's input."""
+    model = tiny_llama(num_layers=2)
+    mlp = models.adapter_for(model).layers(model)[1].mlp
+    seen: dict[str, torch.Tensor] = {}
+
+    def capture():
+        return mlp.register_forward_hook(lambda _m, args, out: seen.update(x=args[0], out=out))
+
+    handle = capture()
+    _logits(model)
+    handle.remove()
+    x, before = seen["x"], seen["out"]
+    units = _units(0, 3)
+    with applied(model, Edit([LayerEdit(1, units=units)])):
+        handle = capture()  # registered after the edit's hook: sees the edited output
+        _logits(model)
+    handle.remove()
+    want = (torch.nn.functional.silu(x @ units.gate.T) * (x @ units.up.T)) @ units.down.T  # [B, S, hidden]
+    torch.testing.assert_close(seen["out"], before + want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_units_fold_into_a_wider_mlp_and_round_trip(family, tmp_path):
+    """Folding widens every layer's MLP by the most units any layer adds (zeros elsewhere); the
+    reloaded plain transformers model computes what the hooked one did."""
+    model = tiny_family_model(family)
+    base = model.config.intermediate_size
+    entries = [LayerEdit(0, units=_units(1, 3)), LayerEdit(1, units=_units(2, 1))]
+    if family == "llama":  # an added vector and an ablation folded in the same rebuild
+        entries += [LayerEdit(2, add=_vec(3, 0.3), direction=_vec(4))]
+    edit = Edit(entries)
+    with applied(model, edit):
+        hooked = _logits(model)
+    assert not torch.allclose(hooked, _logits(model), atol=1e-3)
+    folded = fold(model, edit)
+    assert folded.config.intermediate_size == base + 3
+    # float32 rounding only: the units' sums run in another order inside the wider matmuls
+    torch.testing.assert_close(_logits(folded), hooked, atol=1e-4, rtol=1e-5)
+    folded.save_pretrained(tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    torch.testing.assert_close(_logits(reloaded), hooked, atol=1e-4, rtol=1e-5)
+    layers = models.adapter_for(reloaded).layers(reloaded)
+    assert not layers[1].mlp.down_proj.weight[:, base + 1:].any()  # layer 1 adds 1 unit: 2 zero columns
+    assert not layers[2].mlp.gate_proj.weight[base:].any()  # no units in layer 2
+
+
+@pytest.mark.parametrize(("family", "message"), [
+    ("phi3", "separate gate and up projections"), ("opt", "not one"), ("gpt2", "not one"),
+])
+def test_units_refused_where_the_mlp_is_not_gated_with_separate_projections(family, message):
+    model = tiny_family_model(family)
+    hidden = model.config.hidden_size
+    with pytest.raises(PrunescopeError, match=message):
+        Edit([LayerEdit(0, units=_units(0, 2, hidden))]).check(model)
+    with pytest.raises(PrunescopeError, match=message):
+        new_units(model, 0, 2, torch.Generator())
+
+
+@pytest.mark.parametrize(("units", "message"), [
+    (Units(torch.zeros(2, HIDDEN), torch.zeros(3, HIDDEN), torch.zeros(HIDDEN, 2)),
+     r"units.up has shape \(3, 32\); expected \[2, 32\]"),
+    (Units(torch.zeros(2, HIDDEN), torch.zeros(2, HIDDEN), torch.zeros(2, HIDDEN)), r"units.down has shape \(2, 32\)"),
+    (Units(torch.zeros(2, 16), torch.zeros(2, 16), torch.zeros(16, 2)), r"units.gate has shape \(2, 16\)"),
+    (Units(torch.zeros(HIDDEN), torch.zeros(HIDDEN), torch.zeros(HIDDEN)), "2-D floating-point tensor"),
+    (Units(torch.full((1, HIDDEN), float("inf")), torch.zeros(1, HIDDEN), torch.zeros(HIDDEN, 1)), "NaN or infinite"),
+])
+def test_units_check_errors(units, message):
+    with pytest.raises(PrunescopeError, match=message):
+        Edit([LayerEdit(0, units=units)]).check(tiny_llama())
+
+
+def test_units_and_a_direction_in_one_layer_are_refused():
+    with pytest.raises(PrunescopeError, match="units and a direction in the same layer"):
+        Edit([LayerEdit(0, direction=_vec(1), units=_units(0, 1))]).check(tiny_llama())
+
+
+def test_new_units_write_nothing_until_fitted():
+    """A fit starts from units whose down is zero (the model unchanged) and whose gate and up rows
+    have the size of the layer's own rows."""
+    model = tiny_llama()
+    units = new_units(model, 1, 4, torch.Generator().manual_seed(0))
+    assert units.gate.shape == units.up.shape == (4, HIDDEN) and units.down.shape == (HIDDEN, 4)
+    assert all(t.requires_grad for t in (units.gate, units.up, units.down)) and not units.down.any()
+    own = models.adapter_for(model).layers(model)[1].mlp.gate_proj.weight
+    assert 0.5 < float(units.gate.detach().std() / own.detach().std()) < 2.0
+    before = _logits(model)
+    with applied(model, Edit([LayerEdit(1, units=units)])):
+        torch.testing.assert_close(_logits(model), before, atol=0, rtol=0)
+
+
+def test_scaled_and_detached_edits():
+    units = _units(0, 2)
+    edit = Edit([LayerEdit(0, add=_vec(1), units=units), LayerEdit(1, direction=_vec(2), ablate_scale=0.5)])
+    half = edit.scaled(0.5)
+    torch.testing.assert_close(half.layers[0].add, 0.5 * _vec(1))
+    torch.testing.assert_close(half.layers[0].units.down, 0.5 * units.down)
+    assert half.layers[0].units.gate is units.gate and half.layers[1].direction is edit.layers[1].direction
+    copy_ = edit.detached()
+    assert copy_.layers[0].units.gate is not units.gate and torch.equal(copy_.layers[0].units.gate, units.gate)
+
+
+def test_units_save_and_load_round_trip(tmp_path):
+    edit = Edit([LayerEdit(0, units=_units(0, 3)), LayerEdit(1, add=_vec(1))])
+    loaded = load_edit(save_edit(edit, tmp_path / "edit.safetensors"))
+    for name in ("gate", "up", "down"):
+        assert torch.equal(getattr(loaded.layers[0].units, name), getattr(edit.layers[0].units, name))
+    assert loaded.layers[1].units is None and loaded.nbytes == edit.nbytes == 4 * (9 * HIDDEN + HIDDEN)
+    assert loaded.summary()[0]["units"] == 3

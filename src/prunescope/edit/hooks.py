@@ -6,18 +6,25 @@ the attention writer (``o_proj``) and the MLP writer (``down_proj``), located th
 
 - add a vector ``a`` to the MLP writer's output at every position (steering, fitted vectors);
 - project a direction ``d`` out of both writers' outputs (ablation):
-  ``P(x) = x - s (x . d) d / (d . d)``, ``s = 1`` being the full orthogonal projection.
+  ``P(x) = x - s (x . d) d / (d . d)``, ``s = 1`` being the full orthogonal projection;
+- add new units to a gated MLP (:class:`Units`): unit ``j`` reads the MLP's input ``x`` and
+  writes ``act(gate_j . x) (up_j . x) down_j``, a change of the residual stream that depends on
+  the hidden state (on the table's cells, not on unrelated text, if the fit finds such units).
 
 :func:`applied` does this with forward hooks (used while fitting and measuring: gradients reach
 the edit's tensors); :func:`fold` writes the same function into the weights, so that the model
 saved with ``save_pretrained`` loads in plain ``transformers`` and computes what the hooked model
 did: for a writer ``y = x W^T + b``, ``W <- P W`` and ``b <- P b + a``. Where the MLP writer has
 no bias, the family's config flag (Llama's ``mlp_bias``) is turned on and the model rebuilt with
-zero biases everywhere else, as structured pruning does for bias compensation.
+zero biases everywhere else, as structured pruning does for bias compensation. New units widen
+every layer's MLP by the most units any layer adds (the mirror image of structured pruning,
+which narrows it): their rows of gate/up and columns of down, zeros in the layers without them,
+which then compute exactly what they did (``act(0) * 0 = 0``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -42,6 +49,34 @@ _FORMAT = 1
 
 
 @dataclass
+class Units:
+    """``k`` new units of a gated MLP (Llama's ``down(act(gate x) * up x)``): unit ``j`` computes
+    ``act(gate[j] . x) * (up[j] . x)`` from the MLP's input ``x`` and writes it along ``down[:, j]``.
+
+    Attributes:
+        gate: ``[k, hidden]`` rows appended to the gate projection.
+        up: ``[k, hidden]`` rows appended to the up projection.
+        down: ``[hidden, k]`` columns appended to the down projection (the MLP writer).
+    """
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return int(self.gate.shape[0])
+
+    def scaled(self, strength: float) -> Units:
+        """The same units writing ``strength`` times as much (``down`` scaled)."""
+        return Units(self.gate, self.up, self.down * strength)
+
+    def detached(self) -> Units:
+        """A copy holding detached clones (a fitted edit, no longer tied to the optimiser)."""
+        return Units(*(t.detach().clone() for t in (self.gate, self.up, self.down)))
+
+
+@dataclass
 class LayerEdit:
     """The edit of one decoder layer's writers.
 
@@ -52,12 +87,15 @@ class LayerEdit:
             None; it need not be unit length: the projection divides by ``d . d``, so a direction
             being optimised stays a leaf tensor.
         ablate_scale: ``s`` in ``out - s (out . d) d / (d . d)``; 1 removes the direction fully.
+        units: new units of the layer's gated MLP (:class:`Units`), or None; not combined with
+            a direction in the same layer (the projection would have to act on them too).
     """
 
     layer: int
     add: torch.Tensor | None = None
     direction: torch.Tensor | None = None
     ablate_scale: float = 1.0
+    units: Units | None = None
 
 
 @dataclass
@@ -85,8 +123,26 @@ class Edit:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the edit's vectors (what saving it costs)."""
-        return sum(t.numel() * t.element_size() for e in self.layers for t in _tensors(e).values())
+        """Bytes held by the edit's tensors (what saving it costs)."""
+        return sum(t.numel() * t.element_size() for e in self.layers for t in _all_tensors(e).values())
+
+    def scaled(self, strength: float) -> Edit:
+        """The edit writing ``strength`` times as much: added vectors and the units' ``down``
+        scaled, directions and their scales as they are."""
+        return Edit([
+            dataclasses.replace(e, add=None if e.add is None else e.add * strength,
+                                units=None if e.units is None else e.units.scaled(strength))
+            for e in self.layers
+        ])
+
+    def detached(self) -> Edit:
+        """A copy holding detached clones of every tensor (the fit's result)."""
+        return Edit([
+            dataclasses.replace(e, add=None if e.add is None else e.add.detach().clone(),
+                                direction=None if e.direction is None else e.direction.detach().clone(),
+                                units=None if e.units is None else e.units.detached())
+            for e in self.layers
+        ])
 
     def summary(self) -> list[dict[str, Any]]:
         """Per layer: index, norm of the added vector, whether a direction is removed, its scale
@@ -97,6 +153,7 @@ class Edit:
                 "add_norm": None if e.add is None else float(e.add.detach().float().norm()),
                 "ablates": e.direction is not None,
                 "ablate_scale": e.ablate_scale if e.direction is not None else None,
+                "units": 0 if e.units is None else e.units.count,
             }
             for e in self.layers
         ]
@@ -112,6 +169,7 @@ class _Writers:
     family: Family
     mlp: str
     attention: str | None
+    gated: tuple[str, str] | None = None  # (gate, up) projections where they are separate modules
 
 
 def _writers(model: nn.Module) -> _Writers:
@@ -122,7 +180,22 @@ def _writers(model: nn.Module) -> _Writers:
     if mlp is None:  # every family in families.FAMILIES names one; a guard for new ones
         raise PrunescopeError(f"{family.name}'s layout names no MLP writer, so it cannot be edited")
     attention = layouts[Q].writer if Q in layouts else None
-    return _Writers(family, mlp, attention)
+    reads = [c for c in layouts[MLP].cuts if c.side == "out"]
+    separate = len(reads) == 2 and len({c.module for c in reads}) == 2 and not any(c.offset for c in reads)
+    return _Writers(family, mlp, attention, (reads[0].module, reads[1].module) if separate else None)
+
+
+def _mlp_path(writers: _Writers) -> str:
+    """The MLP module: the writer's parent (``mlp.down_proj`` -> ``mlp``)."""
+    return writers.mlp.rpartition(".")[0]
+
+
+def _activation(model: nn.Module, layer: int, writers: _Writers) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The gated MLP's activation (``act_fn``) of decoder layer ``layer``."""
+    act = getattr(_module(model, layer, _mlp_path(writers)), "act_fn", None)
+    if not callable(act):
+        raise PrunescopeError(f"{writers.family.name}'s MLP has no act_fn, so new units cannot compute like its own")
+    return act
 
 
 def _module(model: nn.Module, layer: int, path: str) -> nn.Module:
@@ -141,6 +214,8 @@ def _check_layer(entry: LayerEdit, count: int, hidden: int, writers: _Writers, s
         raise PrunescopeError(f"layer {entry.layer} is edited twice; give each layer one LayerEdit")
     for name, vector in _tensors(entry).items():
         _check_vector(f"{where}: {name}", vector, hidden)
+    if entry.units is not None:
+        _check_units(where, entry, hidden, writers)
     if entry.direction is None:
         return
     if not math.isfinite(entry.ablate_scale):
@@ -164,9 +239,44 @@ def _check_vector(what: str, vector: torch.Tensor, hidden: int) -> None:
         raise PrunescopeError(f"{what} holds NaN or infinite entries; every entry must be finite")
 
 
+def _check_units(where: str, entry: LayerEdit, hidden: int, writers: _Writers) -> None:
+    """Units of matching ``[k, hidden]``, ``[k, hidden]``, ``[hidden, k]`` finite floating
+    tensors, on a family whose gate and up projections are separate modules, without a
+    direction in the same layer."""
+    if writers.gated is None:
+        raise PrunescopeError(
+            f"{where}: new units need a gated MLP with separate gate and up projections (Llama, Mistral, "
+            f"Qwen2, Qwen3); {writers.family.name}'s MLP is not one"
+        )
+    if entry.direction is not None:
+        raise PrunescopeError(f"{where}: units and a direction in the same layer are not supported; edit the "
+                              f"direction in another layer")
+    units = entry.units
+    assert units is not None
+    for name in ("gate", "up", "down"):
+        t = getattr(units, name)
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 2:
+            raise PrunescopeError(f"{where}: units.{name} must be a 2-D floating-point tensor, got {t!r:.60}")
+        if not bool(torch.isfinite(t.detach()).all()):
+            raise PrunescopeError(f"{where}: units.{name} holds NaN or infinite entries; every entry must be finite")
+    k = units.count
+    shapes = {"gate": (k, hidden), "up": (k, hidden), "down": (hidden, k)}
+    for name, want in shapes.items():
+        got = tuple(getattr(units, name).shape)
+        if got != want or k < 1:
+            raise PrunescopeError(f"{where}: units.{name} has shape {got}; expected {list(want)} "
+                                  f"(gate [k, hidden], up [k, hidden], down [hidden, k], k >= 1)")
+
+
 def _tensors(entry: LayerEdit) -> dict[str, torch.Tensor]:
     """The entry's vectors that are set, by field name."""
     return {k: v for k, v in (("add", entry.add), ("direction", entry.direction)) if v is not None}
+
+
+def _all_tensors(entry: LayerEdit) -> dict[str, torch.Tensor]:
+    """Every tensor of the entry, by the name it is saved under (``units.gate``...)."""
+    units = {} if entry.units is None else {f"units.{n}": getattr(entry.units, n) for n in ("gate", "up", "down")}
+    return {**_tensors(entry), **units}
 
 
 # --------------------------------------------------------------------------- hooks
@@ -188,12 +298,68 @@ def _projection_hook(direction: torch.Tensor, scale: float) -> Callable[..., tor
     return hook
 
 
+def _unit_values(units: Units, act: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """What the units compute from the MLP's input ``x`` ``[..., hidden]``: ``[..., k]``."""
+    gate, up = (t.to(dtype=x.dtype, device=x.device) for t in (units.gate, units.up))
+    return act(x @ gate.T) * (x @ up.T)
+
+
+def _units_hook(units: Units, act: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A forward hook on the MLP adding what ``units`` write, computed from the MLP's input."""
+
+    def hook(_module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        values = _unit_values(units, act, args[0])  # [..., k]
+        return output + values @ units.down.to(dtype=values.dtype, device=values.device).T  # [..., hidden]
+
+    return hook
+
+
+def require_gated(model: nn.Module) -> _Writers:
+    """``model``'s writers, checked to include separate gate and up projections (new units need them).
+
+    Raises:
+        PrunescopeError: a family whose MLP is not gated that way (Phi-3's fused gate_up, GPT-2, OPT).
+    """
+    writers = _writers(model)
+    if writers.gated is None:
+        raise PrunescopeError(f"new units need a gated MLP with separate gate and up projections (Llama, Mistral, "
+                              f"Qwen2, Qwen3); {writers.family.name}'s MLP is not one")
+    return writers
+
+
+def mlp_module(model: nn.Module, layer: int) -> nn.Module:
+    """Decoder layer ``layer``'s MLP module (whose input new units read)."""
+    return _module(model, layer, _mlp_path(_writers(model)))
+
+
+def new_units(model: nn.Module, layer: int, count: int, generator: torch.Generator) -> Units:
+    """``count`` units for decoder layer ``layer``'s gated MLP to start a fit from: gate and up
+    rows drawn from a normal with the standard deviation of the layer's own rows (so they read
+    the input as its units do), down zero (so they write nothing yet); float32, on the MLP's
+    device, requiring grad."""
+    writers = require_gated(model)
+    rows = []
+    for path in writers.gated:
+        w = _module(model, layer, path).weight.detach()  # [inter, hidden]
+        drawn = torch.randn(count, w.shape[1], generator=generator) * float(w.float().std())
+        rows.append(drawn.to(w.device))
+    down = torch.zeros(rows[0].shape[1], count, device=rows[0].device)  # [hidden, k]
+    return Units(*(t.requires_grad_(True) for t in (rows[0], rows[1], down)))
+
+
+def unit_values(model: nn.Module, layer: int, units: Units, x: torch.Tensor) -> torch.Tensor:
+    """What ``units`` in decoder layer ``layer`` compute from the MLP's input ``x`` ``[..., hidden]``:
+    ``[..., k]`` (before they are written along ``down``)."""
+    return _unit_values(units, _activation(model, layer, _writers(model)), x)
+
+
 @contextmanager
 def applied(model: nn.Module, edit: Edit) -> Iterator[None]:
     """While active, ``model`` computes the edited hidden outputs (forward hooks on the writers).
 
     Per edited layer: the MLP writer's output ``y -> P(y) + add`` and the attention writer's
-    ``y -> P(y)`` (P the identity without a direction). The edit's tensors are used as given,
+    ``y -> P(y)`` (P the identity without a direction); new units add what they write to the
+    MLP's output (a hook on the MLP module, which reads its input). The edit's tensors are used as given,
     neither detached nor copied, so gradients reach ``add`` (or ``direction``) when they require
     grad, and changing them in place between forward passes takes effect at once. The hooks are
     removed on exit, also when the block raises.
@@ -212,6 +378,9 @@ def applied(model: nn.Module, edit: Edit) -> Iterator[None]:
                     stack.callback(layer.get_submodule(path).register_forward_hook(hook).remove)
             if entry.add is not None:  # registered after the projection: it runs after it
                 stack.enter_context(apply.output_biases(layer, [writers.mlp], {writers.mlp: entry.add}))
+            if entry.units is not None:
+                hook = _units_hook(entry.units, _activation(model, entry.layer, writers))
+                stack.callback(layer.get_submodule(_mlp_path(writers)).register_forward_hook(hook).remove)
         yield
 
 
@@ -225,9 +394,11 @@ def fold(model: nn.Module, edit: Edit) -> nn.Module:
     Each edited writer ``y = x W^T + b`` becomes ``W <- P W``, ``b <- P b + add``
     (``P = I - s d d^T / (d . d)``), in place. When an ``add`` meets an MLP writer with no bias,
     the family's bias flag is set in a copy of the config (Llama: ``mlp_bias``, which gives
-    every MLP projection of every layer a bias) and the model is rebuilt from it with zero
-    biases elsewhere: the returned model is then a new object that shares the old one's tensors
-    (discard the old one). ``save_pretrained`` of the result loads in plain ``transformers``.
+    every MLP projection of every layer a bias); new units widen every layer's MLP by the most
+    units any layer adds (zeros where a layer adds fewer). In either case the model is rebuilt
+    from the new config with zeros in the new places: the returned model is then a new object
+    that shares the old one's untouched tensors (discard the old one). ``save_pretrained`` of
+    the result loads in plain ``transformers``.
 
     Raises:
         PrunescopeError: from :meth:`Edit.check`, or an ``add`` on a family with no MLP writer
@@ -235,48 +406,94 @@ def fold(model: nn.Module, edit: Edit) -> nn.Module:
     """
     edit.check(model)
     writers = _writers(model)
-    config = _bias_config(model, edit, writers)
+    config = _folded_config(model, edit, writers)
     adapter = models.adapter_for(model)
-    new_biases: dict[str, torch.Tensor] = {}
+    new_tensors: dict[str, torch.Tensor] = {}
     for entry in edit.layers:
         for path in _edited_paths(entry, writers):
             add = entry.add if path == writers.mlp else None
             bias = _fold_writer(adapter.layers(model)[entry.layer].get_submodule(path), entry, add)
             if bias is not None:
-                new_biases[f"{adapter.layers_path}.{entry.layer}.{path}.bias"] = bias
+                new_tensors[f"{adapter.layers_path}.{entry.layer}.{path}.bias"] = bias
     if config is None:
         return model
-    log.info("folding added vectors: rebuilding %s with %s", writers.family.name, writers.family.bias_flag(MLP))
-    return apply.rebuild_model(model, config, {**model.state_dict(), **new_biases})
+    new_tensors.update(_widened(model, edit, writers))
+    log.info("folding the edit: rebuilding %s as %s", writers.family.name, _config_change(model.config, config))
+    return apply.rebuild_model(model, config, {**model.state_dict(), **new_tensors})
 
 
 def _edited_paths(entry: LayerEdit, writers: _Writers) -> list[str]:
-    """The writers ``entry`` changes: both with a direction (checked to be known), else the MLP's."""
+    """The writers ``entry`` changes in place: both with a direction (checked to be known), the
+    MLP's with an added vector, none for units alone (they are appended by :func:`_widened`)."""
     if entry.direction is None:
-        return [writers.mlp]
+        return [writers.mlp] if entry.add is not None else []
     assert writers.attention is not None  # Edit.check refuses a direction otherwise
     return [writers.attention, writers.mlp]
 
 
-def _bias_config(model: nn.Module, edit: Edit, writers: _Writers) -> Any | None:
-    """The config with the MLP bias flag set when an ``add`` meets a writer without bias, else None."""
+def _folded_config(model: nn.Module, edit: Edit, writers: _Writers) -> Any | None:
+    """The config of the folded model when folding changes it (the MLP bias flag set where an
+    ``add`` meets a writer without bias; the MLP widened by new units), else None."""
     needs = [
         e.layer for e in edit.layers
         if e.add is not None and _module(model, e.layer, writers.mlp).bias is None
     ]
-    if not needs:
+    extra = _extra_units(edit)
+    if not needs and not extra:
         return None
     family = writers.family
     flag = family.bias_flag(MLP)
-    if not isinstance(flag, str):
+    if needs and not isinstance(flag, str):
         raise PrunescopeError(
             f"{family.name} has no {writers.mlp} bias in plain transformers, so an added vector "
             f"(layer {needs[0]}) cannot be folded into its weights; measure the edit with hooks "
             f"(applied) instead, or fold a pure ablation (direction, no add)"
         )
     shape = families.shape_of(family, model.config)
+    shape = dataclasses.replace(shape, intermediate=shape.intermediate + extra)
     count = len(models.adapter_for(model).layers(model))
-    return families.shrunk_config(family, model.config, shape, list(range(count)), (flag,))
+    return families.shrunk_config(family, model.config, shape, list(range(count)), (flag,) if needs else ())
+
+
+def _extra_units(edit: Edit) -> int:
+    """How much wider folding makes every layer's MLP: the most units any layer adds."""
+    return max((e.units.count for e in edit.layers if e.units is not None), default=0)
+
+
+def _config_change(old: Any, new: Any) -> str:
+    """The config entries folding changed, ``key old -> new``, for the log."""
+    a, b = old.to_dict(), new.to_dict()
+    return ", ".join(f"{k} {a.get(k)} -> {b[k]}" for k in b if a.get(k) != b[k]) or "the same config"
+
+
+@torch.no_grad()
+def _widened(model: nn.Module, edit: Edit, writers: _Writers) -> dict[str, torch.Tensor]:
+    """The gate, up and down weights (and biases) of every decoder layer with the edit's units
+    appended, as state-dict entries: rows of gate/up, columns of down, zeros in layers that add
+    fewer than the most (their new units compute ``act(0) * 0 = 0``)."""
+    extra = _extra_units(edit)
+    if not extra:
+        return {}
+    assert writers.gated is not None  # Edit.check refuses units otherwise
+    adapter = models.adapter_for(model)
+    units = {e.layer: e.units for e in edit.layers if e.units is not None}
+    out: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(adapter.layers(model)):
+        added = units.get(i)
+        prefix = f"{adapter.layers_path}.{i}."
+        for path, name in ((writers.gated[0], "gate"), (writers.gated[1], "up"), (writers.mlp, "down")):
+            module = layer.get_submodule(path)
+            w = module.weight.detach()  # gate/up [inter, hidden], down [hidden, inter]
+            dim = 1 if name == "down" else 0
+            shape = list(w.shape)
+            shape[dim] = extra
+            new = w.new_zeros(shape)  # gate/up [extra, hidden], down [hidden, extra]
+            if added is not None:
+                new.narrow(dim, 0, added.count).copy_(getattr(added, name).to(new))
+            out[prefix + path + ".weight"] = torch.cat([w, new], dim=dim)
+            if module.bias is not None and name != "down":  # down's bias is over hidden: unchanged
+                out[prefix + path + ".bias"] = torch.cat([module.bias.detach(), module.bias.new_zeros(extra)])
+    return out
 
 
 @torch.no_grad()
@@ -302,15 +519,15 @@ def _fold_writer(module: nn.Module, entry: LayerEdit, add: torch.Tensor | None) 
 
 
 def save_edit(edit: Edit, path: str | Path) -> Path:
-    """Save ``edit`` as one safetensors file: the vectors as tensors (``layer.<i>.add``,
-    ``layer.<i>.direction``, float32... as given, on CPU) and the layers and scales as JSON in the
-    file's metadata. Returns the path."""
+    """Save ``edit`` as one safetensors file: the tensors (``layer.<i>.add``,
+    ``layer.<i>.direction``, ``layer.<i>.units.gate`` / ``.up`` / ``.down``; float32... as given,
+    on CPU) and the layers and scales as JSON in the file's metadata. Returns the path."""
     from safetensors.torch import save_file
 
     path = Path(path)
     tensors = {
         f"layer.{e.layer}.{name}": t.detach().cpu().contiguous()
-        for e in edit.layers for name, t in _tensors(e).items()
+        for e in edit.layers for name, t in _all_tensors(e).items()
     }
     meta = {"format": _FORMAT, "layers": [{"layer": e.layer, "ablate_scale": e.ablate_scale} for e in edit.layers]}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -341,7 +558,9 @@ def load_edit(path: str | Path) -> Edit:
 def _entry_from(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> LayerEdit:
     """One :class:`LayerEdit` from its JSON entry and the file's tensors."""
     layer = int(meta["layer"])
+    parts = [tensors.get(f"layer.{layer}.units.{n}") for n in ("gate", "up", "down")]
+    units = None if all(p is None for p in parts) else Units(*parts)  # a missing part fails Edit.check
     return LayerEdit(
         layer, tensors.get(f"layer.{layer}.add"), tensors.get(f"layer.{layer}.direction"),
-        float(meta["ablate_scale"]),
+        float(meta["ablate_scale"]), units,
     )
