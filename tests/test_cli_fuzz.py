@@ -92,7 +92,7 @@ EVAL_OPTIONS = {
 EDIT_OPTIONS = {
     "--target": st.sampled_from(["Gender=uniform", "Age.digit1=uniform:2-6", "Height=uniform", "Gender=Male:2",
                                  "", "Gender@9=uniform", "Age.digit4=uniform", "Age=uniform"]),
-    "--method": st.sampled_from(["fit", "caa,ablate", "all", "rome", "", "weight-null"]),
+    "--method": st.sampled_from(["fit", "caa,ablate", "all", "rome", "", "weight-null", "units"]),
     "--layers": st.sampled_from(["0", "0-1", "5", "-1", "x", "", "1-0"]),
     "--strength": NUMBERS,
     "--rows": SMALL,
@@ -102,6 +102,8 @@ EDIT_OPTIONS = {
     "--lr-final": NUMBERS,
     "--kl-weight": NUMBERS,
     "--max-norm": NUMBERS,
+    "--units": SMALL,
+    "--kl-windows": SMALL,
 }
 COUNTER = itertools.count()
 ZEROSHOT_DATA = Path(__file__).parent / "data" / "zeroshot"

@@ -138,6 +138,27 @@ def test_fit_moves_the_field_towards_the_target(dtok, people):
     assert float(q[3].detach()) > 0.5
 
 
+def test_units_fit_moves_the_field_towards_the_target(dtok, people):
+    """New MLP units fitted with the vector fit's loss: the target KL falls, the field moves, the
+    units' gate and up rows moved away from their draw (they learn when to fire, not only what
+    to write)."""
+    from prunescope.edit.hooks import new_units
+
+    model = digit_model(dtok, seed=2)
+    targets = _targets(people, "Age.digit1=3:1")
+    contexts = fields.record_contexts(model, dtok, people, targets, 1, 4, 0, 4)
+    unrelated = torch.randint(0, 300, (2, 16))
+    edit, trace = methods.fit(model, contexts, [torch.tensor(targets[0].probs)], [0, 1], unrelated, steps=8,
+                              lr=0.2, kl_weight=0.0, units=3, seed=5)
+    assert trace.target_kl[-1] < 0.5 * trace.target_kl[0]
+    assert [e.units.count for e in edit.layers] == [3, 3] and all(e.add is None for e in edit.layers)
+    with applied(model, edit):
+        (q,) = fields.marginals(model, contexts)
+    assert float(q[3].detach()) > 0.5
+    drawn = new_units(model, 0, 3, torch.Generator().manual_seed(5))  # the fit's first layer starts here
+    assert not torch.allclose(edit.layers[0].units.gate, drawn.gate.detach())
+
+
 def test_contrast_ablation_and_weight_edits(dtok, people):
     model = digit_model(dtok, seed=4)
     targets = _targets(people, "Age.digit1=uniform:2-6")
@@ -200,6 +221,27 @@ def test_cli_edit_writes_the_report_and_a_folded_model(digit_model_dir, tmp_path
     assert folded.config.mlp_bias  # the fitted vector lives in down_proj's bias
 
 
+def test_cli_units_fit_saves_a_wider_mlp(digit_model_dir, tmp_path):
+    """``--method units --save``: the units fit runs, is reported with its own trace, and the
+    saved folder is a plain transformers model whose MLP is --units wider."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(digit_model_dir).config.intermediate_size
+    out = tmp_path / "out"
+    rc = cli.main(["-q", "edit", str(digit_model_dir), "--target", "Gender=uniform", "--method", "units,fit",
+                   "--units", "2", "--layers", "0-1", "--steps", "2", "--fit-tables", "2", "--fit-rewordings", "1",
+                   "--measure-tables", "2", "--strength", "1", "--eval-text", str(_unrelated_text(tmp_path)),
+                   "--eval-tokens", "512", "--eval-seqlen", "16", "--save", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [r["kind"] for r in report["results"]] == ["units", "fit"]
+    assert report["options"]["units"] == 2
+    assert len(report["units_trace"]["target_kl"]) == len(report["fit_trace"]["target_kl"]) == 2
+    assert "## Units fit" in (out / "report.md").read_text()
+    folded = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert folded.config.intermediate_size == base + 2 and not folded.config.mlp_bias
+
+
 def test_cli_reweighting_is_off_unless_asked_for():
     from prunescope.commands.edit import _config
 
@@ -230,6 +272,8 @@ def test_cli_reweighting_is_off_unless_asked_for():
         (["--target", "Gender=uniform", "--fit-rewordings", "-1"], "fit-rewordings must be an integer >= 0"),
         (["--target", "Gender=uniform", "--fit-rewordings", "2", "--fit-tables", "2"], "give --fit-tables 3 or more"),
         (["--target", "Gender=uniform", "--fit-tables", "3"], "over the 4 fit templates (people, people/fit-1"),
+        (["--target", "Gender=uniform", "--units", "0"], "units must be an integer >= 1"),
+        (["--target", "Gender=uniform", "--kl-windows", "65"], "kl-windows must be an integer from 1 to 64"),
     ],
 )
 def test_cli_edit_bad_input(digit_model_dir, tmp_path, capsys, args, message):
@@ -239,14 +283,18 @@ def test_cli_edit_bad_input(digit_model_dir, tmp_path, capsys, args, message):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("kind", ["vector", "weight"])
+@pytest.mark.parametrize("kind", ["vector", "units", "weight"])
 def test_saved_folded_model_gives_the_hooked_logits(dtok, people, tmp_path, kind):
     """The folded, reloaded folder computes what the hooked (or weight-edited) model computed."""
+    from prunescope.edit.hooks import Units
 
     model = digit_model(dtok, seed=5)
     hidden = model.config.hidden_size
     gen = torch.Generator().manual_seed(0)
-    if kind == "vector":
+    if kind == "units":
+        edit = Edit([LayerEdit(1, units=Units(*(0.3 * torch.randn(*shape, generator=gen)
+                                                  for shape in ((2, hidden), (2, hidden), (hidden, 2)))))])
+    elif kind == "vector":
         edit = Edit([LayerEdit(0, add=torch.randn(hidden, generator=gen)),
                      LayerEdit(1, add=torch.randn(hidden, generator=gen), direction=torch.randn(hidden, generator=gen))])
     else:
@@ -254,7 +302,7 @@ def test_saved_folded_model_gives_the_hooked_logits(dtok, people, tmp_path, kind
         edit = methods.weight_edit(model, contexts, {1: torch.randn(hidden, generator=gen)}, torch.randint(0, 300, (2, 16)))
     diff = job.save_edited(model, dtok, edit, tmp_path / "model")
     assert diff < 1e-4
-    assert (tmp_path / "model" / "edit.safetensors").exists() == (kind == "vector")
+    assert (tmp_path / "model" / "edit.safetensors").exists() == (kind != "weight")
 
 
 def test_lr_factor_is_a_cosine_from_one_to_the_final_share():
@@ -536,3 +584,45 @@ def test_fit_on_several_templates_refreshes_them_all_and_checks_their_fields(dto
                     recontext=lambda e, r: record(7, targets[::-1]), refresh_every=1)
     with pytest.raises(ValueError, match="record different fields"):
         methods.fit(model, [record(0)[0], record(0, targets[::-1])[1]], wanted, [0], torch.randint(0, 300, (2, 16)))
+
+
+def test_units_on_a_family_without_separate_gate_and_up_fail_before_measuring(dtok):
+    """Phi-3 fuses gate and up: the units kind is refused at once, not after the other kinds ran."""
+    from prunescope.errors import PrunescopeError
+    from prunescope.testing import tiny_family_model
+
+    config = job.EditConfig(targets=("Gender=uniform",), kinds=("fit", "units"), layers=(0,))
+    with pytest.raises(PrunescopeError, match="separate gate and up projections"):
+        job.run_edit_on(tiny_family_model("phi3"), dtok, config)
+
+
+def test_kl_windows_are_taken_in_turn_with_the_unedited_models_distributions(dtok):
+    """The fit's side-effect term runs on ``kl_batch`` windows per step, the next ones each step
+    (wrapping around), against the unedited model's next-token log-probabilities on them."""
+    model = digit_model(dtok, seed=3)
+    windows = torch.randint(0, 300, (5, 12))
+    turns = methods._KLWindows(model, windows, 2)
+    for step, rows in [(0, [0, 1]), (1, [2, 3]), (2, [4, 0]), (3, [1, 2])]:
+        batch, reference = turns.at(step)
+        assert torch.equal(batch, windows[rows])
+        with torch.no_grad():
+            torch.testing.assert_close(reference, torch.log_softmax(model(input_ids=windows[rows]).logits, -1))
+    assert torch.equal(turns.first, windows[:2])
+    every = methods._KLWindows(model, windows, 5)
+    assert every.at(0)[1] is every.at(7)[1]  # one batch: computed once
+
+
+def test_a_fit_on_all_its_kl_windows_at_once_is_the_default_fit(dtok, people):
+    """``kl_batch`` equal to the number of windows is the fit without it (the same vectors), and
+    a kl_batch outside 1..n is refused."""
+    model = digit_model(dtok, seed=2)
+    targets = _targets(people, "Age.digit1=uniform:2-6")
+    contexts = fields.record_contexts(model, dtok, people, targets, 1, 3, 0, 3)
+    wanted = [torch.tensor(targets[0].probs)]
+    unrelated = torch.randint(0, 300, (3, 16))
+    a, _ = methods.fit(model, contexts, wanted, [0], unrelated, steps=3, lr=0.2)
+    b, _ = methods.fit(model, contexts, wanted, [0], unrelated, steps=3, lr=0.2, kl_batch=3)
+    c, _ = methods.fit(model, contexts, wanted, [0], unrelated, steps=3, lr=0.2, kl_batch=1)
+    assert torch.equal(a.layers[0].add, b.layers[0].add) and not torch.equal(a.layers[0].add, c.layers[0].add)
+    with pytest.raises(ValueError, match="kl_batch 4 must lie in 1..3"):
+        methods.fit(model, contexts, wanted, [0], unrelated, steps=1, kl_batch=4)

@@ -22,11 +22,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "and measure each edit on the same footing: the target distance on the fitted rows, on held-out "
         "rewordings of the template and on later rows; perplexity, KL and top-1 agreement against the "
         "original on unrelated text; the change of the fields no target names. Kinds: fit (vectors "
-        "added to the residual stream, optimized on the exact distributions), caa (contrastive mean "
+        "added to the residual stream, optimized on the exact distributions), units (new MLP units "
+        "fitted the same way: a change that depends on the hidden state, saved by widening the MLP), caa (contrastive mean "
         "difference), ablate (a direction projected out of what the layers write), weight / weight-null "
         "(rank-one down_proj edits writing the fitted vectors: ROME-style, and AlphaEdit-style in the "
         "null space of unrelated keys). Writes report.json, report.md, pareto.png and, with --save, the "
-        "edited model as a plain Hugging Face folder (the vectors folded into biases and weights).",
+        "edited model as a plain Hugging Face folder (vectors folded into biases and weights, units into "
+        "a wider MLP).",
     )
     cli.add_model_argument(parser)
     parser.add_argument("--template", default="people", help="built-in 'people' (default) or a YAML/JSON file")
@@ -37,13 +39,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "{FIELD: DIST or {value: probability}}",
     )
     parser.add_argument("--method", default="fit", metavar="KIND[,KIND]",
-                        help="kinds of edit, comma-separated: fit (default), caa, ablate, weight, weight-null, "
-                        "or 'all'")
+                        help="kinds of edit, comma-separated: fit (default), units, caa, ablate, weight, "
+                        "weight-null, or 'all'")
     parser.add_argument("--layers", default=None,
                         help="decoder layers edited, e.g. 8-12 or 8,10 (default: a block a quarter of the way in)")
     parser.add_argument("--strength", default=None, metavar="S[,S]",
-                        help="edit strengths, comma-separated (default per kind: fit 0.5,1; caa 0.05,0.2; ablate 1,2; "
-                        "weight 1): fit and weight: the fitted vectors' multiplier; caa: the added vector's norm as a fraction "
+                        help="edit strengths, comma-separated (default per kind: fit and units 0.5,1; caa 0.05,0.2; "
+                        "ablate 1,2; weight 1): fit and weight: the fitted vectors' multiplier; units: what the "
+                        "fitted units write, multiplied; caa: the added vector's norm as a fraction "
                         "of the layer's median residual norm; ablate: the fraction of the direction removed (2 "
                         "reflects it)")
     parser.add_argument("--match-ppl", default=None, metavar="PCT[,PCT]",
@@ -83,9 +86,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "templates at the same perplexity, even with twice the --steps)")
     parser.add_argument("--kl-weight", type=float, default=10.0,
                         help="weight of KL(original || edited) on unrelated text in the fit (default 10)")
+    parser.add_argument("--kl-windows", type=int, default=8, metavar="N",
+                        help="windows of unrelated text (128 tokens each, 1-64) the fit's KL term runs on, 8 per "
+                        "step in turn (default 8: the same 8 every step). More show a fit more of the text at the "
+                        "same cost per step")
     parser.add_argument("--max-norm", type=float, default=0.5,
                         help="bound on each fitted vector's norm, as a fraction of the layer's median residual "
                         "norm (default 0.5)")
+    parser.add_argument("--units", type=int, default=8, metavar="K",
+                        help="new MLP units per edited layer for the 'units' kind (default 8): each computes "
+                        "act(gate . x) * (up . x) from the MLP's input like the layer's own units, fitted with the "
+                        "same loss as 'fit'; --save widens every layer's MLP by K (zeros where not edited). "
+                        "Gated MLPs with separate gate and up projections only (Llama, Mistral, Qwen2, Qwen3)")
     parser.add_argument("--heldout", type=Path, action="append", default=[], metavar="FILE",
                         help="a reworded template for the generalization check (repeatable; the built-in "
                         "'people' has its own)")
@@ -124,7 +136,8 @@ def _config(args: argparse.Namespace):
         strengths=_floats(args.strength, "--strength"), rows=args.rows, measure_rows=args.measure_rows,
         fit_tables=args.fit_tables, measure_tables=args.measure_tables, steps=args.steps,
         refresh_every=args.refresh_every, reweight=args.reweight, lr=args.lr, lr_final=args.lr_final,
-        kl_weight=args.kl_weight, max_norm=args.max_norm,
+        kl_weight=args.kl_weight, max_norm=args.max_norm, units=args.units,
+        kl_windows=args.kl_windows,
         match_ppl=_floats(args.match_ppl, "--match-ppl") or (), heldout=tuple(args.heldout),
         fit_rewordings=args.fit_rewordings, fit_template_files=tuple(args.fit_template),
         eval_text=args.eval_text, eval_tokens=args.eval_tokens, eval_seqlen=args.eval_seqlen, seed=args.seed,

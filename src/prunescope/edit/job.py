@@ -27,7 +27,7 @@ from torch import nn
 
 from prunescope import data, evaluate, models
 from prunescope.edit import fields, methods
-from prunescope.edit.hooks import Edit, applied
+from prunescope.edit.hooks import Edit, applied, require_gated
 from prunescope.edit.rewordings import fit_templates, heldout_templates
 from prunescope.edit.targets import Target, parse_targets
 from prunescope.errors import PrunescopeError
@@ -38,10 +38,11 @@ from prunescope.probe.template import Template, load_template
 
 log = logging.getLogger(__name__)
 
-KINDS = ("fit", "caa", "ablate", "weight", "weight-null")
-FIT_KL_WINDOWS = 8  # of the 64 fit windows, those the fit's KL term runs every step (all 64: the key covariance)
-DEFAULT_STRENGTHS = {"fit": (0.5, 1.0), "caa": (0.05, 0.2), "ablate": (1.0, 2.0), "weight": (1.0,),
-                     "weight-null": (1.0,)}
+KINDS = ("fit", "units", "caa", "ablate", "weight", "weight-null")
+FIT_WINDOWS = 64  # unrelated windows of 128 tokens for the fit: its KL term (--kl-windows of them), the key covariance
+FIT_KL_WINDOWS = 8  # of those, the windows the fit's KL term runs on per step
+DEFAULT_STRENGTHS = {"fit": (0.5, 1.0), "units": (0.5, 1.0), "caa": (0.05, 0.2), "ablate": (1.0, 2.0),
+                     "weight": (1.0,), "weight-null": (1.0,)}
 MIN_REACH = 0.05  # other fields reached less often than this are left out of other_fields_js
 MATCH_DOUBLINGS = 6  # a kind's matched strength is searched up to 2**6 x its smallest default strength
 MATCH_HALVINGS = 8
@@ -69,6 +70,8 @@ class EditConfig(models.Placement):
     lr_final: float = 1.0
     kl_weight: float = 10.0
     max_norm: float = 0.5
+    units: int = 8
+    kl_windows: int = FIT_KL_WINDOWS
     match_ppl: tuple[float, ...] = ()
     heldout: tuple[Path, ...] = ()
     fit_rewordings: int | None = None  # None: every rewording the template ships for fitting
@@ -87,11 +90,13 @@ class EditConfig(models.Placement):
             raise PrunescopeError(f"unknown edit kind {', '.join(bad) or '(none)'}; valid: {', '.join(KINDS)}")
         if len(set(self.kinds)) != len(self.kinds):
             raise PrunescopeError(f"edit kinds {', '.join(self.kinds)} name a kind twice")
-        for name in ("rows", "measure_rows", "fit_tables", "measure_tables", "steps", "refresh_every", "eval_tokens",
-                     "eval_seqlen"):
+        for name in ("rows", "measure_rows", "fit_tables", "measure_tables", "steps", "refresh_every", "units",
+                     "eval_tokens", "eval_seqlen"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise PrunescopeError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.kl_windows, int) or not 1 <= self.kl_windows <= FIT_WINDOWS:
+            raise PrunescopeError(f"kl-windows must be an integer from 1 to {FIT_WINDOWS}, got {self.kl_windows!r}")
         if self.fit_rewordings is not None and (not isinstance(self.fit_rewordings, int) or self.fit_rewordings < 0):
             raise PrunescopeError(f"fit-rewordings must be an integer >= 0, got {self.fit_rewordings!r}")
         if self.measure_rows < self.rows:
@@ -189,13 +194,14 @@ class EditReport:
     seconds: float
     fit_templates: tuple[str, ...] = ()  # the templates whose contexts every edit was built from
     options: dict[str, Any] = field(default_factory=dict)  # the fit's and the measurement's settings (run_options)
+    units_trace: dict[str, Any] | None = None  # the units fit's FitTrace, as fit_trace is the vectors'
 
 
 def run_options(config: EditConfig) -> dict[str, Any]:
     """The settings a report's figures depend on beyond its other fields (the fit's and the
     measurement's), so a report says how to make it again (as the config holds them: the JSON
     writer turns tuples into lists)."""
-    names = ("steps", "lr", "lr_final", "kl_weight", "max_norm", "refresh_every", "reweight", "fit_tables",
+    names = ("steps", "lr", "lr_final", "kl_weight", "kl_windows", "max_norm", "units", "refresh_every", "reweight", "fit_tables",
              "measure_tables", "match_ppl", "strengths", "eval_text", "eval_tokens", "eval_seqlen", "seed")
     return {n: getattr(config, n) for n in names}
 
@@ -371,21 +377,23 @@ def _edit_family(kind: str, model: nn.Module, tokenizer, config: EditConfig, con
     """``kind``'s edits as a function of the strength, and the seconds it took to build them. The
     fit and the contrast vectors are computed once and shared by the kinds built on them."""
     start = time.perf_counter()
-    if kind in ("fit", "weight", "weight-null") and "fit" not in cache:
+    fitted_as = "units" if kind == "units" else "fit" if kind in ("fit", "weight", "weight-null") else None
+    if fitted_as is not None and fitted_as not in cache:
         def recontext(edit: Edit, refresh: int) -> list[fields.Contexts]:
             with applied(model, edit):
                 return record_fit_contexts(model, tokenizer, config, setting, refresh)
 
-        edit, trace = methods.fit(model, contexts, targets, layers, setting.fit_windows[:FIT_KL_WINDOWS], config.steps,
-                                  config.lr, config.kl_weight, config.max_norm, recontext, config.refresh_every,
-                                  config.reweight, config.lr_final)
-        cache["fit"], cache["trace"] = edit, trace
+        edit, trace = methods.fit(model, contexts, targets, layers, setting.fit_windows[:config.kl_windows],
+                                  config.steps, config.lr, config.kl_weight, config.max_norm, recontext,
+                                  config.refresh_every, config.reweight, config.lr_final,
+                                  config.units if fitted_as == "units" else 0, config.seed,
+                                  min(FIT_KL_WINDOWS, config.kl_windows))
+        cache[fitted_as], cache[f"{fitted_as}_trace"] = edit, trace
     if kind in ("caa", "ablate") and "contrast" not in cache:
         cache["contrast"] = methods.contrast(model, contexts, targets, layers)
         cache["norms"] = methods.residual_norms(model, setting.fit_windows[:FIT_KL_WINDOWS], layers)
-    if kind == "fit":
-        fitted = cache["fit"]
-        make: EditMaker = lambda s: Edit([dataclasses.replace(e, add=e.add * s) for e in fitted.layers])  # noqa: E731
+    if kind in ("fit", "units"):
+        make: EditMaker = cache[kind].scaled
     elif kind == "caa":
         make = lambda s: methods.caa_edit(cache["contrast"], s, cache["norms"])  # noqa: E731
     elif kind == "ablate":
@@ -560,12 +568,12 @@ def _windows(tokenizer, config: EditConfig) -> tuple[torch.Tensor, torch.Tensor,
     rest = text[blocks.numel():]
     length = min(128, config.eval_seqlen)
     half = rest.numel() // 2
-    if half < 64 * length:
+    if half < FIT_WINDOWS * length:
         raise PrunescopeError(
             f"the evaluation text has {text.numel()} tokens: after the {blocks.numel()} used for perplexity, "
-            f"{2 * 64 * length} more are needed for the fit's and the side effects' windows; give a longer "
+            f"{2 * FIT_WINDOWS * length} more are needed for the fit's and the side effects' windows; give a longer "
             f"--eval-text or fewer --eval-tokens")
-    fit = data.calibration_blocks(rest[:half], 64, length, config.seed + 7)
+    fit = data.calibration_blocks(rest[:half], FIT_WINDOWS, length, config.seed + 7)
     unrelated = data.calibration_blocks(rest[half:], 8, length, config.seed + 11)
     return blocks, fit, unrelated
 
@@ -581,6 +589,8 @@ def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str
     n_layers = len(models.adapter_for(model).layers(model))
     layers = config.layers if config.layers is not None else default_layers(n_layers)
     check_layers(layers, n_layers)
+    if "units" in config.kinds:
+        require_gated(model)  # before minutes of measuring
     blocks, fit_windows, unrelated = _windows(tokenizer, config)
     setting = _Setting(template, heldout, fitted_on, targets, blocks, fit_windows, unrelated)
     if not setting.heldout:
@@ -612,12 +622,13 @@ def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str
             )
             log.info("%s", result.line())
             results.append(result)
-    trace = cache.get("trace")
+    trace, units_trace = cache.get("fit_trace"), cache.get("units_trace")
     return EditReport(
         model_name or config.model, template.name, config.targets, tuple(dict.fromkeys(t.key.label for t in targets)),
         tuple(layers), config.rows, config.measure_rows, tuple(t.name for t in setting.heldout), before,
         tuple(results), None if trace is None else dataclasses.asdict(trace), time.perf_counter() - t0,
         tuple(t.name for t in fitted_on), run_options(config),
+        None if units_trace is None else dataclasses.asdict(units_trace),
     )
 
 

@@ -10,6 +10,10 @@
   recorded from tables the edited model wrote, re-recorded every few steps; with
   ``reweight`` also importance-weighted by how much likelier the edit so far makes them
   (re-recorded as soon as the weights degenerate).
+* ``units``: the same fit of ``k`` new units per chosen layer's gated MLP instead of a vector
+  (:class:`~prunescope.edit.hooks.Units`, gate and up rows drawn like the layer's own, down
+  starting at zero): what they add depends on the hidden state, so they can write on the
+  table's cells and keep quiet on unrelated text, which a vector added everywhere cannot.
 * ``caa``: contrastive activation addition: per chosen layer, the mean residual after the value
   tokens weighted by the target minus the same weighted by the model's own distribution, i.e.
   "activations that lead to the wanted values minus those that lead to the preferred ones",
@@ -36,7 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunescope import models
-from prunescope.edit import fields
+from prunescope.edit import fields, hooks
 from prunescope.edit.hooks import Edit, LayerEdit, applied
 
 log = logging.getLogger(__name__)
@@ -128,9 +132,11 @@ def fit(
     model: nn.Module, contexts: fields.Contexts | Sequence[fields.Contexts], targets: Sequence[torch.Tensor],
     layers: Sequence[int], unrelated: torch.Tensor, steps: int = 30, lr: float = 0.03, kl_weight: float = 1.0,
     max_norm: float = 0.5, recontext: Callable[[Edit, int], fields.Contexts | list[fields.Contexts]] | None = None,
-    refresh_every: int = 10, reweight: bool = False, lr_final: float = 1.0,
+    refresh_every: int = 10, reweight: bool = False, lr_final: float = 1.0, units: int = 0, seed: int = 0,
+    kl_batch: int | None = None,
 ) -> tuple[Edit, FitTrace]:
-    """Fit one added vector per layer (see the module docstring).
+    """Fit one added vector per layer, or with ``units`` that many new MLP units per layer (see
+    the module docstring).
 
     Args:
         contexts: one template's recorded contexts, or several templates' (rewordings of one
@@ -139,6 +145,12 @@ def fit(
             marginal, where one wording's excess of a value could cancel another's shortfall.
         targets: per field of ``contexts``, the ``[values]`` target distribution.
         unrelated: ``[n, L]`` token windows of unrelated text for the side-effect term.
+        kl_batch: windows of ``unrelated`` the side-effect term runs on per step, the next ones
+            at each step in turn (the unedited model's next-token distributions on them computed
+            then); None: all of them every step. The residual norms that scale ``lr`` and
+            ``max_norm`` come from the first batch. A fit with many parameters (``units``) can
+            learn to keep a few windows unchanged and not the rest of the text: more windows in
+            turn show it more of the text at the same cost per step.
         lr: Adam step as a fraction of each layer's median residual norm per unit vector.
         max_norm: bound on each vector's norm as a fraction of its layer's median residual norm.
         lr_final: the step size at the last step as a fraction of ``lr``, reached by a cosine
@@ -159,19 +171,42 @@ def fit(
             moved away from the tables it was fitted on. Off by default because on the bundled
             model it cost more unrelated-text agreement at the same perplexity and was no closer
             on held-out templates (README, 2026-12-04).
+        units: 0 (the default) fits added vectors; ``k >= 1`` fits ``k`` new units per layer
+            instead (:class:`~prunescope.edit.hooks.Units`: a change that depends on the hidden
+            state, folded by widening the MLP), their gate and up rows drawn with ``seed``.
+            ``lr`` is then a fraction of each gate and up row's size, and of the residual norm
+            per unit activation for ``down``; ``max_norm`` bounds added vectors only.
     """
     import time
 
     start = time.perf_counter()
-    device = models.input_device(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.requires_grad_(False)  # the model is frozen; restored below
+    batch = len(unrelated) if kl_batch is None else kl_batch
+    if not 1 <= batch <= len(unrelated):
+        raise ValueError(f"kl_batch {kl_batch} must lie in 1..{len(unrelated)} (the unrelated windows)")
+    options = _FitOptions(steps, lr, kl_weight, max_norm, refresh_every, reweight, lr_final, units, seed, batch)
     try:
-        return _fit(model, _listed(contexts), targets, layers, unrelated,
-                    (steps, lr, kl_weight, max_norm, refresh_every, reweight, lr_final), recontext, device, start)
+        return _fit(model, _listed(contexts), targets, layers, unrelated, options, recontext, start)
     finally:
         for p in trainable:
             p.requires_grad_(True)
+
+
+@dataclass(frozen=True)
+class _FitOptions:
+    """The fit's settings (:func:`fit`'s arguments of the same names)."""
+
+    steps: int
+    lr: float
+    kl_weight: float
+    max_norm: float
+    refresh_every: int
+    reweight: bool
+    lr_final: float
+    units: int
+    seed: int
+    kl_batch: int
 
 
 def _listed(contexts: fields.Contexts | Sequence[fields.Contexts]) -> list[fields.Contexts]:
@@ -212,60 +247,122 @@ def _target_term(model: nn.Module, contexts: list[fields.Contexts], targets: Seq
 
 def _fit(
     model: nn.Module, contexts: list[fields.Contexts], targets: Sequence[torch.Tensor], layers: Sequence[int],
-    unrelated: torch.Tensor, options: tuple[int, float, float, float, int, bool, float],
-    recontext: Callable[[Edit, int], fields.Contexts | list[fields.Contexts]] | None, device: torch.device,
-    start: float,
+    unrelated: torch.Tensor, options: _FitOptions,
+    recontext: Callable[[Edit, int], fields.Contexts | list[fields.Contexts]] | None, start: float,
 ) -> tuple[Edit, FitTrace]:
     import time
 
-    steps, lr, kl_weight, max_norm, refresh_every, reweight, lr_final = options
-    norms = residual_norms(model, unrelated, layers)
-    hidden = model.config.hidden_size
-    vectors = {i: torch.zeros(hidden, device=device, requires_grad=True) for i in layers}
-    edit = Edit([LayerEdit(i, add=vectors[i]) for i in layers])
-    scale = torch.tensor([norms[i] for i in layers]) / hidden ** 0.5  # per-coordinate size
-    opt = torch.optim.Adam([{"params": [vectors[i]], "lr": lr * float(s)} for i, s in zip(layers, scale)])
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, steps, lr_final))
-    with torch.no_grad():
-        reference = torch.log_softmax(model(input_ids=unrelated.to(device)).logits.float(), dim=-1)  # [n, L, V]
+    o = options
+    device = models.input_device(model)
+    windows = _KLWindows(model, unrelated, o.kl_batch)
+    norms = residual_norms(model, windows.first, layers)
+    edit, groups = (_unit_params(model, layers, o, norms, windows.first) if o.units
+                    else _vector_params(model, layers, o.lr, norms))
+    opt = torch.optim.Adam(groups)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, o.steps, o.lr_final))
     target_kl, unrelated_kl, effective = [], [], []
     kept = _Readout()
     refreshed, since, share = [], 0, 1.0
     layout = _check_aligned(contexts, targets)
-    for _step in tqdm(range(steps), desc="fit", unit="step", leave=False):
-        if recontext is not None and _step and _due(since, refresh_every, share if reweight else None):
+    for _step in tqdm(range(o.steps), desc="fit", unit="step", leave=False):
+        if recontext is not None and _step and _due(since, o.refresh_every, share if o.reweight else None):
             refreshed.append(_step + 1)
             since = 0
             with torch.no_grad():
-                contexts = _listed(recontext(Edit([LayerEdit(i, add=vectors[i].detach()) for i in layers]),
-                                             len(refreshed)))
+                contexts = _listed(recontext(edit.detached(), len(refreshed)))
             if _check_aligned(contexts, targets) != layout:
                 raise ValueError("recontext returned other templates or fields than the fit started with")
             kept.written_by = None  # the elsewhere shares stay the unedited model's
         since += 1
+        batch, reference = windows.at(_step) if o.kl_weight else (None, None)
         with applied(model, edit):
-            tkl, fewest, share = _target_term(model, contexts, targets, kept, reweight)
-            ukl = next_token_kl(reference, model(input_ids=unrelated.to(device)).logits) if kl_weight \
+            tkl, fewest, share = _target_term(model, contexts, targets, kept, o.reweight)
+            ukl = next_token_kl(reference, model(input_ids=batch).logits) if batch is not None \
                 else torch.zeros((), device=device)
-        loss = tkl + kl_weight * ukl
+        loss = tkl + o.kl_weight * ukl
         opt.zero_grad()
         loss.backward()
         opt.step()
         schedule.step()
-        with torch.no_grad():
-            for i in layers:
-                bound = max_norm * norms[i]
-                n = float(vectors[i].norm())
-                if n > bound:
-                    vectors[i].mul_(bound / n)
+        _bound(edit, o.max_norm, norms)
         target_kl.append(float(tkl.detach()))
         unrelated_kl.append(float(ukl.detach()))
         effective.append(fewest)
         log.info("fit step %d: target KL %.4f, unrelated KL %.5f, effective tables %.1f of %d", _step + 1,
                  target_kl[-1], unrelated_kl[-1], effective[-1], _fewest_tables(contexts))
-    fitted = Edit([LayerEdit(i, add=vectors[i].detach().clone()) for i in layers])
-    return fitted, FitTrace(tuple(target_kl), tuple(unrelated_kl), time.perf_counter() - start, tuple(effective),
-                            tuple(refreshed), reweight)
+    return edit.detached(), FitTrace(tuple(target_kl), tuple(unrelated_kl), time.perf_counter() - start,
+                                     tuple(effective), tuple(refreshed), o.reweight)
+
+
+class _KLWindows:
+    """The side-effect term's windows, ``size`` per step in turn, with the unedited model's
+    next-token log-probabilities on them (kept when one batch is all there is, else computed at
+    each step: ``[n, L, V]`` for every window would be large)."""
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, size: int) -> None:
+        self.model, self.size = model, size
+        self.windows = windows.to(models.input_device(model))  # [n, L]
+        self.first = self.windows[:size]
+        self._kept: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step ``step``'s windows ``[size, L]`` and the unedited model's log-probs ``[size, L, V]``
+        on them (the caller applies no edit while this runs)."""
+        n = len(self.windows)
+        if self.size == n and self._kept is not None:
+            return self.windows, self._kept
+        rows = [(step * self.size + j) % n for j in range(self.size)]
+        batch = self.windows[rows]
+        reference = torch.log_softmax(self.model(input_ids=batch).logits.float(), dim=-1)
+        if self.size == n:
+            self._kept = reference
+        return batch, reference
+
+
+def _vector_params(model: nn.Module, layers: Sequence[int], lr: float, norms: dict[int, float],
+                   ) -> tuple[Edit, list[dict[str, Any]]]:
+    """The fit's added vectors (zeros) as a live edit, and their Adam groups: the step per
+    coordinate ``lr`` x the layer's median residual norm / sqrt(hidden)."""
+    hidden = model.config.hidden_size
+    device = models.input_device(model)
+    vectors = {i: torch.zeros(hidden, device=device, requires_grad=True) for i in layers}
+    scale = torch.tensor([norms[i] for i in layers]) / hidden ** 0.5  # float32, as the published fits used
+    groups = [{"params": [vectors[i]], "lr": lr * float(s)} for i, s in zip(layers, scale)]
+    return Edit([LayerEdit(i, add=vectors[i]) for i in layers]), groups
+
+
+def _unit_params(model: nn.Module, layers: Sequence[int], o: _FitOptions, norms: dict[int, float],
+                 windows: torch.Tensor) -> tuple[Edit, list[dict[str, Any]]]:
+    """The fit's new units (:func:`hooks.new_units`) as a live edit, and their Adam groups: gate
+    and up rows step by ``lr`` x their entries' size; ``down`` by ``lr`` x the layer's median
+    residual norm / sqrt(hidden), divided by the units' RMS activation on ``windows`` at the
+    start, so one step moves the written vector about as far as a vector fit's step."""
+    generator = torch.Generator().manual_seed(o.seed)
+    units = {i: hooks.new_units(model, i, o.units, generator) for i in layers}
+    inputs: dict[int, torch.Tensor] = {}
+    with torch.no_grad(), _capture({i: hooks.mlp_module(model, i) for i in layers}, inputs, inputs=True):
+        model(input_ids=windows.to(models.input_device(model)))
+    hidden = model.config.hidden_size
+    groups: list[dict[str, Any]] = []
+    for i, u in units.items():
+        with torch.no_grad():
+            rms = float(hooks.unit_values(model, i, u, inputs[i]).float().pow(2).mean().sqrt())  # inputs [n, L, hidden]
+        groups += [{"params": [u.gate], "lr": o.lr * float(u.gate.detach().std())},
+                   {"params": [u.up], "lr": o.lr * float(u.up.detach().std())},
+                   {"params": [u.down], "lr": o.lr * norms[i] / hidden ** 0.5 / max(rms, 1e-12)}]
+    return Edit([LayerEdit(i, units=units[i]) for i in layers]), groups
+
+
+@torch.no_grad()
+def _bound(edit: Edit, max_norm: float, norms: dict[int, float]) -> None:
+    """Scale each added vector down to ``max_norm`` x its layer's median residual norm where it is longer."""
+    for e in edit.layers:
+        if e.add is None:
+            continue
+        bound, n = max_norm * norms[e.layer], float(e.add.norm())
+        if n > bound:
+            e.add.mul_(bound / n)
 
 
 def lr_factor(step: int, steps: int, final: float) -> float:

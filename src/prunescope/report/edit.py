@@ -83,12 +83,11 @@ def render_markdown(report: "EditReport") -> str:
         "## Targeted fields at row 1",
         fields_table(report),
     ]
-    if report.fit_trace:
-        t = report.fit_trace
-        parts.append(f"## Fit\n\n{len(t['target_kl'])} steps in {t['seconds']:.0f} s: target KL (before each step) "
-                     f"{t['target_kl'][0]:.4f} -> {t['target_kl'][-1]:.4f} nats, unrelated KL "
-                     f"{t['unrelated_kl'][0]:.5f} -> {t['unrelated_kl'][-1]:.5f}."
-                     + _refresh_line(t))
+    for title, t in (("Fit", report.fit_trace), ("Units fit", report.units_trace)):
+        if t:
+            parts.append(f"## {title}\n\n{len(t['target_kl'])} steps in {t['seconds']:.0f} s: target KL (before each "
+                         f"step) {t['target_kl'][0]:.4f} -> {t['target_kl'][-1]:.4f} nats, unrelated KL "
+                         f"{t['unrelated_kl'][0]:.5f} -> {t['unrelated_kl'][-1]:.5f}." + _refresh_line(t))
     return "\n\n".join(parts) + "\n"
 
 
