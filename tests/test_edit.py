@@ -139,9 +139,9 @@ def test_fit_moves_the_field_towards_the_target(dtok, people):
 
 
 def test_units_fit_moves_the_field_towards_the_target(dtok, people):
-    """New MLP units fitted with the vector fit's loss: the target KL falls, the field moves, the
-    units' gate and up rows moved away from their draw (they learn when to fire, not only what
-    to write)."""
+    """New MLP units fitted beside the vectors with the vector fit's loss: the target KL falls,
+    the field moves, the units' gate and up rows moved away from their draw (they learn when to
+    fire, not only what to write)."""
     from prunescope.edit.hooks import new_units
 
     model = digit_model(dtok, seed=2)
@@ -151,12 +151,28 @@ def test_units_fit_moves_the_field_towards_the_target(dtok, people):
     edit, trace = methods.fit(model, contexts, [torch.tensor(targets[0].probs)], [0, 1], unrelated, steps=8,
                               lr=0.2, kl_weight=0.0, units=3, seed=5)
     assert trace.target_kl[-1] < 0.5 * trace.target_kl[0]
-    assert [e.units.count for e in edit.layers] == [3, 3] and all(e.add is None for e in edit.layers)
+    assert [e.units.count for e in edit.layers] == [3, 3] and all(e.add is not None for e in edit.layers)
     with applied(model, edit):
         (q,) = fields.marginals(model, contexts)
     assert float(q[3].detach()) > 0.5
     drawn = new_units(model, 0, 3, torch.Generator().manual_seed(5))  # the fit's first layer starts here
     assert not torch.allclose(edit.layers[0].units.gate, drawn.gate.detach())
+
+
+def test_a_units_fit_starts_as_the_vector_fit(dtok, people):
+    """The units start writing nothing, so the first step moves the vectors exactly as the fit
+    without units does; by the second the units' writing changes the vectors' gradient."""
+    model = digit_model(dtok, seed=2)
+    targets = _targets(people, "Age.digit1=uniform:2-6")
+    contexts = fields.record_contexts(model, dtok, people, targets, 1, 3, 0, 3)
+    wanted, unrelated = [torch.tensor(targets[0].probs)], torch.randint(0, 300, (2, 16))
+
+    def vectors(steps: int, units: int) -> torch.Tensor:
+        edit, _ = methods.fit(model, contexts, wanted, [0, 1], unrelated, steps=steps, lr=0.2, units=units)
+        return torch.stack([e.add for e in edit.layers])
+
+    torch.testing.assert_close(vectors(1, 2), vectors(1, 0), atol=0, rtol=0)
+    assert not torch.allclose(vectors(2, 2), vectors(2, 0))
 
 
 def test_contrast_ablation_and_weight_edits(dtok, people):
@@ -239,7 +255,7 @@ def test_cli_units_fit_saves_a_wider_mlp(digit_model_dir, tmp_path):
     assert len(report["units_trace"]["target_kl"]) == len(report["fit_trace"]["target_kl"]) == 2
     assert "## Units fit" in (out / "report.md").read_text()
     folded = AutoModelForCausalLM.from_pretrained(out / "model")
-    assert folded.config.intermediate_size == base + 2 and not folded.config.mlp_bias
+    assert folded.config.intermediate_size == base + 2 and folded.config.mlp_bias  # the vectors: biases
 
 
 def test_cli_reweighting_is_off_unless_asked_for():
@@ -350,6 +366,26 @@ def test_fit_on_cuda_matches_cpu(dtok, people):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
     for a, b in zip(cpu_edit.layers, gpu_edit.layers):
         torch.testing.assert_close(a.add, b.add.cpu(), atol=1e-3, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu-check.sh)")
+def test_units_fit_with_kl_windows_in_turn_on_cuda_matches_cpu(dtok, people):
+    """A units fit (drawn on the CPU's generator, then moved) whose KL term takes its windows in
+    turn gives on CUDA the units and vectors it gives on the CPU (float rounding)."""
+    model = digit_model(dtok, seed=2)
+    targets = _targets(people, "Age.digit1=3:1")
+    contexts = fields.record_contexts(model, dtok, people, targets, 1, 4, 0, 4)
+    wanted, unrelated = [torch.tensor(targets[0].probs)], torch.randint(0, 300, (3, 16))
+
+    def fitted():
+        edit, _ = methods.fit(model, contexts, wanted, [0, 1], unrelated, steps=3, lr=0.1, units=2, kl_batch=1)
+        return [t.cpu() for e in edit.layers for t in (e.add, e.units.gate, e.units.down)]
+
+    cpu = fitted()
+    model.cuda()
+    for a, b in zip(cpu, fitted()):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-2)
 
 
 def test_fit_refreshes_its_contexts_from_the_edited_model(dtok, people):

@@ -22,8 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "and measure each edit on the same footing: the target distance on the fitted rows, on held-out "
         "rewordings of the template and on later rows; perplexity, KL and top-1 agreement against the "
         "original on unrelated text; the change of the fields no target names. Kinds: fit (vectors "
-        "added to the residual stream, optimized on the exact distributions), units (new MLP units "
-        "fitted the same way: a change that depends on the hidden state, saved by widening the MLP), caa (contrastive mean "
+        "added to the residual stream, optimized on the exact distributions), units (the fit with new "
+        "MLP units beside each vector: a change that depends on the hidden state, saved by widening the MLP), caa (contrastive mean "
         "difference), ablate (a direction projected out of what the layers write), weight / weight-null "
         "(rank-one down_proj edits writing the fitted vectors: ROME-style, and AlphaEdit-style in the "
         "null space of unrelated keys). Writes report.json, report.md, pareto.png and, with --save, the "
@@ -94,9 +94,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="bound on each fitted vector's norm, as a fraction of the layer's median residual "
                         "norm (default 0.5)")
     parser.add_argument("--units", type=int, default=8, metavar="K",
-                        help="new MLP units per edited layer for the 'units' kind (default 8): each computes "
-                        "act(gate . x) * (up . x) from the MLP's input like the layer's own units, fitted with the "
-                        "same loss as 'fit'; --save widens every layer's MLP by K (zeros where not edited). "
+                        help="new MLP units per edited layer for the 'units' kind (default 8), fitted beside each "
+                        "layer's vector with the same loss as 'fit': each computes act(gate . x) * (up . x) from the "
+                        "MLP's input like the layer's own units; --save widens every layer's MLP by K (zeros where "
+                        "not edited). "
                         "Gated MLPs with separate gate and up projections only (Llama, Mistral, Qwen2, Qwen3)")
     parser.add_argument("--heldout", type=Path, action="append", default=[], metavar="FILE",
                         help="a reworded template for the generalization check (repeatable; the built-in "

@@ -10,10 +10,12 @@
   recorded from tables the edited model wrote, re-recorded every few steps; with
   ``reweight`` also importance-weighted by how much likelier the edit so far makes them
   (re-recorded as soon as the weights degenerate).
-* ``units``: the same fit of ``k`` new units per chosen layer's gated MLP instead of a vector
+* ``units``: the same fit with ``k`` new units per chosen layer's gated MLP beside each vector
   (:class:`~prunescope.edit.hooks.Units`, gate and up rows drawn like the layer's own, down
   starting at zero): what they add depends on the hidden state, so they can write on the
-  table's cells and keep quiet on unrelated text, which a vector added everywhere cannot.
+  table's cells, or cancel the vector on unrelated text, which a vector added everywhere
+  cannot. Measured on the bundled model, units alone (no vector; commit 9505b18) came out
+  farther from the targets than the vectors at the same perplexity.
 * ``caa``: contrastive activation addition: per chosen layer, the mean residual after the value
   tokens weighted by the target minus the same weighted by the model's own distribution, i.e.
   "activations that lead to the wanted values minus those that lead to the preferred ones",
@@ -28,6 +30,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -171,11 +174,13 @@ def fit(
             moved away from the tables it was fitted on. Off by default because on the bundled
             model it cost more unrelated-text agreement at the same perplexity and was no closer
             on held-out templates (README, 2026-12-04).
-        units: 0 (the default) fits added vectors; ``k >= 1`` fits ``k`` new units per layer
-            instead (:class:`~prunescope.edit.hooks.Units`: a change that depends on the hidden
-            state, folded by widening the MLP), their gate and up rows drawn with ``seed``.
-            ``lr`` is then a fraction of each gate and up row's size, and of the residual norm
-            per unit activation for ``down``; ``max_norm`` bounds added vectors only.
+        units: ``k >= 1`` fits ``k`` new units per layer beside each vector
+            (:class:`~prunescope.edit.hooks.Units`: a change that depends on the hidden state,
+            folded by widening the MLP; they start writing nothing, so the fit starts as the
+            vector fit does), their gate and up rows drawn with ``seed``; 0 (the default): the
+            vectors alone. ``lr`` is then also a fraction of each gate and up row's size, and of
+            the residual norm per unit activation for ``down``; ``max_norm`` bounds the vectors
+            only.
     """
     import time
 
@@ -256,8 +261,9 @@ def _fit(
     device = models.input_device(model)
     windows = _KLWindows(model, unrelated, o.kl_batch)
     norms = residual_norms(model, windows.first, layers)
-    edit, groups = (_unit_params(model, layers, o, norms, windows.first) if o.units
-                    else _vector_params(model, layers, o.lr, norms))
+    edit, groups = _vector_params(model, layers, o.lr, norms)
+    if o.units:
+        edit, groups = _with_units(model, edit, groups, o, norms, windows.first)
     opt = torch.optim.Adam(groups)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, o.steps, o.lr_final))
     target_kl, unrelated_kl, effective = [], [], []
@@ -332,26 +338,28 @@ def _vector_params(model: nn.Module, layers: Sequence[int], lr: float, norms: di
     return Edit([LayerEdit(i, add=vectors[i]) for i in layers]), groups
 
 
-def _unit_params(model: nn.Module, layers: Sequence[int], o: _FitOptions, norms: dict[int, float],
-                 windows: torch.Tensor) -> tuple[Edit, list[dict[str, Any]]]:
-    """The fit's new units (:func:`hooks.new_units`) as a live edit, and their Adam groups: gate
-    and up rows step by ``lr`` x their entries' size; ``down`` by ``lr`` x the layer's median
-    residual norm / sqrt(hidden), divided by the units' RMS activation on ``windows`` at the
-    start, so one step moves the written vector about as far as a vector fit's step."""
+def _with_units(model: nn.Module, edit: Edit, groups: list[dict[str, Any]], o: _FitOptions,
+                norms: dict[int, float], windows: torch.Tensor) -> tuple[Edit, list[dict[str, Any]]]:
+    """``edit`` with ``o.units`` new units (:func:`hooks.new_units`) in each layer beside its
+    vector, and the Adam groups with theirs: gate and up rows step by ``lr`` x their entries'
+    size; ``down`` by ``lr`` x the layer's median residual norm / sqrt(hidden), divided by the
+    units' RMS activation on ``windows`` at the start, so one step moves what they write about
+    as far as a step moves the vector."""
     generator = torch.Generator().manual_seed(o.seed)
+    layers = [e.layer for e in edit.layers]
     units = {i: hooks.new_units(model, i, o.units, generator) for i in layers}
     inputs: dict[int, torch.Tensor] = {}
     with torch.no_grad(), _capture({i: hooks.mlp_module(model, i) for i in layers}, inputs, inputs=True):
         model(input_ids=windows.to(models.input_device(model)))
     hidden = model.config.hidden_size
-    groups: list[dict[str, Any]] = []
+    groups = list(groups)
     for i, u in units.items():
         with torch.no_grad():
             rms = float(hooks.unit_values(model, i, u, inputs[i]).float().pow(2).mean().sqrt())  # inputs [n, L, hidden]
         groups += [{"params": [u.gate], "lr": o.lr * float(u.gate.detach().std())},
                    {"params": [u.up], "lr": o.lr * float(u.up.detach().std())},
                    {"params": [u.down], "lr": o.lr * norms[i] / hidden ** 0.5 / max(rms, 1e-12)}]
-    return Edit([LayerEdit(i, units=units[i]) for i in layers]), groups
+    return Edit([dataclasses.replace(e, units=units[e.layer]) for e in edit.layers]), groups
 
 
 @torch.no_grad()
