@@ -22,8 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "and measure each edit on the same footing: the target distance on the fitted rows, on held-out "
         "rewordings of the template and on later rows; perplexity, KL and top-1 agreement against the "
         "original on unrelated text; the change of the fields no target names. Kinds: fit (vectors "
-        "added to the residual stream, optimized on the exact distributions), units (the fit with new "
-        "MLP units beside each vector: a change that depends on the hidden state, saved by widening the MLP), caa (contrastive mean "
+        "added to the residual stream, optimized on the exact distributions), units (the fit with "
+        "new MLP units beside each vector: a change that depends on the hidden state, saved by widening the "
+        "MLP), caa (contrastive mean "
         "difference), ablate (a direction projected out of what the layers write), weight / weight-null "
         "(rank-one down_proj edits writing the fitted vectors: ROME-style, and AlphaEdit-style in the "
         "null space of unrelated keys). Writes report.json, report.md, pareto.png and, with --save, the "
@@ -88,8 +89,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="weight of KL(original || edited) on unrelated text in the fit (default 10)")
     parser.add_argument("--kl-windows", type=int, default=8, metavar="N",
                         help="windows of unrelated text (128 tokens each, 1-64) the fit's KL term runs on, 8 per "
-                        "step in turn (default 8: the same 8 every step). More show a fit more of the text at the "
-                        "same cost per step")
+                        "step in turn (default 8: the same 8 every step; fewer: all of them every step). More "
+                        "show a fit more of the text at the same cost per step")
     parser.add_argument("--max-norm", type=float, default=0.5,
                         help="bound on each fitted vector's norm, as a fraction of the layer's median residual "
                         "norm (default 0.5)")

@@ -138,8 +138,8 @@ def fit(
     refresh_every: int = 10, reweight: bool = False, lr_final: float = 1.0, units: int = 0, seed: int = 0,
     kl_batch: int | None = None,
 ) -> tuple[Edit, FitTrace]:
-    """Fit one added vector per layer, or with ``units`` that many new MLP units per layer (see
-    the module docstring).
+    """Fit one added vector per layer, with ``units`` also that many new MLP units per layer
+    (see the module docstring).
 
     Args:
         contexts: one template's recorded contexts, or several templates' (rewordings of one
