@@ -90,7 +90,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--kl-windows", type=int, default=8, metavar="N",
                         help="windows of unrelated text (128 tokens each, 1-64) the fit's KL term runs on, 8 per "
                         "step in turn (default 8: the same 8 every step; fewer: all of them every step). More "
-                        "show a fit more of the text at the same cost per step")
+                        "show a fit more of the text at the same cost per step (on the bundled model 64 kept "
+                        "more agreement on unrelated text and came no closer to the targets)")
     parser.add_argument("--max-norm", type=float, default=0.5,
                         help="bound on each fitted vector's norm, as a fraction of the layer's median residual "
                         "norm (default 0.5)")
