@@ -243,11 +243,7 @@ def _check_units(where: str, entry: LayerEdit, hidden: int, writers: _Writers) -
     """Units of matching ``[k, hidden]``, ``[k, hidden]``, ``[hidden, k]`` finite floating
     tensors, on a family whose gate and up projections are separate modules, without a
     direction in the same layer."""
-    if writers.gated is None:
-        raise PrunescopeError(
-            f"{where}: new units need a gated MLP with separate gate and up projections (Llama, Mistral, "
-            f"Qwen2, Qwen3); {writers.family.name}'s MLP is not one"
-        )
+    _refuse_ungated(writers, f"{where}: ")
     if entry.direction is not None:
         raise PrunescopeError(f"{where}: units and a direction in the same layer are not supported; edit the "
                               f"direction in another layer")
@@ -321,10 +317,15 @@ def require_gated(model: nn.Module) -> _Writers:
         PrunescopeError: a family whose MLP is not gated that way (Phi-3's fused gate_up, GPT-2, OPT).
     """
     writers = _writers(model)
-    if writers.gated is None:
-        raise PrunescopeError(f"new units need a gated MLP with separate gate and up projections (Llama, Mistral, "
-                              f"Qwen2, Qwen3); {writers.family.name}'s MLP is not one")
+    _refuse_ungated(writers)
     return writers
+
+
+def _refuse_ungated(writers: _Writers, where: str = "") -> None:
+    """The one error for new units on a family whose MLP has no separate gate and up projections."""
+    if writers.gated is None:
+        raise PrunescopeError(f"{where}new units need a gated MLP with separate gate and up projections (Llama, "
+                              f"Mistral, Qwen2, Qwen3); {writers.family.name}'s MLP is not one")
 
 
 def mlp_module(model: nn.Module, layer: int) -> nn.Module:
