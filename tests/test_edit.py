@@ -159,6 +159,66 @@ def test_units_fit_moves_the_field_towards_the_target(dtok, people):
     assert not torch.allclose(edit.layers[0].units.gate, drawn.gate.detach())
 
 
+def test_logistic_gate_separates_two_clouds_and_opens_on_one():
+    """The classifier separates two shifted Gaussian clouds (1 positive per 10 negatives, the
+    classes weighted alike); a gate built from it is open on held-out positives and shut on
+    held-out negatives; at the returned weights the loss's gradient is about zero (an optimum)."""
+    from prunescope.edit.hooks import Gate
+
+    g = torch.Generator().manual_seed(0)
+    shift = torch.zeros(16)
+    shift[:3] = 2.0
+    def draw(n, sign):  # noqa: E306
+        return torch.randn(n, 16, generator=g) + sign * shift + 5.0
+    pos, neg = draw(200, 1), draw(2000, -1)
+    w, b = methods.logistic(pos, neg, l2=1e-3)
+    test_pos, test_neg = draw(500, 1), draw(500, -1)
+    assert float((test_pos @ w + b > 0).float().mean()) > 0.95 and float((test_neg @ w + b < 0).float().mean()) > 0.95
+    # the optimum: the class-balanced loss plus the penalty on standardized weights is stationary
+    x = torch.cat([pos, neg]).double()
+    std = x.std(0)
+    ws = (w.double() * std).requires_grad_(True)  # the standardized weights
+    bs = torch.tensor(b, dtype=torch.double, requires_grad=True)
+    y = torch.cat([torch.ones(200), torch.zeros(2000)]).double()
+    weight = torch.where(y > 0, 0.5 / 200, 0.5 / 2000)
+    z = (x - x.mean(0)) / std @ ws + bs + float(x.mean(0) / std @ ws.detach())
+    loss = (weight * torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="none")).sum()
+    (loss + 1e-3 * ws.pow(2).sum()).backward()
+    assert float(ws.grad.abs().max()) < 1e-4
+    gate = Gate(2.0 * w, 2.0 * b, 8.0)
+    silu = torch.nn.functional.silu
+    ramp = lambda x: (silu(x @ gate.weight + gate.bias) - silu(x @ gate.weight + gate.bias - 8.0)) / 8.0  # noqa: E731
+    assert float((ramp(test_pos) > 0.5).float().mean()) > 0.9 and float((ramp(test_neg) > 0.5).float().mean()) < 0.05
+
+
+def test_gated_fit_moves_the_field_and_its_gates_stay_as_given(dtok, people):
+    """The gated fit (gates from gate_probe on the recorded tables against random text) lowers
+    the target KL and moves the field; each layer keeps its gate unchanged (only the vectors are
+    fitted); gates with units, or for other layers, are refused."""
+    model = digit_model(dtok, seed=2)
+    targets = _targets(people, "Age.digit1=3:1")
+    contexts = fields.record_contexts(model, dtok, people, targets, 1, 4, 0, 4)
+    unrelated = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    gates = methods.gate_probe(model, contexts, unrelated, [0, 1])
+    table, text = methods.table_inputs(model, contexts, [0, 1]), methods.text_inputs(model, unrelated, [0, 1])
+    # a random tiny model's tables are not far from random text: the gates open more on the tables
+    assert all(methods.gate_share(model, i, gates[i], table[i]) > methods.gate_share(model, i, gates[i], text[i])
+               for i in (0, 1))
+    before = {i: g.weight.clone() for i, g in gates.items()}
+    edit, trace = methods.fit(model, contexts, [torch.tensor(targets[0].probs)], [0, 1], unrelated, steps=8,
+                              lr=0.2, kl_weight=0.0, max_norm=2.0, gates=gates)
+    assert trace.target_kl[-1] < 0.5 * trace.target_kl[0]
+    assert all(torch.equal(e.gate.weight, before[e.layer]) and (e.gate.bias, e.gate.span) ==
+               (gates[e.layer].bias, gates[e.layer].span) for e in edit.layers)
+    with applied(model, edit):
+        (q,) = fields.marginals(model, contexts)
+    assert float(q[3].detach()) > 0.5
+    with pytest.raises(ValueError, match="one gate per fitted layer"):
+        methods.fit(model, contexts, [torch.tensor(targets[0].probs)], [0, 1], unrelated, steps=1, gates={0: gates[0]})
+    with pytest.raises(ValueError, match="and no units"):
+        methods.fit(model, contexts, [torch.tensor(targets[0].probs)], [0, 1], unrelated, steps=1, gates=gates, units=2)
+
+
 def test_a_units_fit_starts_as_the_vector_fit(dtok, people):
     """The units start writing nothing, so the first step moves the vectors exactly as the fit
     without units does; by the second the units' writing changes the vectors' gradient."""
@@ -256,6 +316,32 @@ def test_cli_units_fit_saves_a_wider_mlp(digit_model_dir, tmp_path):
     assert "## Units fit" in (out / "report.md").read_text()
     folded = AutoModelForCausalLM.from_pretrained(out / "model")
     assert folded.config.intermediate_size == base + 2 and folded.config.mlp_bias  # the vectors: biases
+
+
+def test_cli_gated_fit_reports_its_gates_and_saves_a_wider_mlp(digit_model_dir, tmp_path):
+    """``--method gated --match-ppl 1 --save``: the gates are trained and reported (where they open
+    on each sample), the gated fit has its own trace, the match stops at the fitted strength, and
+    the saved folder is a plain transformers model two units wider per layer, with MLP biases."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(digit_model_dir).config.intermediate_size
+    out = tmp_path / "out"
+    rc = cli.main(["-q", "edit", str(digit_model_dir), "--target", "Gender=uniform", "--method", "gated",
+                   "--layers", "0-1", "--steps", "2", "--fit-tables", "2", "--fit-rewordings", "1",
+                   "--measure-tables", "2", "--match-ppl", "1000", "--eval-text", str(_unrelated_text(tmp_path)),
+                   "--eval-tokens", "512", "--eval-seqlen", "16", "--save", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    (result,) = report["results"]
+    assert result["kind"] == "gated" and result["strength"] == 1.0 and result["matched_ppl_change"] is None
+    assert len(report["gated_trace"]["target_kl"]) == 2 and report["fit_trace"] is None
+    shares = report["gate"]["open_share"]
+    assert set(shares) == {"0", "1"} and report["gate"]["positions"]["fit tables"] > 0
+    assert all(0 <= v <= 1 for layer in shares.values() for v in layer.values() if v is not None)
+    text = (out / "report.md").read_text()
+    assert "## Gated fit" in text and "## Gates" in text
+    folded = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert folded.config.intermediate_size == base + 2 and folded.config.mlp_bias
 
 
 def test_cli_reweighting_is_off_unless_asked_for():
@@ -381,6 +467,28 @@ def test_units_fit_with_kl_windows_in_turn_on_cuda_matches_cpu(dtok, people):
     def fitted():
         edit, _ = methods.fit(model, contexts, wanted, [0, 1], unrelated, steps=3, lr=0.1, units=2, kl_batch=1)
         return [t.cpu() for e in edit.layers for t in (e.add, e.units.gate, e.units.down)]
+
+    cpu = fitted()
+    model.cuda()
+    for a, b in zip(cpu, fitted()):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu-check.sh)")
+def test_gated_fit_on_cuda_matches_cpu(dtok, people):
+    """The gates (a classifier trained on the device's MLP inputs) and the gated vectors fitted on
+    CUDA are the CPU's (float rounding)."""
+    model = digit_model(dtok, seed=2)
+    targets = _targets(people, "Age.digit1=3:1")
+    contexts = fields.record_contexts(model, dtok, people, targets, 1, 4, 0, 4)
+    wanted = [torch.tensor(targets[0].probs)]
+    unrelated = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(0))
+
+    def fitted():
+        gates = methods.gate_probe(model, contexts, unrelated, [0, 1])
+        edit, _ = methods.fit(model, contexts, wanted, [0, 1], unrelated, steps=3, lr=0.1, gates=gates)
+        return [t.cpu() for e in edit.layers for t in (e.add, e.gate.weight)]
 
     cpu = fitted()
     model.cuda()

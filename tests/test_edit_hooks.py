@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from prunescope import models
-from prunescope.edit.hooks import Edit, LayerEdit, Units, applied, fold, load_edit, new_units, save_edit
+from prunescope.edit.hooks import Edit, Gate, LayerEdit, Units, applied, fold, load_edit, new_units, save_edit
 from prunescope.errors import PrunescopeError
 from prunescope.testing import tiny_family_model, tiny_llama
 
@@ -374,3 +375,132 @@ def test_units_save_and_load_round_trip(tmp_path):
         assert torch.equal(getattr(loaded.layers[0].units, name), getattr(edit.layers[0].units, name))
     assert loaded.layers[1].units is None and loaded.nbytes == edit.nbytes == 4 * (9 * HIDDEN + HIDDEN)
     assert loaded.summary()[0]["units"] == 3
+
+
+# --------------------------------------------------------------------------- gated vectors
+
+
+def _gate(seed: int, bias: float = 0.5, span: float = 2.0) -> Gate:
+    return Gate(_vec(seed), bias, span)
+
+
+def test_biased_units_add_what_they_compute():
+    """Units with gate and up biases add silu(x G^T + b_g) * (x U^T + b_u) D^T to the MLP output."""
+    model = tiny_llama(num_layers=2)
+    mlp = models.adapter_for(model).layers(model)[1].mlp
+    seen: dict[str, torch.Tensor] = {}
+    g = torch.Generator().manual_seed(3)
+    units = dataclasses.replace(_units(0, 3), gate_bias=torch.randn(3, generator=g), up_bias=torch.randn(3, generator=g))
+    handle = mlp.register_forward_hook(lambda _m, args, out: seen.update(x=args[0], out=out))
+    _logits(model)
+    handle.remove()
+    before = seen["out"]
+    with applied(model, Edit([LayerEdit(1, units=units)])):
+        handle = mlp.register_forward_hook(lambda _m, args, out: seen.update(x=args[0], out=out))  # after the edit's
+        _logits(model)
+    handle.remove()
+    x = seen["x"]
+    want = (torch.nn.functional.silu(x @ units.gate.T + units.gate_bias) * (x @ units.up.T + units.up_bias)) @ units.down.T
+    torch.testing.assert_close(seen["out"], before + want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_gated_vector_adds_the_ramp_times_the_vector():
+    """A gated vector adds g(x) add, g = (silu(u) - silu(u - span)) / span, u = w . x + b: near 0
+    for u well below 0, near 1 well above span (checked on the values the MLP input gives)."""
+    model = tiny_llama(num_layers=2)
+    mlp = models.adapter_for(model).layers(model)[1].mlp
+    seen: dict[str, torch.Tensor] = {}
+    handle = mlp.register_forward_hook(lambda _m, args, out: seen.update(x=args[0], out=out))
+    _logits(model)
+    handle.remove()
+    before, x = seen["out"], seen["x"]
+    gate, add = _gate(5), _vec(6, 0.4)
+    with applied(model, Edit([LayerEdit(1, add=add, gate=gate)])):
+        handle = mlp.register_forward_hook(lambda _m, args, out: seen.update(out=out))  # after the edit's
+        _logits(model)
+    handle.remove()
+    u = x @ gate.weight + gate.bias  # [B, S]
+    silu = torch.nn.functional.silu
+    ramp = (silu(u) - silu(u - gate.span)) / gate.span
+    torch.testing.assert_close(seen["out"], before + ramp[..., None] * add, atol=1e-5, rtol=1e-5)
+    grid = torch.tensor([-40.0, -8.0, 0.0, 1.0, 2.0, 10.0, 40.0])
+    r = (silu(grid) - silu(grid - 2.0)) / 2.0
+    assert abs(float(r[0])) < 1e-6 and abs(float(r[1])) < 0.01 and abs(float(r[-1]) - 1) < 1e-6
+    assert 0.4 < float(r[3]) < 0.6  # half way up at u = span / 2
+
+
+def test_a_gated_vector_moves_only_where_its_gate_opens():
+    """With the gate shut everywhere (a large negative bias) the model is unchanged; gradients
+    reach the vector through the gate's units."""
+    model = tiny_llama(num_layers=2)
+    before = _logits(model)
+    add = _vec(6, 0.4).requires_grad_(True)
+    with applied(model, Edit([LayerEdit(1, add=add, gate=Gate(_vec(5, 0.01), -100.0, 2.0))])):
+        torch.testing.assert_close(_logits(model), before, atol=1e-6, rtol=0)
+    with applied(model, Edit([LayerEdit(1, add=add, gate=Gate(_vec(5, 0.01), 100.0, 2.0))])):
+        model(IDS).logits.sum().backward()
+    assert add.grad is not None and add.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
+def test_a_gated_vector_folds_into_a_wider_mlp_with_biases(family, tmp_path):
+    """Llama: two units per gated layer, gate/up biases turned on (mlp_bias), the reloaded folder
+    gives the hooked logits, with a plain vector in another layer folded in the same rebuild.
+    Families without MLP biases in plain transformers refuse the fold in one line."""
+    model = tiny_family_model(family)
+    base = model.config.intermediate_size
+    edit = Edit([LayerEdit(0, add=_vec(1, 0.5), gate=_gate(2, 0.3)), LayerEdit(1, add=_vec(3, 0.3))])
+    if family != "llama":
+        with pytest.raises(PrunescopeError, match="has no gate/up bias in plain transformers, so a gated vector"):
+            fold(model, Edit(edit.layers[:1]))
+        return
+    with applied(model, edit):
+        hooked = _logits(model)
+    assert not torch.allclose(hooked, _logits(model), atol=1e-3)
+    folded = fold(model, edit)
+    assert folded.config.intermediate_size == base + 2 and folded.config.mlp_bias
+    torch.testing.assert_close(_logits(folded), hooked, atol=1e-4, rtol=1e-5)
+    folded.save_pretrained(tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    torch.testing.assert_close(_logits(reloaded), hooked, atol=1e-4, rtol=1e-5)
+    mlp = models.adapter_for(reloaded).layers(reloaded)[0].mlp
+    assert mlp.gate_proj.bias[base:].tolist() == pytest.approx([0.3, 0.3 - 2.0])
+    assert not mlp.gate_proj.bias[:base].any() and not mlp.down_proj.bias.any()
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    (LayerEdit(0, gate=Gate(_vec(1), 0.0)), "a gate switches an added vector; give add as well"),
+    (LayerEdit(0, add=_vec(1), gate=Gate(_vec(1), 0.0), units=_units(0, 1)), "neither units nor a direction"),
+    (LayerEdit(0, add=_vec(1), gate=Gate(_vec(1), 0.0), direction=_vec(2)), "neither units nor a direction"),
+    (LayerEdit(0, add=_vec(1), gate=Gate(torch.zeros(16), 0.0)), r"gate.weight has shape \(16,\)"),
+    (LayerEdit(0, add=_vec(1), gate=Gate(_vec(1), float("nan"))), "gate.bias must be a finite number"),
+    (LayerEdit(0, add=_vec(1), gate=Gate(_vec(1), 0.0, 0.0)), "gate.span must be a finite number > 0"),
+    (LayerEdit(0, units=dataclasses.replace(_units(0, 2), gate_bias=torch.zeros(3))),
+     r"units.gate_bias has shape \(3,\); expected \[2\]"),
+])
+def test_gate_check_errors(entry, message):
+    with pytest.raises(PrunescopeError, match=message):
+        Edit([entry]).check(tiny_llama())
+
+
+def test_a_gated_vector_is_refused_where_the_mlp_is_not_gated():
+    model = tiny_family_model("phi3")
+    hidden = model.config.hidden_size
+    with pytest.raises(PrunescopeError, match="a gated vector is written by two new units; new units need"):
+        Edit([LayerEdit(0, add=torch.ones(hidden), gate=Gate(torch.ones(hidden), 0.0))]).check(model)
+
+
+def test_gated_edits_save_load_scale_and_detach(tmp_path):
+    """The gate's weight, bias and span survive saving; scaling scales the vector, not the gate."""
+    edit = Edit([LayerEdit(0, add=_vec(1), gate=_gate(2, -1.5, 4.0)),
+                 LayerEdit(1, units=dataclasses.replace(_units(0, 2), up_bias=torch.ones(2)))])
+    loaded = load_edit(save_edit(edit, tmp_path / "edit.safetensors"))
+    gate = loaded.layers[0].gate
+    assert torch.equal(gate.weight, edit.layers[0].gate.weight) and (gate.bias, gate.span) == (-1.5, 4.0)
+    assert torch.equal(loaded.layers[1].units.up_bias, torch.ones(2)) and loaded.layers[1].units.gate_bias is None
+    assert loaded.summary()[0]["gated"] and not loaded.summary()[1]["gated"]
+    assert loaded.nbytes == edit.nbytes == 4 * (2 * HIDDEN + 6 * HIDDEN + 2)  # add, gate.weight; units, up_bias
+    half = edit.scaled(0.5)
+    torch.testing.assert_close(half.layers[0].add, 0.5 * _vec(1))
+    assert half.layers[0].gate is edit.layers[0].gate
+    assert edit.detached().layers[0].gate.weight is not edit.layers[0].gate.weight

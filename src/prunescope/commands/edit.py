@@ -24,12 +24,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "original on unrelated text; the change of the fields no target names. Kinds: fit (vectors "
         "added to the residual stream, optimized on the exact distributions), units (the fit with "
         "new MLP units beside each vector: a change that depends on the hidden state, saved by widening the "
-        "MLP), caa (contrastive mean "
+        "MLP), gated (the fit with each vector switched by a gate read from the hidden state: a linear "
+        "classifier of the MLP's input, trained first on the fit's tables against unrelated text, opens "
+        "the vector on tables and shuts it on text; saved as two new MLP units per layer), caa (contrastive mean "
         "difference), ablate (a direction projected out of what the layers write), weight / weight-null "
         "(rank-one down_proj edits writing the fitted vectors: ROME-style, and AlphaEdit-style in the "
         "null space of unrelated keys). Writes report.json, report.md, pareto.png and, with --save, the "
-        "edited model as a plain Hugging Face folder (vectors folded into biases and weights, units into "
-        "a wider MLP).",
+        "edited model as a plain Hugging Face folder (vectors folded into biases and weights, units and "
+        "gated vectors into a wider MLP).",
     )
     cli.add_model_argument(parser)
     parser.add_argument("--template", default="people", help="built-in 'people' (default) or a YAML/JSON file")
@@ -40,21 +42,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "{FIELD: DIST or {value: probability}}",
     )
     parser.add_argument("--method", default="fit", metavar="KIND[,KIND]",
-                        help="kinds of edit, comma-separated: fit (default), units, caa, ablate, weight, "
+                        help="kinds of edit, comma-separated: fit (default), units, gated, caa, ablate, weight, "
                         "weight-null, or 'all'")
     parser.add_argument("--layers", default=None,
                         help="decoder layers edited, e.g. 8-12 or 8,10 (default: a block a quarter of the way in)")
     parser.add_argument("--strength", default=None, metavar="S[,S]",
-                        help="edit strengths, comma-separated (default per kind: fit and units 0.5,1; caa 0.05,0.2; "
-                        "ablate 1,2; weight 1): fit and weight: the fitted vectors' multiplier; units: what the "
-                        "fitted units write, multiplied; caa: the added vector's norm as a fraction "
+                        help="edit strengths, comma-separated (default per kind: fit, units and gated 0.5,1; caa "
+                        "0.05,0.2; ablate 1,2; weight 1): fit, gated and weight: the fitted vectors' multiplier; "
+                        "units: what the fitted units write, multiplied; caa: the added vector's norm as a fraction "
                         "of the layer's median residual norm; ablate: the fraction of the direction removed (2 "
                         "reflects it)")
     parser.add_argument("--match-ppl", default=None, metavar="PCT[,PCT]",
                         help="for each kind, find the strengths that raise perplexity on the evaluation text by "
                         "these percentages (doubling, then bisection on perplexity alone) and measure the edit "
                         "there: the kinds compared at matched side effects, e.g. 1,2. Without --strength only "
-                        "these strengths are measured")
+                        "these strengths are measured. gated stops at its fitted strength (1): where that stays "
+                        "under a goal it is measured there, marked not matched")
     parser.add_argument("--rows", type=int, default=1, help="rows the edit is fitted on (default 1)")
     parser.add_argument("--measure-rows", type=int, default=2,
                         help="rows written when measuring; those after --rows show generalization (default 2)")

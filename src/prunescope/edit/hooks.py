@@ -9,7 +9,9 @@ the attention writer (``o_proj``) and the MLP writer (``down_proj``), located th
   ``P(x) = x - s (x . d) d / (d . d)``, ``s = 1`` being the full orthogonal projection;
 - add new units to a gated MLP (:class:`Units`): unit ``j`` reads the MLP's input ``x`` and
   writes ``act(gate_j . x) (up_j . x) down_j``, a change of the residual stream that depends on
-  the hidden state (on the table's cells, not on unrelated text, if the fit finds such units).
+  the hidden state (on the table's cells, not on unrelated text, if the fit finds such units);
+- add a vector switched by a :class:`Gate` that reads the MLP's input (``g(x) a``, ``g`` about 0
+  or 1), written by two such units, so it folds like them.
 
 :func:`applied` does this with forward hooks (used while fitting and measuring: gradients reach
 the edit's tensors); :func:`fold` writes the same function into the weights, so that the model
@@ -51,29 +53,84 @@ _FORMAT = 1
 @dataclass
 class Units:
     """``k`` new units of a gated MLP (Llama's ``down(act(gate x) * up x)``): unit ``j`` computes
-    ``act(gate[j] . x) * (up[j] . x)`` from the MLP's input ``x`` and writes it along ``down[:, j]``.
+    ``act(gate[j] . x + gate_bias[j]) * (up[j] . x + up_bias[j])`` from the MLP's input ``x`` and
+    writes it along ``down[:, j]``.
 
     Attributes:
         gate: ``[k, hidden]`` rows appended to the gate projection.
         up: ``[k, hidden]`` rows appended to the up projection.
         down: ``[hidden, k]`` columns appended to the down projection (the MLP writer).
+        gate_bias: ``[k]`` biases of the new gate rows, or None (zero); folding them needs the
+            family's MLP bias flag (Llama's ``mlp_bias``).
+        up_bias: ``[k]`` biases of the new up rows, or None (zero).
     """
 
     gate: torch.Tensor
     up: torch.Tensor
     down: torch.Tensor
+    gate_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
 
     @property
     def count(self) -> int:
         return int(self.gate.shape[0])
 
+    @property
+    def biased(self) -> bool:
+        """Whether the units carry gate or up biases (folding then needs the MLP's bias flag)."""
+        return self.gate_bias is not None or self.up_bias is not None
+
+    def named(self) -> dict[str, torch.Tensor]:
+        """The tensors that are set, by field name (``gate``, ``up``, ``down``, ``gate_bias``...)."""
+        return {n: t for n in _UNIT_FIELDS if (t := getattr(self, n)) is not None}
+
     def scaled(self, strength: float) -> Units:
         """The same units writing ``strength`` times as much (``down`` scaled)."""
-        return Units(self.gate, self.up, self.down * strength)
+        return dataclasses.replace(self, down=self.down * strength)
 
     def detached(self) -> Units:
         """A copy holding detached clones (a fitted edit, no longer tied to the optimiser)."""
-        return Units(*(t.detach().clone() for t in (self.gate, self.up, self.down)))
+        return Units(**{n: t.detach().clone() for n, t in self.named().items()})
+
+
+_UNIT_FIELDS = ("gate", "up", "down", "gate_bias", "up_bias")
+
+
+@dataclass
+class Gate:
+    """A switch on a layer's added vector, read from the hidden state: the vector ``add`` is
+    written as ``g(x) add``, ``x`` the MLP's input, ``u = weight . x + bias`` and
+    ``g = (act(u) - act(u - span)) / span`` with the MLP's own activation: about 0 where
+    ``u < 0`` (SiLU: at least -0.28 / span, under 0.01 / span below u = -6) and about 1 where
+    ``u > span``, linear between. Two new units of the gated MLP compute exactly this
+    (:meth:`units`), so a gated vector folds into a plain transformers model (a wider MLP with
+    biases), where a vector switched by a sigmoid would not.
+
+    Attributes:
+        weight: ``[hidden]`` the switch's direction in the MLP's input (a linear classifier's,
+            scaled: :func:`prunescope.edit.methods.gate_probe`).
+        bias: the switch's offset.
+        span: how far ``u`` rises from off (0) to on (``span``).
+    """
+
+    weight: torch.Tensor
+    bias: float
+    span: float = 8.0
+
+    def units(self, add: torch.Tensor) -> Units:
+        """The two units that write ``g(x) add``: both read ``u`` (the second shifted by
+        ``-span``), with up rows zero and up biases ``+-1 / span``; their down columns are views of
+        ``add``, so gradients reach it and in-place changes of it take effect at once."""
+        hidden = self.weight.shape[0]
+        w = self.weight.to(add).unsqueeze(0).expand(2, hidden)  # [2, hidden]
+        return Units(
+            gate=w, up=torch.zeros_like(w), down=add.unsqueeze(1).expand(hidden, 2),  # down [hidden, 2]
+            gate_bias=add.new_tensor([self.bias, self.bias - self.span]),
+            up_bias=add.new_tensor([1.0 / self.span, -1.0 / self.span]),
+        )
+
+    def detached(self) -> Gate:
+        return Gate(self.weight.detach().clone(), self.bias, self.span)
 
 
 @dataclass
@@ -89,6 +146,9 @@ class LayerEdit:
         ablate_scale: ``s`` in ``out - s (out . d) d / (d . d)``; 1 removes the direction fully.
         units: new units of the layer's gated MLP (:class:`Units`), or None; not combined with
             a direction in the same layer (the projection would have to act on them too).
+        gate: a switch on ``add`` (:class:`Gate`), or None (``add`` at every position); the
+            gated vector is written by two new units, so it takes neither units nor a
+            direction beside it in the same layer.
     """
 
     layer: int
@@ -96,6 +156,13 @@ class LayerEdit:
     direction: torch.Tensor | None = None
     ablate_scale: float = 1.0
     units: Units | None = None
+    gate: Gate | None = None
+
+    def written_units(self) -> Units | None:
+        """The new units this entry adds to its MLP: its own, or the gate's two writing ``add``."""
+        if self.gate is not None and self.add is not None:
+            return self.gate.units(self.add)
+        return self.units
 
 
 @dataclass
@@ -140,7 +207,8 @@ class Edit:
         return Edit([
             dataclasses.replace(e, add=None if e.add is None else e.add.detach().clone(),
                                 direction=None if e.direction is None else e.direction.detach().clone(),
-                                units=None if e.units is None else e.units.detached())
+                                units=None if e.units is None else e.units.detached(),
+                                gate=None if e.gate is None else e.gate.detached())
             for e in self.layers
         ])
 
@@ -154,6 +222,7 @@ class Edit:
                 "ablates": e.direction is not None,
                 "ablate_scale": e.ablate_scale if e.direction is not None else None,
                 "units": 0 if e.units is None else e.units.count,
+                "gated": e.gate is not None,
             }
             for e in self.layers
         ]
@@ -216,6 +285,8 @@ def _check_layer(entry: LayerEdit, count: int, hidden: int, writers: _Writers, s
         _check_vector(f"{where}: {name}", vector, hidden)
     if entry.units is not None:
         _check_units(where, entry, hidden, writers)
+    if entry.gate is not None:
+        _check_gate(where, entry, hidden, writers)
     if entry.direction is None:
         return
     if not math.isfinite(entry.ablate_scale):
@@ -256,12 +327,35 @@ def _check_units(where: str, entry: LayerEdit, hidden: int, writers: _Writers) -
         if not bool(torch.isfinite(t.detach()).all()):
             raise PrunescopeError(f"{where}: units.{name} holds NaN or infinite entries; every entry must be finite")
     k = units.count
-    shapes = {"gate": (k, hidden), "up": (k, hidden), "down": (hidden, k)}
-    for name, want in shapes.items():
-        got = tuple(getattr(units, name).shape)
+    shapes = {"gate": (k, hidden), "up": (k, hidden), "down": (hidden, k), "gate_bias": (k,), "up_bias": (k,)}
+    for name, t in units.named().items():
+        if name.endswith("_bias") and (not isinstance(t, torch.Tensor) or not t.is_floating_point()
+                                       or not bool(torch.isfinite(t.detach()).all())):
+            raise PrunescopeError(f"{where}: units.{name} must be a finite floating-point tensor of shape [{k}]")
+        got, want = tuple(t.shape), shapes[name]
         if got != want or k < 1:
-            raise PrunescopeError(f"{where}: units.{name} has shape {got}; expected {list(want)} "
-                                  f"(gate [k, hidden], up [k, hidden], down [hidden, k], k >= 1)")
+            raise PrunescopeError(f"{where}: units.{name} has shape {got}; expected {list(want)} (gate [k, hidden], "
+                                  f"up [k, hidden], down [hidden, k], gate_bias and up_bias [k], k >= 1)")
+
+
+def _check_gate(where: str, entry: LayerEdit, hidden: int, writers: _Writers) -> None:
+    """A gate on an added vector, with a finite ``[hidden]`` weight, a finite bias and a finite
+    positive span, alone in its layer with the vector (no units, no direction), on a family
+    whose MLP the gate's units can widen."""
+    gate = entry.gate
+    assert gate is not None
+    _refuse_ungated(writers, f"{where}: a gated vector is written by two new units; ")
+    if entry.add is None:
+        raise PrunescopeError(f"{where}: a gate switches an added vector; give add as well")
+    if entry.units is not None or entry.direction is not None:
+        raise PrunescopeError(f"{where}: a gated vector takes neither units nor a direction in the same layer; "
+                              f"edit them in another layer")
+    _check_vector(f"{where}: gate.weight", gate.weight, hidden)
+    for name in ("bias", "span"):
+        value = getattr(gate, name)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or (name == "span" and value <= 0):
+            raise PrunescopeError(f"{where}: gate.{name} must be a finite number{' > 0' if name == 'span' else ''}, "
+                                  f"got {value!r}")
 
 
 def _tensors(entry: LayerEdit) -> dict[str, torch.Tensor]:
@@ -270,9 +364,10 @@ def _tensors(entry: LayerEdit) -> dict[str, torch.Tensor]:
 
 
 def _all_tensors(entry: LayerEdit) -> dict[str, torch.Tensor]:
-    """Every tensor of the entry, by the name it is saved under (``units.gate``...)."""
-    units = {} if entry.units is None else {f"units.{n}": getattr(entry.units, n) for n in ("gate", "up", "down")}
-    return {**_tensors(entry), **units}
+    """Every tensor of the entry, by the name it is saved under (``units.gate``, ``gate.weight``...)."""
+    units = {} if entry.units is None else {f"units.{n}": t for n, t in entry.units.named().items()}
+    gate = {} if entry.gate is None else {"gate.weight": entry.gate.weight}
+    return {**_tensors(entry), **units, **gate}
 
 
 # --------------------------------------------------------------------------- hooks
@@ -297,7 +392,12 @@ def _projection_hook(direction: torch.Tensor, scale: float) -> Callable[..., tor
 def _unit_values(units: Units, act: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """What the units compute from the MLP's input ``x`` ``[..., hidden]``: ``[..., k]``."""
     gate, up = (t.to(dtype=x.dtype, device=x.device) for t in (units.gate, units.up))
-    return act(x @ gate.T) * (x @ up.T)
+    u, v = x @ gate.T, x @ up.T  # [..., k] each
+    if units.gate_bias is not None:
+        u = u + units.gate_bias.to(u)
+    if units.up_bias is not None:
+        v = v + units.up_bias.to(v)
+    return act(u) * v
 
 
 def _units_hook(units: Units, act: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -359,9 +459,9 @@ def applied(model: nn.Module, edit: Edit) -> Iterator[None]:
     """While active, ``model`` computes the edited hidden outputs (forward hooks on the writers).
 
     Per edited layer: the MLP writer's output ``y -> P(y) + add`` and the attention writer's
-    ``y -> P(y)`` (P the identity without a direction); new units add what they write to the
-    MLP's output (a hook on the MLP module, which reads its input). The edit's tensors are used as given,
-    neither detached nor copied, so gradients reach ``add`` (or ``direction``) when they require
+    ``y -> P(y)`` (P the identity without a direction); new units, and a gated vector's two,
+    add what they write to the MLP's output (a hook on the MLP module, which reads its input).
+    The edit's tensors are used as given, neither detached nor copied, so gradients reach ``add`` (or ``direction``) when they require
     grad, and changing them in place between forward passes takes effect at once. The hooks are
     removed on exit, also when the block raises.
 
@@ -377,10 +477,11 @@ def applied(model: nn.Module, edit: Edit) -> Iterator[None]:
                 for path in _edited_paths(entry, writers):
                     hook = _projection_hook(entry.direction, entry.ablate_scale)
                     stack.callback(layer.get_submodule(path).register_forward_hook(hook).remove)
-            if entry.add is not None:  # registered after the projection: it runs after it
+            if entry.add is not None and entry.gate is None:  # after the projection: it runs after it
                 stack.enter_context(apply.output_biases(layer, [writers.mlp], {writers.mlp: entry.add}))
-            if entry.units is not None:
-                hook = _units_hook(entry.units, _activation(model, entry.layer, writers))
+            units = entry.written_units()
+            if units is not None:
+                hook = _units_hook(units, _activation(model, entry.layer, writers))
                 stack.callback(layer.get_submodule(_mlp_path(writers)).register_forward_hook(hook).remove)
         yield
 
@@ -412,7 +513,7 @@ def fold(model: nn.Module, edit: Edit) -> nn.Module:
     new_tensors: dict[str, torch.Tensor] = {}
     for entry in edit.layers:
         for path in _edited_paths(entry, writers):
-            add = entry.add if path == writers.mlp else None
+            add = entry.add if path == writers.mlp and entry.gate is None else None
             bias = _fold_writer(adapter.layers(model)[entry.layer].get_submodule(path), entry, add)
             if bias is not None:
                 new_tensors[f"{adapter.layers_path}.{entry.layer}.{path}.bias"] = bias
@@ -425,30 +526,30 @@ def fold(model: nn.Module, edit: Edit) -> nn.Module:
 
 def _edited_paths(entry: LayerEdit, writers: _Writers) -> list[str]:
     """The writers ``entry`` changes in place: both with a direction (checked to be known), the
-    MLP's with an added vector, none for units alone (they are appended by :func:`_widened`)."""
+    MLP's with an added vector, none for units alone or a gated vector (their units are
+    appended by :func:`_widened`)."""
     if entry.direction is None:
-        return [writers.mlp] if entry.add is not None else []
+        return [writers.mlp] if entry.add is not None and entry.gate is None else []
     assert writers.attention is not None  # Edit.check refuses a direction otherwise
     return [writers.attention, writers.mlp]
 
 
 def _folded_config(model: nn.Module, edit: Edit, writers: _Writers) -> Any | None:
     """The config of the folded model when folding changes it (the MLP bias flag set where an
-    ``add`` meets a writer without bias; the MLP widened by new units), else None."""
-    needs = [
-        e.layer for e in edit.layers
-        if e.add is not None and _module(model, e.layer, writers.mlp).bias is None
-    ]
+    ``add`` meets a writer without bias, or units with biases meet gate/up projections without;
+    the MLP widened by new units), else None."""
+    needs = [e.layer for e in edit.layers if _needs_bias(model, e, writers)]
     extra = _extra_units(edit)
     if not needs and not extra:
         return None
     family = writers.family
     flag = family.bias_flag(MLP)
     if needs and not isinstance(flag, str):
+        gated = next(e for e in edit.layers if e.layer == needs[0]).gate is not None
         raise PrunescopeError(
-            f"{family.name} has no {writers.mlp} bias in plain transformers, so an added vector "
-            f"(layer {needs[0]}) cannot be folded into its weights; measure the edit with hooks "
-            f"(applied) instead, or fold a pure ablation (direction, no add)"
+            f"{family.name} has no {'gate/up' if gated else writers.mlp} bias in plain transformers, so "
+            f"{'a gated' if gated else 'an added'} vector (layer {needs[0]}) cannot be folded into its "
+            f"weights; measure the edit with hooks (applied) instead, or fold a pure ablation (direction, no add)"
         )
     shape = families.shape_of(family, model.config)
     shape = dataclasses.replace(shape, intermediate=shape.intermediate + extra)
@@ -456,9 +557,19 @@ def _folded_config(model: nn.Module, edit: Edit, writers: _Writers) -> Any | Non
     return families.shrunk_config(family, model.config, shape, list(range(count)), (flag,) if needs else ())
 
 
+def _needs_bias(model: nn.Module, entry: LayerEdit, writers: _Writers) -> bool:
+    """Whether folding ``entry`` needs MLP biases the model lacks: an ``add`` written at every
+    position (a ``down`` bias), or units with biases (gate and up biases)."""
+    if entry.add is not None and entry.gate is None:
+        return _module(model, entry.layer, writers.mlp).bias is None
+    units = entry.written_units()
+    return units is not None and units.biased and writers.gated is not None \
+        and _module(model, entry.layer, writers.gated[0]).bias is None
+
+
 def _extra_units(edit: Edit) -> int:
     """How much wider folding makes every layer's MLP: the most units any layer adds."""
-    return max((e.units.count for e in edit.layers if e.units is not None), default=0)
+    return max((u.count for e in edit.layers if (u := e.written_units()) is not None), default=0)
 
 
 def _config_change(old: Any, new: Any) -> str:
@@ -471,13 +582,15 @@ def _config_change(old: Any, new: Any) -> str:
 def _widened(model: nn.Module, edit: Edit, writers: _Writers) -> dict[str, torch.Tensor]:
     """The gate, up and down weights (and biases) of every decoder layer with the edit's units
     appended, as state-dict entries: rows of gate/up, columns of down, zeros in layers that add
-    fewer than the most (their new units compute ``act(0) * 0 = 0``)."""
+    fewer than the most (their new units compute ``act(0) * 0 = 0``). Gate and up biases are
+    written where the model has them or some units carry them (the config then has the flag)."""
     extra = _extra_units(edit)
     if not extra:
         return {}
     assert writers.gated is not None  # Edit.check refuses units otherwise
     adapter = models.adapter_for(model)
-    units = {e.layer: e.units for e in edit.layers if e.units is not None}
+    units = {e.layer: u for e in edit.layers if (u := e.written_units()) is not None}
+    biased = any(u.biased for u in units.values())
     out: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(adapter.layers(model)):
         added = units.get(i)
@@ -492,9 +605,21 @@ def _widened(model: nn.Module, edit: Edit, writers: _Writers) -> dict[str, torch
             if added is not None:
                 new.narrow(dim, 0, added.count).copy_(getattr(added, name).to(new))
             out[prefix + path + ".weight"] = torch.cat([w, new], dim=dim)
-            if module.bias is not None and name != "down":  # down's bias is over hidden: unchanged
-                out[prefix + path + ".bias"] = torch.cat([module.bias.detach(), module.bias.new_zeros(extra)])
+            if name != "down" and (module.bias is not None or biased):  # down's bias is over hidden: unchanged
+                out[prefix + path + ".bias"] = _widened_bias(module, extra, added, name)
     return out
+
+
+def _widened_bias(module: nn.Module, extra: int, added: Units | None, name: str) -> torch.Tensor:
+    """A gate or up projection's ``[inter + extra]`` bias: its own (zeros where it has none),
+    then the added units' ``{name}_bias`` (zeros where they carry none, and past them)."""
+    w = module.weight.detach()  # [inter, hidden]
+    own = module.bias.detach() if module.bias is not None else w.new_zeros(w.shape[0])
+    new = own.new_zeros(extra)
+    bias = None if added is None else getattr(added, f"{name}_bias")
+    if bias is not None:
+        new[: added.count] = bias.detach().to(new)
+    return torch.cat([own, new])
 
 
 @torch.no_grad()
@@ -521,8 +646,9 @@ def _fold_writer(module: nn.Module, entry: LayerEdit, add: torch.Tensor | None) 
 
 def save_edit(edit: Edit, path: str | Path) -> Path:
     """Save ``edit`` as one safetensors file: the tensors (``layer.<i>.add``,
-    ``layer.<i>.direction``, ``layer.<i>.units.gate`` / ``.up`` / ``.down``; float32... as given,
-    on CPU) and the layers and scales as JSON in the file's metadata. Returns the path."""
+    ``layer.<i>.direction``, ``layer.<i>.units.gate`` / ``.up`` / ``.down`` / ``.gate_bias`` /
+    ``.up_bias``, ``layer.<i>.gate.weight``; float32... as given, on CPU) and the layers, scales
+    and gates' bias and span as JSON in the file's metadata. Returns the path."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -530,7 +656,7 @@ def save_edit(edit: Edit, path: str | Path) -> Path:
         f"layer.{e.layer}.{name}": t.detach().cpu().contiguous()
         for e in edit.layers for name, t in _all_tensors(e).items()
     }
-    meta = {"format": _FORMAT, "layers": [{"layer": e.layer, "ablate_scale": e.ablate_scale} for e in edit.layers]}
+    meta = {"format": _FORMAT, "layers": [_entry_meta(e) for e in edit.layers]}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={_METADATA_KEY: json.dumps(meta)})
     return path
@@ -556,12 +682,23 @@ def load_edit(path: str | Path) -> Edit:
         raise PrunescopeError(f"{path} is not a prunescope edit file written by save_edit ({exc!r})") from exc
 
 
+def _entry_meta(entry: LayerEdit) -> dict[str, Any]:
+    """The JSON part of one entry: its layer, ablation scale, and gate's bias and span."""
+    meta: dict[str, Any] = {"layer": entry.layer, "ablate_scale": entry.ablate_scale}
+    if entry.gate is not None:
+        meta["gate"] = {"bias": float(entry.gate.bias), "span": float(entry.gate.span)}
+    return meta
+
+
 def _entry_from(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> LayerEdit:
     """One :class:`LayerEdit` from its JSON entry and the file's tensors."""
     layer = int(meta["layer"])
-    parts = [tensors.get(f"layer.{layer}.units.{n}") for n in ("gate", "up", "down")]
-    units = None if all(p is None for p in parts) else Units(*parts)  # a missing part fails Edit.check
+    parts = {n: tensors.get(f"layer.{layer}.units.{n}") for n in _UNIT_FIELDS}
+    units = None if all(p is None for p in parts.values()) else Units(**parts)  # a missing part fails Edit.check
+    gate = None
+    if "gate" in meta:
+        gate = Gate(tensors[f"layer.{layer}.gate.weight"], float(meta["gate"]["bias"]), float(meta["gate"]["span"]))
     return LayerEdit(
         layer, tensors.get(f"layer.{layer}.add"), tensors.get(f"layer.{layer}.direction"),
-        float(meta["ablate_scale"]), units,
+        float(meta["ablate_scale"]), units, gate,
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -27,7 +28,7 @@ from torch import nn
 
 from prunescope import data, evaluate, models
 from prunescope.edit import fields, methods
-from prunescope.edit.hooks import Edit, applied, require_gated
+from prunescope.edit.hooks import Edit, Gate, applied, require_gated
 from prunescope.edit.rewordings import fit_templates, heldout_templates
 from prunescope.edit.targets import Target, parse_targets
 from prunescope.errors import PrunescopeError
@@ -38,11 +39,15 @@ from prunescope.probe.template import Template, load_template
 
 log = logging.getLogger(__name__)
 
-KINDS = ("fit", "units", "caa", "ablate", "weight", "weight-null")
+KINDS = ("fit", "units", "gated", "caa", "ablate", "weight", "weight-null")
 FIT_WINDOWS = 64  # unrelated windows of 128 tokens for the fit: its KL term (--kl-windows of them), the key covariance
 FIT_KL_WINDOWS = 8  # of those, the windows the fit's KL term runs on per step
-DEFAULT_STRENGTHS = {"fit": (0.5, 1.0), "units": (0.5, 1.0), "caa": (0.05, 0.2), "ablate": (1.0, 2.0),
-                     "weight": (1.0,), "weight-null": (1.0,)}
+DEFAULT_STRENGTHS = {"fit": (0.5, 1.0), "units": (0.5, 1.0), "gated": (0.5, 1.0), "caa": (0.05, 0.2),
+                     "ablate": (1.0, 2.0), "weight": (1.0,), "weight-null": (1.0,)}
+# the largest strength a perplexity match may try, where doubling on would only overshoot the
+# targets: a gated vector barely touches the text perplexity is read on, so its match would
+# otherwise end at 32 x the fitted vector; it stops at the fit's own strength
+MATCH_LARGEST = {"gated": 1.0}
 MIN_REACH = 0.05  # other fields reached less often than this are left out of other_fields_js
 MATCH_DOUBLINGS = 6  # a kind's matched strength is searched up to 2**6 x its smallest default strength
 MATCH_HALVINGS = 8
@@ -195,6 +200,8 @@ class EditReport:
     fit_templates: tuple[str, ...] = ()  # the templates whose contexts every edit was built from
     options: dict[str, Any] = field(default_factory=dict)  # the fit's and the measurement's settings (run_options)
     units_trace: dict[str, Any] | None = None  # the units fit's FitTrace, as fit_trace is the vectors'
+    gated_trace: dict[str, Any] | None = None  # the gated fit's FitTrace
+    gate: dict[str, Any] | None = None  # the gated fit's gates: where they open (gate_report)
 
 
 def run_options(config: EditConfig) -> dict[str, Any]:
@@ -378,22 +385,26 @@ def _edit_family(kind: str, model: nn.Module, tokenizer, config: EditConfig, con
     """``kind``'s edits as a function of the strength, and the seconds it took to build them. The
     fit and the contrast vectors are computed once and shared by the kinds built on them."""
     start = time.perf_counter()
-    fitted_as = "units" if kind == "units" else "fit" if kind in ("fit", "weight", "weight-null") else None
+    fitted_as = kind if kind in ("units", "gated") else "fit" if kind in ("fit", "weight", "weight-null") else None
     if fitted_as is not None and fitted_as not in cache:
         def recontext(edit: Edit, refresh: int) -> list[fields.Contexts]:
             with applied(model, edit):
                 return record_fit_contexts(model, tokenizer, config, setting, refresh)
 
+        gates = None
+        if fitted_as == "gated":
+            gates = methods.gate_probe(model, contexts, setting.fit_windows, layers)
+            cache["gate"] = gate_report(model, tokenizer, config, setting, contexts, gates)
         edit, trace = methods.fit(model, contexts, targets, layers, setting.fit_windows[:config.kl_windows],
                                   config.steps, config.lr, config.kl_weight, config.max_norm, recontext,
                                   config.refresh_every, config.reweight, config.lr_final,
                                   config.units if fitted_as == "units" else 0, config.seed,
-                                  min(FIT_KL_WINDOWS, config.kl_windows))
+                                  min(FIT_KL_WINDOWS, config.kl_windows), gates)
         cache[fitted_as], cache[f"{fitted_as}_trace"] = edit, trace
     if kind in ("caa", "ablate") and "contrast" not in cache:
         cache["contrast"] = methods.contrast(model, contexts, targets, layers)
         cache["norms"] = methods.residual_norms(model, setting.fit_windows[:FIT_KL_WINDOWS], layers)
-    if kind in ("fit", "units"):
+    if kind in ("fit", "units", "gated"):
         make: EditMaker = cache[kind].scaled
     elif kind == "caa":
         make = lambda s: methods.caa_edit(cache["contrast"], s, cache["norms"])  # noqa: E731
@@ -456,11 +467,19 @@ def _strengths(kind: str, make: EditMaker, model: nn.Module, config: EditConfig,
             seen[strength] = 100.0 * (ppl / ppl_before - 1.0)
         return seen[strength]
 
+    first = min(DEFAULT_STRENGTHS[kind])
+    doublings = MATCH_DOUBLINGS if kind not in MATCH_LARGEST else int(math.log2(MATCH_LARGEST[kind] / first))
     for goal in config.match_ppl:
         log.info("%s: the strength that changes perplexity by %+.2f%%", kind, goal)
         start = time.perf_counter()
-        strength, _ = matched_strength(change, goal, min(DEFAULT_STRENGTHS[kind]))
-        out.append((strength, goal, time.perf_counter() - start))
+        strength, _ = matched_strength(change, goal, first, doublings)
+        matched = goal if seen[strength] >= goal or strength < first * 2 ** doublings else None
+        if matched is None:
+            log.warning("%s changes perplexity by %+.2f%% at its largest strength %g, under the %+.2f%% goal; "
+                        "measured there, not matched", kind, seen[strength], strength, goal)
+        if any(s == strength for s, *_ in out):
+            continue  # the goals below this one already measure it
+        out.append((strength, matched, time.perf_counter() - start))
     return out
 
 
@@ -512,6 +531,41 @@ def fit_seed(seed: int, refresh: int, template: int) -> int:
     reaches it (ten refreshes and more), so the fit never reads the tables it is measured on."""
     offset = 100 * refresh + template
     return seed + offset + (100 * MEASURE_SEED if offset >= MEASURE_SEED else 0)
+
+
+GATE_HELDOUT_TABLES = 4  # tables per held-out template on which gate_report reads the gates
+GATE_OTHER_WINDOWS = 16  # windows of 128 tokens of the bundled text on which gate_report reads the gates
+
+
+def gate_report(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting, contexts: list[fields.Contexts],
+                gates: dict[int, Gate]) -> dict[str, Any]:
+    """Where the gated fit's gates open (g > 0.5), per layer, as shares of positions: on the fit's
+    tables (what they were trained to open on), on tables of the held-out templates (never seen:
+    whether they generalize) and at their targeted cells alone (the positions where the field's
+    value is predicted), on the fit's text windows (trained to stay shut), on the side
+    effects' windows and the perplexity text (never seen), and, when the evaluation text is
+    another, on the bundled text (a different kind of text). JSON-ready."""
+    held = [fields.record_contexts(model, tokenizer, t, setting.targets, config.rows, GATE_HELDOUT_TABLES,
+                                   fit_seed(config.seed, 0, len(setting.fitted_on) + j),
+                                   prompt_rows=config.measure_rows)
+            for j, t in enumerate(setting.heldout)]
+    layers = list(gates)
+    samples = {"fit tables": methods.table_inputs(model, contexts, layers),
+               "held-out tables": methods.table_inputs(model, held, layers) if held else None,
+               "held-out cells": methods.table_inputs(model, held, layers, cells_only=True) if held else None,
+               "fit text": methods.text_inputs(model, setting.fit_windows, layers),
+               "unrelated text": methods.text_inputs(model, setting.unrelated, layers),
+               "perplexity text": methods.text_inputs(model, setting.eval_blocks, layers),
+               "bundled text": None}
+    if config.eval_text != data.DEFAULT_TEXT:
+        other = data.tokenize(tokenizer, data.load_text(data.DEFAULT_TEXT))
+        windows = data.calibration_blocks(other, GATE_OTHER_WINDOWS, 128, config.seed + 13)
+        samples["bundled text"] = methods.text_inputs(model, windows, layers)
+    shares = {str(i): {name: None if x is None else methods.gate_share(model, i, gates[i], x[i])
+                       for name, x in samples.items()} for i in layers}
+    positions = {name: None if x is None else int(x[layers[0]].shape[0]) for name, x in samples.items()}
+    return {"span": methods.GATE_SPAN, "sharpness": methods.GATE_SHARPNESS, "positions": positions,
+            "open_share": shares}
 
 
 def record_fit_contexts(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting,
@@ -590,7 +644,7 @@ def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str
     n_layers = len(models.adapter_for(model).layers(model))
     layers = config.layers if config.layers is not None else default_layers(n_layers)
     check_layers(layers, n_layers)
-    if "units" in config.kinds:
+    if {"units", "gated"} & set(config.kinds):
         require_gated(model)  # before minutes of measuring
     blocks, fit_windows, unrelated = _windows(tokenizer, config)
     setting = _Setting(template, heldout, fitted_on, targets, blocks, fit_windows, unrelated)
@@ -623,13 +677,13 @@ def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str
             )
             log.info("%s", result.line())
             results.append(result)
-    trace, units_trace = cache.get("fit_trace"), cache.get("units_trace")
+    traces = {k: None if cache.get(f"{k}_trace") is None else dataclasses.asdict(cache[f"{k}_trace"])
+              for k in ("fit", "units", "gated")}
     return EditReport(
         model_name or config.model, template.name, config.targets, tuple(dict.fromkeys(t.key.label for t in targets)),
         tuple(layers), config.rows, config.measure_rows, tuple(t.name for t in setting.heldout), before,
-        tuple(results), None if trace is None else dataclasses.asdict(trace), time.perf_counter() - t0,
-        tuple(t.name for t in fitted_on), run_options(config),
-        None if units_trace is None else dataclasses.asdict(units_trace),
+        tuple(results), traces["fit"], time.perf_counter() - t0, tuple(t.name for t in fitted_on), run_options(config),
+        traces["units"], traces["gated"], cache.get("gate"),
     )
 
 

@@ -16,6 +16,11 @@
   table's cells, or cancel the vector on unrelated text, which a vector added everywhere
   cannot. Measured on the bundled model, units alone (no vector; commit 9505b18) came out
   farther from the targets than the vectors at the same perplexity.
+* ``gated``: the same fit with each vector switched by a gate read from the hidden state
+  (:class:`~prunescope.edit.hooks.Gate`): a linear classifier of the MLP's input, trained
+  before the fit to tell the tables' positions from unrelated text (:func:`gate_probe`), opens
+  the vector where the model writes a table and shuts it elsewhere; the vectors are then
+  fitted with the gate fixed. Folded as two new units per layer (a wider MLP with biases).
 * ``caa``: contrastive activation addition: per chosen layer, the mean residual after the value
   tokens weighted by the target minus the same weighted by the model's own distribution, i.e.
   "activations that lead to the wanted values minus those that lead to the preferred ones",
@@ -44,7 +49,7 @@ from tqdm.auto import tqdm
 
 from prunescope import models
 from prunescope.edit import fields, hooks
-from prunescope.edit.hooks import Edit, LayerEdit, applied
+from prunescope.edit.hooks import Edit, Gate, LayerEdit, applied
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +141,10 @@ def fit(
     layers: Sequence[int], unrelated: torch.Tensor, steps: int = 30, lr: float = 0.03, kl_weight: float = 1.0,
     max_norm: float = 0.5, recontext: Callable[[Edit, int], fields.Contexts | list[fields.Contexts]] | None = None,
     refresh_every: int = 10, reweight: bool = False, lr_final: float = 1.0, units: int = 0, seed: int = 0,
-    kl_batch: int | None = None,
+    kl_batch: int | None = None, gates: dict[int, Gate] | None = None,
 ) -> tuple[Edit, FitTrace]:
-    """Fit one added vector per layer, with ``units`` also that many new MLP units per layer
-    (see the module docstring).
+    """Fit one added vector per layer, with ``units`` also that many new MLP units per layer,
+    with ``gates`` each layer's vector switched by its gate (see the module docstring).
 
     Args:
         contexts: one template's recorded contexts, or several templates' (rewordings of one
@@ -181,6 +186,10 @@ def fit(
             vectors alone. ``lr`` is then also a fraction of each gate and up row's size, and of
             the residual norm per unit activation for ``down``; ``max_norm`` bounds the vectors
             only.
+        gates: per layer, a fixed :class:`~prunescope.edit.hooks.Gate` (from :func:`gate_probe`)
+            that switches the layer's vector; every layer in ``layers`` needs one, and they do
+            not combine with ``units``. The vector then moves only what the gate lets through:
+            the side-effect term sees the text the gate keeps shut.
     """
     import time
 
@@ -190,7 +199,9 @@ def fit(
     batch = len(unrelated) if kl_batch is None else kl_batch
     if not 1 <= batch <= len(unrelated):
         raise ValueError(f"kl_batch {kl_batch} must lie in 1..{len(unrelated)} (the unrelated windows)")
-    options = _FitOptions(steps, lr, kl_weight, max_norm, refresh_every, reweight, lr_final, units, seed, batch)
+    if gates is not None and (units or set(gates) != set(layers)):
+        raise ValueError(f"gates need one gate per fitted layer ({sorted(layers)}, got {sorted(gates)}) and no units")
+    options = _FitOptions(steps, lr, kl_weight, max_norm, refresh_every, reweight, lr_final, units, seed, batch, gates)
     try:
         return _fit(model, _listed(contexts), targets, layers, unrelated, options, recontext, start)
     finally:
@@ -212,6 +223,7 @@ class _FitOptions:
     units: int
     seed: int
     kl_batch: int
+    gates: dict[int, Gate] | None = None
 
 
 def _listed(contexts: fields.Contexts | Sequence[fields.Contexts]) -> list[fields.Contexts]:
@@ -261,7 +273,7 @@ def _fit(
     device = models.input_device(model)
     windows = _KLWindows(model, unrelated, o.kl_batch)
     norms = residual_norms(model, windows.first, layers)
-    edit, groups = _vector_params(model, layers, o.lr, norms)
+    edit, groups = _vector_params(model, layers, o.lr, norms, o.gates)
     if o.units:
         edit, groups = _with_units(model, edit, groups, o, norms, windows.first)
     opt = torch.optim.Adam(groups)
@@ -327,15 +339,16 @@ class _KLWindows:
 
 
 def _vector_params(model: nn.Module, layers: Sequence[int], lr: float, norms: dict[int, float],
-                   ) -> tuple[Edit, list[dict[str, Any]]]:
-    """The fit's added vectors (zeros) as a live edit, and their Adam groups: the step per
-    coordinate ``lr`` x the layer's median residual norm / sqrt(hidden)."""
+                   gates: dict[int, Gate] | None = None) -> tuple[Edit, list[dict[str, Any]]]:
+    """The fit's added vectors (zeros; switched by ``gates`` where given) as a live edit, and their
+    Adam groups: the step per coordinate ``lr`` x the layer's median residual norm / sqrt(hidden)."""
     hidden = model.config.hidden_size
     device = models.input_device(model)
     vectors = {i: torch.zeros(hidden, device=device, requires_grad=True) for i in layers}
     scale = torch.tensor([norms[i] for i in layers]) / hidden ** 0.5  # float32, as the published fits used
     groups = [{"params": [vectors[i]], "lr": lr * float(s)} for i, s in zip(layers, scale)]
-    return Edit([LayerEdit(i, add=vectors[i]) for i in layers]), groups
+    gates = gates or {}
+    return Edit([LayerEdit(i, add=vectors[i], gate=gates.get(i)) for i in layers]), groups
 
 
 def _with_units(model: nn.Module, edit: Edit, groups: list[dict[str, Any]], o: _FitOptions,
@@ -418,6 +431,112 @@ def _due(since: int, every: int, share: float | None) -> bool:
     recorded tables any template's field keeps effective, below ``REFRESH_EFFECTIVE``: a handful
     of contexts would stand for all)."""
     return since >= every or (share is not None and share < REFRESH_EFFECTIVE)
+
+
+GATE_SPAN = 8.0  # the gate's u rises from off (0) to on (8): g = (act(u) - act(u - 8)) / 8
+GATE_SHARPNESS = 2.0  # u = 2 x the classifier's logit: the gate is open where the classifier says
+# "table" with probability above 0.982 (logit 4) and shut where it says "text" (logit below 0)
+
+
+@torch.no_grad()
+def table_inputs(model: nn.Module, contexts: fields.Contexts | Sequence[fields.Contexts],
+                 layers: Sequence[int], cells_only: bool = False) -> dict[int, torch.Tensor]:
+    """Per layer, ``[positions, hidden]`` float32: the MLP's input at every position of every
+    recorded table (each field's suffix: the table written after the shared prompt, up to the
+    field's cell), over every template in ``contexts``; with ``cells_only`` at each suffix's
+    last position alone (where the field's value is predicted). The prompt's own positions are
+    left out: they are the instruction, not the table."""
+    modules = {i: hooks.mlp_module(model, i) for i in layers}
+    out: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    for one in _listed(contexts):
+        cache, start = fields.prompt_cache(model, one.prompt)
+        seqs = [s for f in one.fields for s in f.suffixes]
+        captured: dict[int, torch.Tensor] = {}
+        with _capture(modules, captured, inputs=True):
+            _logits, lengths = fields.teacher_forced(model, cache, start, seqs)
+        for i in layers:  # captured[i]: [B, S, hidden], right-padded
+            kept = [captured[i][b, n - 1:n] if cells_only else captured[i][b, :n] for b, n in enumerate(lengths)]
+            out[i].append(torch.cat(kept).float())
+    return {i: torch.cat(v) for i, v in out.items()}
+
+
+@torch.no_grad()
+def text_inputs(model: nn.Module, windows: torch.Tensor, layers: Sequence[int], batch: int = 8,
+                ) -> dict[int, torch.Tensor]:
+    """Per layer, ``[n * L, hidden]`` float32: the MLP's input at every position of ``windows``
+    (``[n, L]`` tokens), run ``batch`` windows at a time without the full logits."""
+    modules = {i: hooks.mlp_module(model, i) for i in layers}
+    out: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    device = models.input_device(model)
+    for chunk in windows.split(batch):
+        captured: dict[int, torch.Tensor] = {}
+        with _capture(modules, captured, inputs=True):
+            model(input_ids=chunk.to(device), logits_to_keep=1)
+        for i in layers:
+            out[i].append(captured[i].reshape(-1, captured[i].shape[-1]).float())
+    return {i: torch.cat(v) for i, v in out.items()}
+
+
+def logistic(positive: torch.Tensor, negative: torch.Tensor, l2: float = 1e-3, iterations: int = 200,
+             ) -> tuple[torch.Tensor, float]:
+    """A linear classifier ``logit = w . x + b`` of ``positive`` ``[P, d]`` against ``negative``
+    ``[N, d]`` rows: logistic loss with the two classes weighted alike (a few hundred table
+    positions against thousands of text positions), ``l2`` x ``|w|^2`` on standardized features,
+    L-BFGS; returned with the standardization folded in (``w [d]``, ``b``) in float32."""
+    x = torch.cat([positive, negative]).double()  # [P + N, d]
+    y = torch.cat([x.new_ones(len(positive)), x.new_zeros(len(negative))])  # [P + N]
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # [d]
+    z = (x - mean) / std
+    weight = torch.where(y > 0, 0.5 / len(positive), 0.5 / len(negative))  # [P + N], sums to 1
+    w = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device, requires_grad=True)
+    b = torch.zeros((), dtype=x.dtype, device=x.device, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = (weight * nn.functional.binary_cross_entropy_with_logits(z @ w + b, y, reduction="none")).sum()
+        loss = loss + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    w_raw = (w.detach() / std)  # [d]: logit = (x - mean) / std . w + b
+    return w_raw.float(), float(b.detach() - mean @ w_raw)
+
+
+def gate_probe(model: nn.Module, contexts: fields.Contexts | Sequence[fields.Contexts], windows: torch.Tensor,
+               layers: Sequence[int], span: float = GATE_SPAN, sharpness: float = GATE_SHARPNESS,
+               ) -> dict[int, Gate]:
+    """Per layer, a :class:`~prunescope.edit.hooks.Gate` on the MLP's input that opens at the
+    recorded tables' positions and stays shut on ``windows`` of unrelated text: ``u`` =
+    ``sharpness`` x the logit of :func:`logistic` trained on :func:`table_inputs` against
+    :func:`text_inputs` (the fit's windows; the side effects are measured on other text). The
+    gate is only as specific as these two samples: text like the tables the classifier never
+    saw (another table, another chat) may open it too."""
+    positive = table_inputs(model, contexts, layers)
+    negative = text_inputs(model, windows, layers)
+    gates = {}
+    for i in layers:
+        w, b = logistic(positive[i], negative[i])
+        gates[i] = Gate(sharpness * w, sharpness * b, span)
+        log.info("layer %d gate: open (g > 0.5) at %.3f of %d table positions, %.4f of %d text positions", i,
+                 gate_share(model, i, gates[i], positive[i]), len(positive[i]),
+                 gate_share(model, i, gates[i], negative[i]), len(negative[i]))
+    return gates
+
+
+@torch.no_grad()
+def gate_values(model: nn.Module, layer: int, gate: Gate, x: torch.Tensor) -> torch.Tensor:
+    """``[...]``: how far ``gate`` lets decoder layer ``layer``'s vector through at MLP inputs ``x``
+    ``[..., hidden]`` (0 shut, 1 open), with the layer's own activation."""
+    units = gate.units(x.new_ones(x.shape[-1]))  # its two units' values sum to g(x) (down is not read)
+    return hooks.unit_values(model, layer, units, x).sum(-1)
+
+
+def gate_share(model: nn.Module, layer: int, gate: Gate, x: torch.Tensor) -> float:
+    """The share of the rows of ``x`` ``[n, hidden]`` where ``gate`` is more than half open."""
+    return float((gate_values(model, layer, gate, x) > 0.5).float().mean())
 
 
 @torch.no_grad()

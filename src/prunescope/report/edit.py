@@ -83,12 +83,27 @@ def render_markdown(report: "EditReport") -> str:
         "## Targeted fields at row 1",
         fields_table(report),
     ]
-    for title, t in (("Fit", report.fit_trace), ("Units fit", report.units_trace)):
+    for title, t in (("Fit", report.fit_trace), ("Units fit", report.units_trace), ("Gated fit", report.gated_trace)):
         if t:
             parts.append(f"## {title}\n\n{len(t['target_kl'])} steps in {t['seconds']:.0f} s: target KL (before each "
                          f"step) {t['target_kl'][0]:.4f} -> {t['target_kl'][-1]:.4f} nats, unrelated KL "
                          f"{t['unrelated_kl'][0]:.5f} -> {t['unrelated_kl'][-1]:.5f}." + _refresh_line(t))
+    if report.gate:
+        parts.append(gate_table(report.gate))
     return "\n\n".join(parts) + "\n"
+
+
+def gate_table(gate: dict[str, Any]) -> str:
+    """Where the gated fit's gates open: per layer, the share of positions with the gate more
+    than half open on each sample (``EditReport.gate``)."""
+    names = list(gate["positions"])
+    rows = [(layer, *("n/a" if v is None else v for v in shares.values())) for layer, shares in gate["open_share"].items()]
+    counts = ", ".join(f"{n} {c}" for n, c in gate["positions"].items() if c is not None)
+    return ("## Gates\n\nShare of positions where each layer's gate is more than half open (a linear classifier "
+            "of the MLP's input trained on the fit tables against the fit text; the held-out tables, the side "
+            "effects' text, the perplexity text and the bundled text were never seen by it; held-out cells: the "
+            f"held-out tables' targeted cells alone, where the value is predicted). Positions: {counts}.\n\n"
+            + markdown_table(("layer", *names), rows, ".4f"))
 
 
 def _options_line(options: dict[str, Any]) -> str:
