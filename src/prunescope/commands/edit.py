@@ -166,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, layers=job.parse_layers(args.layers, _layer_count(config.model)))
     out = cli.prepare_output_dir(args.out, "edit", args.overwrite)
     model, tokenizer = load_for_probe(config.model, config)
+    if args.save:
+        job.check_save(model, config.kinds[0])
     built: dict = {}
     report = job.run_edit_on(model, tokenizer, config, built=built)
     write_json(report, out / "report.json")

@@ -47,7 +47,7 @@ from prunescope.pruning import apply
 log = logging.getLogger(__name__)
 
 _METADATA_KEY = "prunescope_edit"
-_FORMAT = 1
+_FORMAT = 2  # 2: gates and unit biases (a reader of format 1 would apply a gated vector everywhere)
 
 
 @dataclass
@@ -101,8 +101,8 @@ class Gate:
     """A switch on a layer's added vector, read from the hidden state: the vector ``add`` is
     written as ``g(x) add``, ``x`` the MLP's input, ``u = weight . x + bias`` and
     ``g = (act(u) - act(u - span)) / span`` with the MLP's own activation: about 0 where
-    ``u < 0`` (SiLU: at least -0.28 / span, under 0.01 / span below u = -6) and about 1 where
-    ``u > span``, linear between. Two new units of the gated MLP compute exactly this
+    ``u < 0`` (SiLU: at least -0.28 / span, under 0.01 / span below u = -6.5) and about 1 where
+    ``u > span`` (at most 1 + 0.28 / span), linear between. Two new units of the gated MLP compute exactly this
     (:meth:`units`), so a gated vector folds into a plain transformers model (a wider MLP with
     biases), where a vector switched by a sigmoid would not.
 
@@ -178,7 +178,10 @@ class Edit:
             PrunescopeError: a layer index outside the model or repeated, a vector that is not
                 ``[hidden]``, not finite or (a direction) zero, a scale that is not finite, a
                 family with no known writers, or a direction on a family whose attention
-                writer prunescope does not know.
+                writer prunescope does not know; units of mismatched shapes or not finite, a
+                gate without a vector, with units or a direction beside it, or with a weight,
+                bias or span that is not valid; units or a gate on a family without separate
+                gate and up projections.
         """
         writers = _writers(model)
         count = len(models.adapter_for(model).layers(model))
@@ -503,8 +506,9 @@ def fold(model: nn.Module, edit: Edit) -> nn.Module:
     the result loads in plain ``transformers``.
 
     Raises:
-        PrunescopeError: from :meth:`Edit.check`, or an ``add`` on a family with no MLP writer
-            bias in plain transformers (Mistral, Qwen2, Phi-3...); checked before anything changes.
+        PrunescopeError: from :meth:`Edit.check`, or an ``add`` (or a gated vector, or units
+            with biases) on a family with no such MLP bias in plain transformers (Mistral, Qwen2,
+            Qwen3, Phi-3...); checked before anything changes.
     """
     edit.check(model)
     writers = _writers(model)
@@ -538,18 +542,19 @@ def _folded_config(model: nn.Module, edit: Edit, writers: _Writers) -> Any | Non
     """The config of the folded model when folding changes it (the MLP bias flag set where an
     ``add`` meets a writer without bias, or units with biases meet gate/up projections without;
     the MLP widened by new units), else None."""
-    needs = [e.layer for e in edit.layers if _needs_bias(model, e, writers)]
+    needs = [(e.layer, what) for e in edit.layers for what in _missing_biases(model, e, writers)]
     extra = _extra_units(edit)
     if not needs and not extra:
         return None
     family = writers.family
     flag = family.bias_flag(MLP)
     if needs and not isinstance(flag, str):
-        gated = next(e for e in edit.layers if e.layer == needs[0]).gate is not None
+        layer, what = needs[0]
+        edited = "an added vector" if what == writers.mlp else "units with biases (a gated vector's)"
         raise PrunescopeError(
-            f"{family.name} has no {'gate/up' if gated else writers.mlp} bias in plain transformers, so "
-            f"{'a gated' if gated else 'an added'} vector (layer {needs[0]}) cannot be folded into its "
-            f"weights; measure the edit with hooks (applied) instead, or fold a pure ablation (direction, no add)"
+            f"{family.name} has no {what} bias in plain transformers, so {edited} (layer {layer}) cannot be "
+            f"folded into its weights; measure the edit with hooks (applied) instead, or fold a pure ablation "
+            f"(direction, no add)"
         )
     shape = families.shape_of(family, model.config)
     shape = dataclasses.replace(shape, intermediate=shape.intermediate + extra)
@@ -557,14 +562,17 @@ def _folded_config(model: nn.Module, edit: Edit, writers: _Writers) -> Any | Non
     return families.shrunk_config(family, model.config, shape, list(range(count)), (flag,) if needs else ())
 
 
-def _needs_bias(model: nn.Module, entry: LayerEdit, writers: _Writers) -> bool:
-    """Whether folding ``entry`` needs MLP biases the model lacks: an ``add`` written at every
-    position (a ``down`` bias), or units with biases (gate and up biases)."""
-    if entry.add is not None and entry.gate is None:
-        return _module(model, entry.layer, writers.mlp).bias is None
+def _missing_biases(model: nn.Module, entry: LayerEdit, writers: _Writers) -> list[str]:
+    """The MLP biases folding ``entry`` needs and the model lacks: the writer's (``down_proj``)
+    for an ``add`` written at every position, ``gate/up`` for units with biases."""
+    missing = []
+    if entry.add is not None and entry.gate is None and _module(model, entry.layer, writers.mlp).bias is None:
+        missing.append(writers.mlp)
     units = entry.written_units()
-    return units is not None and units.biased and writers.gated is not None \
-        and _module(model, entry.layer, writers.gated[0]).bias is None
+    if units is not None and units.biased and writers.gated is not None \
+            and _module(model, entry.layer, writers.gated[0]).bias is None:
+        missing.append("gate/up")
+    return missing
 
 
 def _extra_units(edit: Edit) -> int:
@@ -677,6 +685,9 @@ def load_edit(path: str | Path) -> Edit:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})[_METADATA_KEY])
             tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        if int(meta["format"]) > _FORMAT:
+            raise PrunescopeError(f"{path} is an edit file of format {meta['format']}, newer than this prunescope "
+                                  f"reads ({_FORMAT}); upgrade prunescope")
         return Edit([_entry_from(e, tensors) for e in meta["layers"]])
     except (KeyError, TypeError, ValueError, SafetensorError) as exc:  # KeyError: not our metadata
         raise PrunescopeError(f"{path} is not a prunescope edit file written by save_edit ({exc!r})") from exc

@@ -473,14 +473,21 @@ def _strengths(kind: str, make: EditMaker, model: nn.Module, config: EditConfig,
         log.info("%s: the strength that changes perplexity by %+.2f%%", kind, goal)
         start = time.perf_counter()
         strength, _ = matched_strength(change, goal, first, doublings)
-        matched = goal if seen[strength] >= goal or strength < first * 2 ** doublings else None
-        if matched is None:
-            log.warning("%s changes perplexity by %+.2f%% at its largest strength %g, under the %+.2f%% goal; "
-                        "measured there, not matched", kind, seen[strength], strength, goal)
-        if any(s == strength for s, *_ in out):
-            continue  # the goals below this one already measure it
-        out.append((strength, matched, time.perf_counter() - start))
+        reached = seen[strength] >= goal or abs(seen[strength] - goal) <= abs(goal) / 10
+        matched = goal if reached or strength < first * 2 ** doublings else None  # else: its largest, short
+        _add_strength(out, strength, matched, time.perf_counter() - start)
     return out
+
+
+def _add_strength(out: list[tuple[float, float | None, float]], strength: float, matched: float | None,
+                  seconds: float) -> None:
+    """Add a strength to measure, once: a strength already listed (given by --strength, or found
+    for an earlier goal) is measured once, labelled with the first goal it was matched to."""
+    for j, (s, goal, spent) in enumerate(out):
+        if s == strength:
+            out[j] = (s, goal if goal is not None else matched, spent + seconds)
+            return
+    out.append((strength, matched, seconds))
 
 
 def _applied(model: nn.Module, edit: Edit | methods.WeightEdit) -> AbstractContextManager[Any]:
@@ -539,7 +546,9 @@ GATE_OTHER_WINDOWS = 16  # windows of 128 tokens of the bundled text on which ga
 
 def gate_report(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting, contexts: list[fields.Contexts],
                 gates: dict[int, Gate]) -> dict[str, Any]:
-    """Where the gated fit's gates open (g > 0.5), per layer, as shares of positions: on the fit's
+    """Where the gated fit's gates open (g > 0.5), per layer, as shares of positions, read on the
+    unedited model's MLP inputs (the classifier's own view: with the edit on, the layers after
+    the first read inputs the earlier vectors changed): on the fit's
     tables (what they were trained to open on), on tables of the held-out templates (never seen:
     whether they generalize) and at their targeted cells alone (the positions where the field's
     value is predicted), on the fit's text windows (trained to stay shut), on the side
@@ -604,6 +613,22 @@ def check_inputs(config: EditConfig) -> tuple[Template, list[Target], list[Templ
                               f"({', '.join(t.name for t in fitted_on)}); give --fit-tables {len(fitted_on)} or "
                               f"more, or fewer --fit-rewordings / --fit-template")
     return template, targets, heldout, fitted_on
+
+
+ADDS_VECTOR = ("fit", "units", "gated", "caa")  # kinds whose --save folds a vector into MLP biases
+
+
+def check_save(model: nn.Module, kind: str) -> None:
+    """Refuse ``--save`` of ``kind`` before minutes of measuring where its fold cannot be done: an
+    added vector (gated or not) needs MLP biases the family has or can turn on in plain
+    transformers (Llama's ``mlp_bias``; not Mistral, Qwen2, Qwen3, Phi-3)."""
+    from prunescope import families
+
+    family = families.family_for(model)
+    if kind in ADDS_VECTOR and family.bias_flag(families.MLP) is None:
+        raise PrunescopeError(f"--save folds the first kind ({kind}), an added vector, into MLP biases, which "
+                              f"{family.name} does not have in plain transformers; drop --save, or put first a "
+                              f"kind that folds into its weights (ablate, weight, weight-null)")
 
 
 def check_layers(layers: tuple[int, ...], n_layers: int) -> None:

@@ -199,8 +199,10 @@ def fit(
     batch = len(unrelated) if kl_batch is None else kl_batch
     if not 1 <= batch <= len(unrelated):
         raise ValueError(f"kl_batch {kl_batch} must lie in 1..{len(unrelated)} (the unrelated windows)")
-    if gates is not None and (units or set(gates) != set(layers)):
-        raise ValueError(f"gates need one gate per fitted layer ({sorted(layers)}, got {sorted(gates)}) and no units")
+    if gates is not None and units:
+        raise ValueError("gates and units do not combine: a gated vector is written by two units of its own")
+    if gates is not None and set(gates) != set(layers):
+        raise ValueError(f"gates need one gate per fitted layer: layers {sorted(layers)}, gates for {sorted(gates)}")
     options = _FitOptions(steps, lr, kl_weight, max_norm, refresh_every, reweight, lr_final, units, seed, batch, gates)
     try:
         return _fit(model, _listed(contexts), targets, layers, unrelated, options, recontext, start)
@@ -482,14 +484,16 @@ def logistic(positive: torch.Tensor, negative: torch.Tensor, l2: float = 1e-3, i
     """A linear classifier ``logit = w . x + b`` of ``positive`` ``[P, d]`` against ``negative``
     ``[N, d]`` rows: logistic loss with the two classes weighted alike (a few hundred table
     positions against thousands of text positions), ``l2`` x ``|w|^2`` on standardized features,
-    L-BFGS; returned with the standardization folded in (``w [d]``, ``b``) in float32."""
-    x = torch.cat([positive, negative]).double()  # [P + N, d]
+    L-BFGS in float64 on the CPU; returned with the standardization folded in (``w [d]`` float32
+    on ``positive``'s device, ``b``)."""
+    device = positive.device
+    x = torch.cat([positive, negative]).cpu().double()  # [P + N, d]: on the CPU (float64 everywhere, MPS too)
     y = torch.cat([x.new_ones(len(positive)), x.new_zeros(len(negative))])  # [P + N]
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # [d]
     z = (x - mean) / std
     weight = torch.where(y > 0, 0.5 / len(positive), 0.5 / len(negative))  # [P + N], sums to 1
-    w = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device, requires_grad=True)
-    b = torch.zeros((), dtype=x.dtype, device=x.device, requires_grad=True)
+    w = torch.zeros(x.shape[1], dtype=x.dtype, requires_grad=True)
+    b = torch.zeros((), dtype=x.dtype, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=iterations, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
@@ -502,7 +506,7 @@ def logistic(positive: torch.Tensor, negative: torch.Tensor, l2: float = 1e-3, i
     with torch.enable_grad():
         opt.step(closure)
     w_raw = (w.detach() / std)  # [d]: logit = (x - mean) / std . w + b
-    return w_raw.float(), float(b.detach() - mean @ w_raw)
+    return w_raw.float().to(device), float(b.detach() - mean @ w_raw)
 
 
 def gate_probe(model: nn.Module, contexts: fields.Contexts | Sequence[fields.Contexts], windows: torch.Tensor,

@@ -99,7 +99,8 @@ def gate_table(gate: dict[str, Any]) -> str:
     names = list(gate["positions"])
     rows = [(layer, *("n/a" if v is None else v for v in shares.values())) for layer, shares in gate["open_share"].items()]
     counts = ", ".join(f"{n} {c}" for n, c in gate["positions"].items() if c is not None)
-    return ("## Gates\n\nShare of positions where each layer's gate is more than half open (a linear classifier "
+    return ("## Gates\n\nShare of positions where each layer's gate is more than half open, read on the unedited "
+            "model's MLP inputs (a linear classifier "
             "of the MLP's input trained on the fit tables against the fit text; the held-out tables, the side "
             "effects' text, the perplexity text and the bundled text were never seen by it; held-out cells: the "
             f"held-out tables' targeted cells alone, where the value is predicted). Positions: {counts}.\n\n"
