@@ -832,3 +832,50 @@ def test_save_of_an_added_vector_is_refused_early_where_no_mlp_bias_can_hold_it(
             job.check_save(model, kind)
     else:
         job.check_save(model, kind)
+
+
+def test_a_held_field_moves_less_than_without_the_hold(dtok, people):
+    """--hold: the fit's term for a held field has the unedited model's marginal as its target
+    (hold_targets: the mean over templates of fields.marginals); fitted towards a gender with the
+    first age digit held, the digit moves less than in the same fit without the hold."""
+    model = digit_model(dtok, seed=2)
+    gender = _targets(people, "Gender=Female:1")
+    held = _targets(people, "Age.digit1=uniform")
+    contexts = [fields.record_contexts(model, dtok, people, gender + held, 1, 6, seed, 6) for seed in (0, 1)]
+    own = job.hold_targets(model, contexts, 1)
+    with torch.no_grad():
+        want = torch.stack([fields.marginals(model, c)[1] for c in contexts]).mean(0)
+    torch.testing.assert_close(own, want)
+    unrelated = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def digit_shift(with_hold: bool) -> float:
+        targets = [torch.tensor(gender[0].probs)] + ([own] if with_hold else [])
+        ctx = contexts if with_hold else [fields.Contexts(c.prompt, c.fields[:1]) for c in contexts]
+        edit, _ = methods.fit(model, ctx, targets, [0, 1], unrelated, steps=6, lr=0.2, kl_weight=0.0, max_norm=2.0)
+        with torch.no_grad(), applied(model, edit):
+            after = torch.stack([fields.marginals(model, c)[1] for c in contexts]).mean(0)
+        return float((after - own).abs().sum())
+
+    assert digit_shift(True) < digit_shift(False)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--target", "Gender=uniform", "--hold", "Gender"], "--hold Gender: that field is a --target"),
+    (["--target", "Gender=uniform", "--hold", "Height"], "Height"),
+    (["--target", "Gender=uniform", "--hold", "Age.digit2", "--method", "fit,caa"], "drop it or the kinds caa"),
+])
+def test_cli_hold_bad_input(args, message, capsys):
+    rc = cli.main(["-q", "edit", *args, "--out", "/tmp/never-written"])
+    assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_cli_fit_with_a_hold_reports_the_targets_alone(digit_model_dir, tmp_path):
+    out = tmp_path / "out"
+    rc = cli.main(["-q", "edit", str(digit_model_dir), "--target", "Gender=uniform", "--hold", "Age.digit1",
+                   "--method", "gated", "--layers", "0-1", "--steps", "2", "--fit-tables", "2", "--fit-rewordings",
+                   "1", "--measure-tables", "2", "--strength", "1", "--eval-text", str(_unrelated_text(tmp_path)),
+                   "--eval-tokens", "512", "--eval-seqlen", "16", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["options"]["holds"] == ["Age.digit1"] and report["target_fields"] == ["Gender"]
+    assert report["results"][0]["target_js_after"] is not None

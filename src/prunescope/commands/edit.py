@@ -98,6 +98,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-norm", type=float, default=0.5,
                         help="bound on each fitted vector's norm, as a fraction of the layer's median residual "
                         "norm (default 0.5)")
+    parser.add_argument("--hold", action="append", default=[], metavar="FIELD",
+                        help="a field the fit keeps at the unedited model's own distribution, repeatable (e.g. "
+                        "--hold Age.digit2): a term of the fit like a target's, whose target is what the unedited "
+                        "model writes there on the fit's tables: a side-effect term inside the table, where a gated "
+                        "edit's cost lies. For the fitted kinds (fit, units, gated); not counted in the target JS")
     parser.add_argument("--units", type=int, default=8, metavar="K",
                         help="new MLP units per edited layer for the 'units' kind (default 8), fitted beside each "
                         "layer's vector with the same loss as 'fit': each computes act(gate . x) * (up . x) from the "
@@ -143,7 +148,7 @@ def _config(args: argparse.Namespace):
         fit_tables=args.fit_tables, measure_tables=args.measure_tables, steps=args.steps,
         refresh_every=args.refresh_every, reweight=args.reweight, lr=args.lr, lr_final=args.lr_final,
         kl_weight=args.kl_weight, max_norm=args.max_norm, units=args.units,
-        kl_windows=args.kl_windows,
+        kl_windows=args.kl_windows, holds=tuple(args.hold),
         match_ppl=_floats(args.match_ppl, "--match-ppl") or (), heldout=tuple(args.heldout),
         fit_rewordings=args.fit_rewordings, fit_template_files=tuple(args.fit_template),
         eval_text=args.eval_text, eval_tokens=args.eval_tokens, eval_seqlen=args.eval_seqlen, seed=args.seed,

@@ -77,6 +77,7 @@ class EditConfig(models.Placement):
     max_norm: float = 0.5
     units: int = 8
     kl_windows: int = FIT_KL_WINDOWS
+    holds: tuple[str, ...] = ()  # fields the fit holds at the unedited model's distribution (--hold)
     match_ppl: tuple[float, ...] = ()
     heldout: tuple[Path, ...] = ()
     fit_rewordings: int | None = None  # None: every rewording the template ships for fitting
@@ -208,9 +209,9 @@ def run_options(config: EditConfig) -> dict[str, Any]:
     """The settings a report's figures depend on beyond its other fields (the fit's and the
     measurement's), so a report says how to make it again (as the config holds them: the JSON
     writer turns tuples into lists)."""
-    names = ("steps", "lr", "lr_final", "kl_weight", "kl_windows", "max_norm", "units", "refresh_every", "reweight",
-             "fit_tables", "measure_tables", "match_ppl", "strengths", "eval_text", "eval_tokens", "eval_seqlen",
-             "seed")
+    names = ("steps", "lr", "lr_final", "kl_weight", "kl_windows", "max_norm", "units", "holds", "refresh_every",
+             "reweight", "fit_tables", "measure_tables", "match_ppl", "strengths", "eval_text", "eval_tokens",
+             "eval_seqlen", "seed")
     return {n: getattr(config, n) for n in names}
 
 
@@ -253,6 +254,7 @@ class _Setting:
     unrelated: torch.Tensor  # the side effects' KL and top-1 agreement (never fitted on)
     reference_logits: torch.Tensor | None = None
     before: dict[str, dict[str, np.ndarray]] | None = None
+    holds: list[Target] = field(default_factory=list)  # fitted towards the unedited model's own distribution
 
 
 def _field_distributions(model: nn.Module, tokenizer, template: Template, rows: int, tables: int,
@@ -580,7 +582,7 @@ def gate_report(model: nn.Module, tokenizer, config: EditConfig, setting: _Setti
 def record_fit_contexts(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting,
                         refresh: int) -> list[fields.Contexts]:
     """The fit's contexts from tables ``model`` writes (the edit so far applied by the caller),
-    one entry per fit template: ``config.fit_tables`` tables spread evenly over them, each
+    for the targeted and the held fields, one entry per fit template: ``config.fit_tables`` tables spread evenly over them, each
     template on its own seeds (:func:`fit_seed`; the training template's are those a fit on it
     alone uses)."""
     n = len(setting.fitted_on)
@@ -588,8 +590,9 @@ def record_fit_contexts(model: nn.Module, tokenizer, config: EditConfig, setting
     out = []
     for j, (t, tables) in enumerate(zip(setting.fitted_on, shares)):
         try:
-            out.append(fields.record_contexts(model, tokenizer, t, setting.targets, config.rows, tables,
-                                              fit_seed(config.seed, refresh, j), prompt_rows=config.measure_rows))
+            out.append(fields.record_contexts(model, tokenizer, t, setting.targets + setting.holds, config.rows,
+                                              tables, fit_seed(config.seed, refresh, j),
+                                              prompt_rows=config.measure_rows))
         except PrunescopeError as exc:
             raise PrunescopeError(f"fit template {t.name}: {exc}") from exc
     return out
@@ -606,6 +609,7 @@ def check_inputs(config: EditConfig) -> tuple[Template, list[Target], list[Templ
         if beyond:
             raise PrunescopeError(f"target {t.describe()} names row {beyond[0]}, but the edit is fitted on "
                                   f"rows 1-{config.rows}; raise --rows or drop the row")
+    parse_holds(config, template, targets)
     heldout = heldout_templates(template, config.heldout)
     fitted_on = fit_templates(template, config.fit_rewordings, config.fit_template_files, heldout)
     if config.fit_tables < len(fitted_on):
@@ -629,6 +633,34 @@ def check_save(model: nn.Module, kind: str) -> None:
         raise PrunescopeError(f"--save folds the first kind ({kind}), an added vector, into MLP biases, which "
                               f"{family.name} does not have in plain transformers; drop --save, or put first a "
                               f"kind that folds into its weights (ablate, weight, weight-null)")
+
+
+HOLD_KINDS = ("fit", "units", "gated")  # the kinds whose fit a --hold constrains
+
+
+def parse_holds(config: EditConfig, template: Template, targets: list[Target]) -> list[Target]:
+    """The fields ``--hold`` names, as targets on the fitted rows whose distribution the fit
+    replaces by the unedited model's own (:func:`hold_targets`); one clear error for a field the
+    template lacks, one a target already names, or kinds the hold cannot constrain."""
+    if not config.holds:
+        return []
+    holds = parse_targets([f"{h}=uniform" for h in config.holds], template)
+    named = {t.key for t in targets}
+    for h in holds:
+        if h.key in named:
+            raise PrunescopeError(f"--hold {h.key.label}: that field is a --target; hold other fields")
+    others = [k for k in config.kinds if k not in HOLD_KINDS]
+    if others:
+        raise PrunescopeError(f"--hold constrains the fit of {', '.join(HOLD_KINDS)}; drop it or the kinds "
+                              f"{', '.join(others)}")
+    return holds
+
+
+@torch.no_grad()
+def hold_targets(model: nn.Module, contexts: list[fields.Contexts], index: int) -> torch.Tensor:
+    """The target of the fit's field ``index`` when it is held: the unedited model's ``[values]``
+    marginal on the fit's contexts, the mean over the templates."""
+    return torch.stack([fields.marginals(model, c)[index] for c in contexts]).mean(0).float().cpu()
 
 
 def check_layers(layers: tuple[int, ...], n_layers: int) -> None:
@@ -672,12 +704,14 @@ def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str
     if {"units", "gated"} & set(config.kinds):
         require_gated(model)  # before minutes of measuring
     blocks, fit_windows, unrelated = _windows(tokenizer, config)
-    setting = _Setting(template, heldout, fitted_on, targets, blocks, fit_windows, unrelated)
+    setting = _Setting(template, heldout, fitted_on, targets, blocks, fit_windows, unrelated,
+                       holds=parse_holds(config, template, targets))
     if not setting.heldout:
         log.warning("no held-out rewordings of template %s: give --heldout FILE to measure generalization", template.name)
     # the contexts first: a target no fitted table reaches fails before minutes of measuring
     contexts = record_fit_contexts(model, tokenizer, config, setting, 0)
-    wanted = [torch.tensor(_target_of(f, targets).probs) for f in contexts[0].fields]
+    wanted = [hold_targets(model, contexts, j) if _held(f, setting.holds) else torch.tensor(_target_of(f, targets).probs)
+              for j, f in enumerate(contexts[0].fields)]  # per fitted field: its target, or a hold's own
     log.info("measuring the unedited model")
     before = _measure(model, tokenizer, config, setting)
     setting.before = {k: v for k, v in before.fields.items() if k.startswith("row ")}
@@ -710,6 +744,10 @@ def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str
         tuple(results), traces["fit"], time.perf_counter() - t0, tuple(t.name for t in fitted_on), run_options(config),
         traces["units"], traces["gated"], cache.get("gate"),
     )
+
+
+def _held(field_contexts: fields.FieldContexts, holds: list[Target]) -> bool:
+    return any(h.key == field_contexts.key and h.applies_to(field_contexts.row) for h in holds)
 
 
 def _target_of(field_contexts: fields.FieldContexts, targets: list[Target]) -> Target:
