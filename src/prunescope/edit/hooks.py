@@ -158,6 +158,12 @@ class LayerEdit:
     units: Units | None = None
     gate: Gate | None = None
 
+    @property
+    def add_everywhere(self) -> torch.Tensor | None:
+        """The vector added at every position (``add`` with no gate switching it), or None: what
+        a bias on the MLP's writer holds exactly."""
+        return self.add if self.gate is None else None
+
     def written_units(self) -> Units | None:
         """The new units this entry adds to its MLP: its own, or the gate's two writing ``add``."""
         if self.gate is not None and self.add is not None:
@@ -480,7 +486,7 @@ def applied(model: nn.Module, edit: Edit) -> Iterator[None]:
                 for path in _edited_paths(entry, writers):
                     hook = _projection_hook(entry.direction, entry.ablate_scale)
                     stack.callback(layer.get_submodule(path).register_forward_hook(hook).remove)
-            if entry.add is not None and entry.gate is None:  # after the projection: it runs after it
+            if entry.add_everywhere is not None:  # after the projection: it runs after it
                 stack.enter_context(apply.output_biases(layer, [writers.mlp], {writers.mlp: entry.add}))
             units = entry.written_units()
             if units is not None:
@@ -517,7 +523,7 @@ def fold(model: nn.Module, edit: Edit) -> nn.Module:
     new_tensors: dict[str, torch.Tensor] = {}
     for entry in edit.layers:
         for path in _edited_paths(entry, writers):
-            add = entry.add if path == writers.mlp and entry.gate is None else None
+            add = entry.add_everywhere if path == writers.mlp else None
             bias = _fold_writer(adapter.layers(model)[entry.layer].get_submodule(path), entry, add)
             if bias is not None:
                 new_tensors[f"{adapter.layers_path}.{entry.layer}.{path}.bias"] = bias
@@ -533,7 +539,7 @@ def _edited_paths(entry: LayerEdit, writers: _Writers) -> list[str]:
     MLP's with an added vector, none for units alone or a gated vector (their units are
     appended by :func:`_widened`)."""
     if entry.direction is None:
-        return [writers.mlp] if entry.add is not None and entry.gate is None else []
+        return [writers.mlp] if entry.add_everywhere is not None else []
     assert writers.attention is not None  # Edit.check refuses a direction otherwise
     return [writers.attention, writers.mlp]
 
@@ -547,8 +553,7 @@ def _folded_config(model: nn.Module, edit: Edit, writers: _Writers) -> Any | Non
     if not needs and not extra:
         return None
     family = writers.family
-    flag = family.bias_flag(MLP)
-    if needs and not isinstance(flag, str):
+    if needs and not can_hold_biases(family):
         layer, what = needs[0]
         edited = "an added vector" if what == writers.mlp else "units with biases (a gated vector's)"
         raise PrunescopeError(
@@ -559,14 +564,22 @@ def _folded_config(model: nn.Module, edit: Edit, writers: _Writers) -> Any | Non
     shape = families.shape_of(family, model.config)
     shape = dataclasses.replace(shape, intermediate=shape.intermediate + extra)
     count = len(models.adapter_for(model).layers(model))
-    return families.shrunk_config(family, model.config, shape, list(range(count)), (flag,) if needs else ())
+    return families.shrunk_config(family, model.config, shape, list(range(count)),
+                                  (family.bias_flag(MLP),) if needs else ())
+
+
+def can_hold_biases(family: Family) -> bool:
+    """Whether ``family``'s MLP has biases or a config flag that turns them on in plain
+    transformers (Llama's ``mlp_bias``; not Mistral, Qwen2, Qwen3, Phi-3): what folding a vector
+    added at every position, or a gated vector's units, needs."""
+    return family.bias_flag(MLP) is not None
 
 
 def _missing_biases(model: nn.Module, entry: LayerEdit, writers: _Writers) -> list[str]:
     """The MLP biases folding ``entry`` needs and the model lacks: the writer's (``down_proj``)
     for an ``add`` written at every position, ``gate/up`` for units with biases."""
     missing = []
-    if entry.add is not None and entry.gate is None and _module(model, entry.layer, writers.mlp).bias is None:
+    if entry.add_everywhere is not None and _module(model, entry.layer, writers.mlp).bias is None:
         missing.append(writers.mlp)
     units = entry.written_units()
     if units is not None and units.biased and writers.gated is not None \

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from prunescope import data, evaluate, models
-from prunescope.edit import fields, methods
+from prunescope.edit import fields, hooks, methods
 from prunescope.edit.hooks import Edit, Gate, applied, require_gated
 from prunescope.edit.rewordings import fit_templates, heldout_templates
 from prunescope.edit.targets import Target, parse_targets
@@ -629,7 +629,7 @@ def check_save(model: nn.Module, kind: str) -> None:
     from prunescope import families
 
     family = families.family_for(model)
-    if kind in ADDS_VECTOR and family.bias_flag(families.MLP) is None:
+    if kind in ADDS_VECTOR and not hooks.can_hold_biases(family):
         raise PrunescopeError(f"--save folds the first kind ({kind}), an added vector, into MLP biases, which "
                               f"{family.name} does not have in plain transformers; drop --save, or put first a "
                               f"kind that folds into its weights (ablate, weight, weight-null)")
