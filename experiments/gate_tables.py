@@ -1,15 +1,19 @@
-"""Where do the gated edit's gates open on a table they were never trained on, and what does the
+"""Where do the gated edit's gates open on tables they were never trained on, and what does the
 folded gated model cost on the bundled text?
 
 Trains the gates exactly as ``prunescope edit --method gated`` does with its defaults on the
 bundled SmolLM2-135M-Instruct (the people template and its fit rewordings against the fit's
-WikiText-2 windows; deterministic), then prints, per edited layer, the share of positions where
-the gate is more than half open on tables of another template (default: the products table in
-``experiments/templates``) and at its targeted cells; with ``--folded DIR`` (the folder
+WikiText-2 windows, and the tables of every ``--negative`` template as ``--gate-negative`` does;
+deterministic), then prints, per edited layer, the share of positions where the gate is more
+than half open on tables of other templates (default: the products and books tables in
+``experiments/templates``; measured on seeds other than the negatives') and at their targeted
+cells, and on the held-out rewordings of the people table; with ``--folded DIR`` (the folder
 ``prunescope edit --method gated --save`` wrote) also perplexity on the first 8,192 tokens of the
 bundled text, unedited against folded. Not part of CI; about a minute on 2 cores::
 
     flock /tmp/prunescope-heavy.lock .venv/bin/python experiments/gate_tables.py --folded runs/edit-gated/model
+    flock /tmp/prunescope-heavy.lock .venv/bin/python experiments/gate_tables.py \\
+        --negative experiments/templates/products.yaml
 """
 
 from __future__ import annotations
@@ -19,40 +23,52 @@ import logging
 
 from prunescope import data, evaluate
 from prunescope.edit import fields, job, methods
-from prunescope.edit.targets import parse_targets
 from prunescope.probe.run import load_for_probe
-from prunescope.probe.template import load_template
 
 PEOPLE_TARGETS = ("Age.digit1=uniform:2-6", "Gender=Male:0.5,Female:0.5")
+OTHER_TABLES = ("experiments/templates/products.yaml", "experiments/templates/books.yaml")
+MEASURE_SEED = 0  # the negatives are recorded on the edit's own seeds (fit_seed, after the held-out ones)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--template", default="experiments/templates/products.yaml")
-    parser.add_argument("--fields", default="Category=uniform,Price.digit1=uniform",
-                        help="the other template's fields whose cells are read (comma-separated targets)")
+    parser.add_argument("--template", action="append", default=None,
+                        help=f"another table to read the gates on, repeatable (default {', '.join(OTHER_TABLES)})")
+    parser.add_argument("--negative", action="append", default=[],
+                        help="a template whose tables the gates are trained to stay shut on (--gate-negative)")
     parser.add_argument("--tables", type=int, default=16)
     parser.add_argument("--eval-text", default="../shared/data/wikitext-2/test.txt")
     parser.add_argument("--folded", default=None, help="a folder written by prunescope edit --method gated --save")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    config = job.EditConfig(targets=PEOPLE_TARGETS, eval_text=args.eval_text)
+    config = job.EditConfig(targets=PEOPLE_TARGETS, kinds=("gated",), eval_text=args.eval_text,
+                            gate_negatives=tuple(args.negative))
     template, targets, heldout, fitted_on = job.check_inputs(config)
     model, tokenizer = load_for_probe(config.model, config)
     layers = job.default_layers(len(model.model.layers))
     blocks, fit_windows, unrelated = job._windows(tokenizer, config)
-    setting = job._Setting(template, heldout, fitted_on, targets, blocks, fit_windows, unrelated)
+    setting = job._Setting(template, heldout, fitted_on, targets, blocks, fit_windows, unrelated,
+                           negatives=job.parse_negatives(config, template))
     contexts = job.record_fit_contexts(model, tokenizer, config, setting, 0)
-    gates = methods.gate_probe(model, contexts, fit_windows, layers)
-    other = load_template(args.template)
-    other_contexts = fields.record_contexts(model, tokenizer, other, parse_targets(args.fields.split(","), other),
-                                            1, args.tables, config.seed, prompt_rows=config.measure_rows)
-    table = methods.table_inputs(model, other_contexts, layers)
-    cells = methods.table_inputs(model, other_contexts, layers, cells_only=True)
-    print(f"| layer | open at {other.name} table positions | open at its cells |\n|---|---:|---:|")
-    for i in layers:
-        print(f"| {i} | {methods.gate_share(model, i, gates[i], table[i]):.3f} of {len(table[i])} | "
-              f"{methods.gate_share(model, i, gates[i], cells[i]):.3f} of {len(cells[i])} |")
+    gates = methods.gate_probe(model, contexts, fit_windows, layers, job.negative_contexts(model, tokenizer, config,
+                                                                                          setting))
+    print(f"gates trained against the fit's text{''.join(' and ' + n for n in args.negative)}\n")
+    held = [fields.record_contexts(model, tokenizer, t, targets, config.rows, job.GATE_HELDOUT_TABLES,
+                                   job.fit_seed(config.seed, 0, len(fitted_on) + j), prompt_rows=config.measure_rows)
+            for j, t in enumerate(heldout)]
+    read = [("people, held-out rewordings", held)]
+    for path in args.template or OTHER_TABLES:
+        other, fields_of = job.parse_negatives(job.EditConfig(targets=PEOPLE_TARGETS, kinds=("gated",),
+                                                              gate_negatives=(path,)), template)[0]
+        read.append((other.name, [fields.record_contexts(model, tokenizer, other, fields_of, config.rows,
+                                                         args.tables, MEASURE_SEED, prompt_rows=config.measure_rows)]))
+    print("| table | layer | open at table positions | open at its cells |\n|---|---:|---:|---:|")
+    for name, contexts_of in read:
+        table = methods.table_inputs(model, contexts_of, layers)
+        cells = methods.table_inputs(model, contexts_of, layers, cells_only=True)
+        for i in layers:
+            print(f"| {name} | {i} | {methods.gate_share(model, i, gates[i], table[i]):.3f} of {len(table[i])} | "
+                  f"{methods.gate_share(model, i, gates[i], cells[i]):.3f} of {len(cells[i])} |")
     if args.folded:
         for name in (config.model, args.folded):
             m, tok = load_for_probe(name, config)

@@ -193,6 +193,69 @@ def test_logistic_gate_separates_two_clouds_and_opens_on_one():
     assert float((ramp(test_pos) > 0.5).float().mean()) > 0.9 and float((ramp(test_neg) > 0.5).float().mean()) < 0.05
 
 
+def test_logistic_weights_each_negative_group_alike():
+    """Negatives given as groups: a small group near the positives (50 points) counts as much as a
+    large one far away (2,000), so the classifier shuts on far more of it than when the same
+    points come as one negative tensor (where 50 of 2,050 weigh little); one group is exactly
+    the plain call."""
+    g = torch.Generator().manual_seed(0)
+
+    def cloud(n, center):
+        return torch.randn(n, 16, generator=g) + center
+
+    c_pos, c_text = torch.zeros(16), torch.zeros(16)
+    c_pos[:3], c_text[:3] = 2.0, -2.0
+    c_other = c_pos.clone()
+    c_other[5] = -1.5  # another table: close to the positives, apart along one direction
+    pos, text, other = cloud(200, c_pos), cloud(2000, c_text), cloud(50, c_other)
+    test_pos, test_other = cloud(500, c_pos), cloud(500, c_other)
+
+    def opens(w, b, x):
+        return float((x @ w + b > 0).float().mean())
+
+    w_one, b_one = methods.logistic(pos, torch.cat([text, other]))
+    w_groups, b_groups = methods.logistic(pos, [text, other])
+    assert opens(w_one, b_one, test_other) > 0.8  # the small group is mostly let through
+    assert opens(w_groups, b_groups, test_other) < opens(w_one, b_one, test_other) - 0.3
+    assert opens(w_groups, b_groups, test_pos) > 0.75
+    w_plain, b_plain = methods.logistic(pos, text)
+    w_listed, b_listed = methods.logistic(pos, [text])
+    assert torch.equal(w_plain, w_listed) and b_plain == b_listed
+
+
+def _products(folder):
+    """A table unlike the people template (a --gate-negative): products, category and price."""
+    path = folder / "products.yaml"
+    path.write_text("name: products\nprompt: |-\n  List {rows} random products as a markdown table.\n  {table}\n"
+                    "columns:\n  - {name: Product, type: text, max_tokens: 4}\n"
+                    "  - {name: Category, type: choice, choices: [Food, Toys, Books]}\n"
+                    "  - {name: Price, type: digits, min_length: 1, max_length: 2}\n")
+    return path
+
+
+def test_gates_trained_against_another_table_stay_shut_on_it(dtok, people, tmp_path):
+    """gate_probe with another template's tables among the negatives: the gates shut at the
+    positions of those tables they were trained on, and on new tables of that template open far
+    less than gates trained against text alone (on a tiny random model two tables' positions are
+    much alike and either gate opens on under two thirds of its own table's); they still open
+    more on the fitted template's tables than on the other's."""
+    model = digit_model(dtok, seed=2)
+    contexts = fields.record_contexts(model, dtok, people, _targets(people, "Gender=uniform"), 1, 4, 0, 4)
+    products = load_template(_products(tmp_path))
+    fields_of = _targets(products, "Category=uniform")
+    negatives = [fields.record_contexts(model, dtok, products, fields_of, 1, 4, 1, 4)]
+    measured = [fields.record_contexts(model, dtok, products, fields_of, 1, 4, 2, 4)]  # other seeds
+    text = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    plain = methods.gate_probe(model, contexts, text, [0, 1])
+    specific = methods.gate_probe(model, contexts, text, [0, 1], negatives)
+    trained, other = methods.table_inputs(model, negatives, [0, 1]), methods.table_inputs(model, measured, [0, 1])
+    own = methods.table_inputs(model, contexts, [0, 1])
+    for i in (0, 1):
+        assert methods.gate_share(model, i, specific[i], trained[i]) < 0.05
+        assert methods.gate_share(model, i, specific[i], other[i]) < methods.gate_share(model, i, plain[i], other[i]) - 0.2
+        assert methods.gate_share(model, i, specific[i], own[i]) > methods.gate_share(model, i, specific[i], other[i])
+
+
 def test_gated_fit_moves_the_field_and_its_gates_stay_as_given(dtok, people):
     """The gated fit (gates from gate_probe on the recorded tables against random text) lowers
     the target KL and moves the field; each layer keeps its gate unchanged (only the vectors are
@@ -863,19 +926,36 @@ def test_a_held_field_moves_less_than_without_the_hold(dtok, people):
     (["--target", "Gender=uniform", "--hold", "Gender"], "--hold Gender: that field is a --target"),
     (["--target", "Gender=uniform", "--hold", "Height"], "Height"),
     (["--target", "Gender=uniform", "--hold", "Age.digit2", "--method", "fit,caa"], "drop it or the kinds caa"),
+    (["--target", "Gender=uniform", "--gate-negative", "people", "--method", "gated"], "has the columns of template people"),
+    (["--target", "Gender=uniform", "--gate-negative", "/nowhere/t.yaml", "--method", "gated"],
+     "--gate-negative /nowhere/t.yaml: template '/nowhere/t.yaml' is neither"),
+    (["--target", "Gender=uniform", "--gate-negative", "people"], "add gated to --method"),
 ])
 def test_cli_hold_bad_input(args, message, capsys):
     rc = cli.main(["-q", "edit", *args, "--out", "/tmp/never-written"])
     assert rc == 2 and message in capsys.readouterr().err
 
 
-def test_cli_fit_with_a_hold_reports_the_targets_alone(digit_model_dir, tmp_path):
+def test_cli_gate_negative_without_a_choice_or_digits_column(tmp_path, capsys):
+    path = tmp_path / "notes.yaml"
+    path.write_text("name: notes\nprompt: |-\n  {rows} notes\n  {table}\ncolumns:\n  - {name: Note, type: text}\n")
+    rc = cli.main(["-q", "edit", "--target", "Gender=uniform", "--method", "gated", "--gate-negative", str(path),
+                   "--out", str(tmp_path / "out")])
+    assert rc == 2 and "has no choice or digits column" in capsys.readouterr().err
+
+
+def test_cli_gated_fit_with_a_hold_and_a_negative_table(digit_model_dir, tmp_path):
+    """A held field is left out of the target JS; a --gate-negative table's positions are
+    recorded, trained against and reported (the gates' share there), and named in the options."""
     out = tmp_path / "out"
     rc = cli.main(["-q", "edit", str(digit_model_dir), "--target", "Gender=uniform", "--hold", "Age.digit1",
-                   "--method", "gated", "--layers", "0-1", "--steps", "2", "--fit-tables", "2", "--fit-rewordings",
+                   "--gate-negative", str(_products(tmp_path)), "--method", "gated", "--layers", "0-1", "--steps", "2", "--fit-tables", "2", "--fit-rewordings",
                    "1", "--measure-tables", "2", "--strength", "1", "--eval-text", str(_unrelated_text(tmp_path)),
                    "--eval-tokens", "512", "--eval-seqlen", "16", "--out", str(out)])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["options"]["holds"] == ["Age.digit1"] and report["target_fields"] == ["Gender"]
     assert report["results"][0]["target_js_after"] is not None
+    assert report["options"]["gate_negatives"] == [str(tmp_path / "products.yaml")]
+    assert report["gate"]["positions"]["negative tables"] > 0
+    assert all(0 <= layer["negative tables"] <= 1 for layer in report["gate"]["open_share"].values())

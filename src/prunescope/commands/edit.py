@@ -103,6 +103,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "--hold Age.digit2): a term of the fit like a target's, whose target is what the unedited "
                         "model writes there on the fit's tables: a side-effect term inside the table, where a gated "
                         "edit's cost lies. For the fitted kinds (fit, units, gated); not counted in the target JS")
+    parser.add_argument("--gate-negative", action="append", default=[], metavar="TEMPLATE",
+                        help="for the gated kind: another table (a built-in template's name or a template file, "
+                        "repeatable) whose positions the gates learn to stay shut on beside the fit's text, each "
+                        "weighted as much as the text; without one a gate reads 'a table', and the edit reaches "
+                        "other tables too (e.g. experiments/templates/products.yaml)")
     parser.add_argument("--units", type=int, default=8, metavar="K",
                         help="new MLP units per edited layer for the 'units' kind (default 8), fitted beside each "
                         "layer's vector with the same loss as 'fit': each computes act(gate . x) * (up . x) from the "
@@ -148,7 +153,7 @@ def _config(args: argparse.Namespace):
         fit_tables=args.fit_tables, measure_tables=args.measure_tables, steps=args.steps,
         refresh_every=args.refresh_every, reweight=args.reweight, lr=args.lr, lr_final=args.lr_final,
         kl_weight=args.kl_weight, max_norm=args.max_norm, units=args.units,
-        kl_windows=args.kl_windows, holds=tuple(args.hold),
+        kl_windows=args.kl_windows, holds=tuple(args.hold), gate_negatives=tuple(args.gate_negative),
         match_ppl=_floats(args.match_ppl, "--match-ppl") or (), heldout=tuple(args.heldout),
         fit_rewordings=args.fit_rewordings, fit_template_files=tuple(args.fit_template),
         eval_text=args.eval_text, eval_tokens=args.eval_tokens, eval_seqlen=args.eval_seqlen, seed=args.seed,

@@ -16,9 +16,9 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from torch import nn
 from prunescope import data, evaluate, models
 from prunescope.edit import fields, hooks, methods
 from prunescope.edit.hooks import Edit, Gate, applied, require_gated
-from prunescope.edit.rewordings import fit_templates, heldout_templates
+from prunescope.edit.rewordings import column_mismatch, fit_templates, heldout_templates
 from prunescope.edit.targets import Target, parse_targets
 from prunescope.errors import PrunescopeError
 from prunescope.pruning import apply
@@ -78,6 +78,7 @@ class EditConfig(models.Placement):
     units: int = 8
     kl_windows: int = FIT_KL_WINDOWS
     holds: tuple[str, ...] = ()  # fields the fit holds at the unedited model's distribution (--hold)
+    gate_negatives: tuple[str, ...] = ()  # other templates whose tables the gates learn to stay shut on
     match_ppl: tuple[float, ...] = ()
     heldout: tuple[Path, ...] = ()
     fit_rewordings: int | None = None  # None: every rewording the template ships for fitting
@@ -209,8 +210,8 @@ def run_options(config: EditConfig) -> dict[str, Any]:
     """The settings a report's figures depend on beyond its other fields (the fit's and the
     measurement's), so a report says how to make it again (as the config holds them: the JSON
     writer turns tuples into lists)."""
-    names = ("steps", "lr", "lr_final", "kl_weight", "kl_windows", "max_norm", "units", "holds", "refresh_every",
-             "reweight", "fit_tables", "measure_tables", "match_ppl", "strengths", "eval_text", "eval_tokens",
+    names = ("steps", "lr", "lr_final", "kl_weight", "kl_windows", "max_norm", "units", "holds", "gate_negatives",
+             "refresh_every", "reweight", "fit_tables", "measure_tables", "match_ppl", "strengths", "eval_text", "eval_tokens",
              "eval_seqlen", "seed")
     return {n: getattr(config, n) for n in names}
 
@@ -255,6 +256,7 @@ class _Setting:
     reference_logits: torch.Tensor | None = None
     before: dict[str, dict[str, np.ndarray]] | None = None
     holds: list[Target] = field(default_factory=list)  # fitted towards the unedited model's own distribution
+    negatives: list[tuple[Template, list[Target]]] = field(default_factory=list)  # the gates' other tables
 
 
 def _field_distributions(model: nn.Module, tokenizer, template: Template, rows: int, tables: int,
@@ -395,8 +397,10 @@ def _edit_family(kind: str, model: nn.Module, tokenizer, config: EditConfig, con
 
         gates = None
         if fitted_as == "gated":
-            gates = methods.gate_probe(model, contexts, setting.fit_windows, layers)
-            cache["gate"] = gate_report(model, tokenizer, config, setting, contexts, gates)
+            samples = gate_samples(model, tokenizer, config, setting, contexts, layers)
+            negative = [samples["fit text"]] + ([samples["negative tables"]] if setting.negatives else [])
+            gates = methods.train_gates(model, samples["fit tables"], negative)
+            cache["gate"] = gate_report(model, tokenizer, config, setting, gates, samples)
         edit, trace = methods.fit(model, contexts, targets, layers, setting.fit_windows[:config.kl_windows],
                                   config.steps, config.lr, config.kl_weight, config.max_norm, recontext,
                                   config.refresh_every, config.reweight, config.lr_final,
@@ -546,25 +550,53 @@ GATE_HELDOUT_TABLES = 4  # tables per held-out template on which gate_report rea
 GATE_OTHER_WINDOWS = 16  # windows of 128 tokens of the bundled text on which gate_report reads the gates
 
 
-def gate_report(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting, contexts: list[fields.Contexts],
-                gates: dict[int, Gate]) -> dict[str, Any]:
+def gate_samples(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting, contexts: list[fields.Contexts],
+                 layers: Sequence[int]) -> dict[str, dict[int, torch.Tensor] | None]:
+    """The MLP inputs the gates are trained on, per layer ``[positions, hidden]``: "fit tables"
+    (every position of the fit's tables: open), "fit text" (the fit's windows: shut) and
+    "negative tables" (``--gate-negative``'s tables, :func:`negative_contexts`: shut; None
+    without)."""
+    negatives = negative_contexts(model, tokenizer, config, setting)
+    return {"fit tables": methods.table_inputs(model, contexts, layers),
+            "fit text": methods.text_inputs(model, setting.fit_windows, layers),
+            "negative tables": methods.table_inputs(model, negatives, layers) if negatives else None}
+
+
+def negative_contexts(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting) -> list[fields.Contexts]:
+    """``config.fit_tables`` tables of each ``--gate-negative`` template as the unedited model
+    writes them (seeds after the held-out ones' in :func:`gate_report`), recorded up to each of
+    its choice and first-digit cells."""
+    first = len(setting.fitted_on) + len(setting.heldout)
+    out = []
+    for k, (t, fields_of) in enumerate(setting.negatives):
+        try:
+            out.append(fields.record_contexts(model, tokenizer, t, fields_of, config.rows, config.fit_tables,
+                                              fit_seed(config.seed, 0, first + k), prompt_rows=config.measure_rows))
+        except PrunescopeError as exc:
+            raise PrunescopeError(f"--gate-negative {t.name}: {exc}") from exc
+    return out
+
+
+def gate_report(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting, gates: dict[int, Gate],
+                samples: dict[str, dict[int, torch.Tensor] | None]) -> dict[str, Any]:
     """Where the gated fit's gates open (g > 0.5), per layer, as shares of positions, read on the
     unedited model's MLP inputs (the classifier's own view: with the edit on, the layers after
-    the first read inputs the earlier vectors changed): on the fit's
-    tables (what they were trained to open on), on tables of the held-out templates (never seen:
-    whether they generalize) and at their targeted cells alone (the positions where the field's
-    value is predicted), on the fit's text windows (trained to stay shut), on the side
-    effects' windows and the perplexity text (never seen), and, when the evaluation text is
-    another, on the bundled text (a different kind of text). JSON-ready."""
+    the first read inputs the earlier vectors changed): on what they were trained on
+    (``samples`` from :func:`gate_samples`: the fit's tables, open; the fit's text windows and
+    the negative tables, shut), on tables of the held-out templates (never seen: whether they
+    generalize) and at their targeted cells alone (the positions where the field's value is
+    predicted), on the side effects' windows and the perplexity text (never seen), and, when
+    the evaluation text is another, on the bundled text (a different kind of text). JSON-ready."""
     held = [fields.record_contexts(model, tokenizer, t, setting.targets, config.rows, GATE_HELDOUT_TABLES,
                                    fit_seed(config.seed, 0, len(setting.fitted_on) + j),
                                    prompt_rows=config.measure_rows)
             for j, t in enumerate(setting.heldout)]
     layers = list(gates)
-    samples = {"fit tables": methods.table_inputs(model, contexts, layers),
+    samples = {"fit tables": samples["fit tables"],
                "held-out tables": methods.table_inputs(model, held, layers) if held else None,
                "held-out cells": methods.table_inputs(model, held, layers, cells_only=True) if held else None,
-               "fit text": methods.text_inputs(model, setting.fit_windows, layers),
+               "fit text": samples["fit text"],
+               "negative tables": samples["negative tables"],
                "unrelated text": methods.text_inputs(model, setting.unrelated, layers),
                "perplexity text": methods.text_inputs(model, setting.eval_blocks, layers),
                "bundled text": None}
@@ -610,6 +642,7 @@ def check_inputs(config: EditConfig) -> tuple[Template, list[Target], list[Templ
             raise PrunescopeError(f"target {t.describe()} names row {beyond[0]}, but the edit is fitted on "
                                   f"rows 1-{config.rows}; raise --rows or drop the row")
     parse_holds(config, template, targets)
+    parse_negatives(config, template)
     heldout = heldout_templates(template, config.heldout)
     fitted_on = fit_templates(template, config.fit_rewordings, config.fit_template_files, heldout)
     if config.fit_tables < len(fitted_on):
@@ -654,6 +687,32 @@ def parse_holds(config: EditConfig, template: Template, targets: list[Target]) -
         raise PrunescopeError(f"--hold constrains the fit of {', '.join(HOLD_KINDS)}; drop it or the kinds "
                               f"{', '.join(others)}")
     return holds
+
+
+def parse_negatives(config: EditConfig, template: Template) -> list[tuple[Template, list[Target]]]:
+    """The ``--gate-negative`` templates (built-in names or files), each with the fields its
+    tables are recorded up to (every choice column and every digits column's first digit); one
+    clear error for a template that cannot be read, one with ``template``'s own columns (the
+    gate would learn to shut on the table it edits), one with no such field, or no gated kind."""
+    if not config.gate_negatives:
+        return []
+    if "gated" not in config.kinds:
+        raise PrunescopeError("--gate-negative trains the gates of the gated fit; add gated to --method or drop it")
+    out = []
+    for name in config.gate_negatives:
+        try:
+            other = load_template(name)
+        except PrunescopeError as exc:
+            raise PrunescopeError(f"--gate-negative {name}: {exc}") from exc
+        if column_mismatch(template.columns, other.columns) is None:
+            raise PrunescopeError(f"--gate-negative {name} has the columns of template {template.name}: the gates "
+                                  f"would learn to stay shut on the table they edit; give a template of another table")
+        keys = [c.name if c.type == "choice" else f"{c.name}.digit1" for c in other.columns if c.type != "text"]
+        if not keys:
+            raise PrunescopeError(f"--gate-negative {name}: template {other.name} has no choice or digits column "
+                                  f"to record its tables up to")
+        out.append((replace(other, name=name), parse_targets([f"{k}=uniform" for k in keys], other)))
+    return out
 
 
 @torch.no_grad()
@@ -705,7 +764,7 @@ def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str
         require_gated(model)  # before minutes of measuring
     blocks, fit_windows, unrelated = _windows(tokenizer, config)
     setting = _Setting(template, heldout, fitted_on, targets, blocks, fit_windows, unrelated,
-                       holds=parse_holds(config, template, targets))
+                       holds=parse_holds(config, template, targets), negatives=parse_negatives(config, template))
     if not setting.heldout:
         log.warning("no held-out rewordings of template %s: give --heldout FILE to measure generalization", template.name)
     # the contexts first: a target no fitted table reaches fails before minutes of measuring

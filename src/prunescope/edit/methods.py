@@ -479,19 +479,23 @@ def text_inputs(model: nn.Module, windows: torch.Tensor, layers: Sequence[int], 
     return {i: torch.cat(v) for i, v in out.items()}
 
 
-def logistic(positive: torch.Tensor, negative: torch.Tensor, l2: float = 1e-3, iterations: int = 200,
-             ) -> tuple[torch.Tensor, float]:
+def logistic(positive: torch.Tensor, negative: torch.Tensor | Sequence[torch.Tensor], l2: float = 1e-3,
+             iterations: int = 200) -> tuple[torch.Tensor, float]:
     """A linear classifier ``logit = w . x + b`` of ``positive`` ``[P, d]`` against ``negative``
-    ``[N, d]`` rows: logistic loss with the two classes weighted alike (a few hundred table
-    positions against thousands of text positions), ``l2`` x ``|w|^2`` on standardized features,
-    L-BFGS in float64 on the CPU; returned with the standardization folded in (``w [d]`` float32
-    on ``positive``'s device, ``b``)."""
+    rows (``[N, d]``, or several groups ``[N_k, d]``): logistic loss with the two classes weighted
+    alike (a few hundred table positions against thousands of text positions) and, within the
+    negative class, each group alike (a few hundred positions of other tables count as much as
+    thousands of text positions), ``l2`` x ``|w|^2`` on standardized features, L-BFGS in float64
+    on the CPU; returned with the standardization folded in (``w [d]`` float32 on ``positive``'s
+    device, ``b``)."""
     device = positive.device
-    x = torch.cat([positive, negative]).cpu().double()  # [P + N, d]: on the CPU (float64 everywhere, MPS too)
-    y = torch.cat([x.new_ones(len(positive)), x.new_zeros(len(negative))])  # [P + N]
+    groups = [negative] if isinstance(negative, torch.Tensor) else [g for g in negative if len(g)]
+    x = torch.cat([positive, *groups]).cpu().double()  # [P + N, d]: on the CPU (float64 everywhere, MPS too)
+    y = torch.cat([x.new_ones(len(positive)), x.new_zeros(len(x) - len(positive))])  # [P + N]
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # [d]
     z = (x - mean) / std
-    weight = torch.where(y > 0, 0.5 / len(positive), 0.5 / len(negative))  # [P + N], sums to 1
+    weight = torch.cat([x.new_full((len(positive),), 0.5 / len(positive)),
+                        *(x.new_full((len(g),), 0.5 / len(groups) / len(g)) for g in groups)])  # [P + N], sums to 1
     w = torch.zeros(x.shape[1], dtype=x.dtype, requires_grad=True)
     b = torch.zeros((), dtype=x.dtype, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=iterations, line_search_fn="strong_wolfe")
@@ -510,23 +514,34 @@ def logistic(positive: torch.Tensor, negative: torch.Tensor, l2: float = 1e-3, i
 
 
 def gate_probe(model: nn.Module, contexts: fields.Contexts | Sequence[fields.Contexts], windows: torch.Tensor,
-               layers: Sequence[int], span: float = GATE_SPAN, sharpness: float = GATE_SHARPNESS,
-               ) -> dict[int, Gate]:
+               layers: Sequence[int], negatives: Sequence[fields.Contexts] = (), span: float = GATE_SPAN,
+               sharpness: float = GATE_SHARPNESS) -> dict[int, Gate]:
     """Per layer, a :class:`~prunescope.edit.hooks.Gate` on the MLP's input that opens at the
-    recorded tables' positions and stays shut on ``windows`` of unrelated text: ``u`` =
-    ``sharpness`` x the logit of :func:`logistic` trained on :func:`table_inputs` against
-    :func:`text_inputs` (the fit's windows; the side effects are measured on other text). The
-    gate is only as specific as these two samples: text like the tables the classifier never
-    saw (another table, another chat) may open it too."""
-    positive = table_inputs(model, contexts, layers)
-    negative = text_inputs(model, windows, layers)
+    recorded tables' positions and stays shut on ``windows`` of unrelated text and on the tables
+    of ``negatives`` (other templates' recorded tables, when given): :func:`train_gates` on
+    :func:`table_inputs` against :func:`text_inputs` (the fit's windows; the side effects are
+    measured on other text) and the negatives' table inputs. The gate is only as specific as
+    these samples: text like the tables the classifier never saw (another table, another chat)
+    may open it too."""
+    negative = [text_inputs(model, windows, layers)]
+    if negatives:
+        negative.append(table_inputs(model, negatives, layers))
+    return train_gates(model, table_inputs(model, contexts, layers), negative, span, sharpness)
+
+
+def train_gates(model: nn.Module, positive: dict[int, torch.Tensor], negative: Sequence[dict[int, torch.Tensor]],
+                span: float = GATE_SPAN, sharpness: float = GATE_SHARPNESS) -> dict[int, Gate]:
+    """Per layer of ``positive`` (``layer -> [P, hidden]`` MLP inputs where the gate should open),
+    a :class:`~prunescope.edit.hooks.Gate` whose ``u`` is ``sharpness`` x the logit of
+    :func:`logistic` against the groups of ``negative`` (each ``layer -> [N_k, hidden]``, where it
+    should stay shut; each group weighted alike)."""
     gates = {}
-    for i in layers:
-        w, b = logistic(positive[i], negative[i])
+    for i, pos in positive.items():
+        w, b = logistic(pos, [g[i] for g in negative])
         gates[i] = Gate(sharpness * w, sharpness * b, span)
-        log.info("layer %d gate: open (g > 0.5) at %.3f of %d table positions, %.4f of %d text positions", i,
-                 gate_share(model, i, gates[i], positive[i]), len(positive[i]),
-                 gate_share(model, i, gates[i], negative[i]), len(negative[i]))
+        shut = ", ".join(f"{gate_share(model, i, gates[i], g[i]):.4f} of {len(g[i])}" for g in negative)
+        log.info("layer %d gate: open (g > 0.5) at %.3f of %d table positions; at %s negative positions", i,
+                 gate_share(model, i, gates[i], pos), len(pos), shut)
     return gates
 
 
