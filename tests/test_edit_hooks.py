@@ -465,6 +465,35 @@ def test_a_gated_vector_folds_into_a_wider_mlp_with_biases(family, tmp_path):
     assert not mlp.gate_proj.bias[:base].any() and not mlp.down_proj.bias.any()
 
 
+def test_a_gated_vector_in_bfloat16_hooked_and_folded_stays_near_float32():
+    """In bfloat16 the gate's two units read u and u - span rounded (a step of 0.125-0.25 for u
+    in 16-64), so g is off by up to a few hundredths where the gate is open: the bf16 edit,
+    hooked or folded into the wider MLP, stays within 5% of the float32 edit's effect on the
+    logits (here |w . x| reaches 60, u = w . x + 20, span 8), and the fold within bf16 rounding of
+    the hooks."""
+    model = tiny_llama(num_layers=2)
+    mlp = models.adapter_for(model).layers(model)[0].mlp
+    seen: dict[str, torch.Tensor] = {}
+    handle = mlp.register_forward_hook(lambda _m, args, out: seen.update(x=args[0]))
+    _logits(model)
+    handle.remove()
+    w = _vec(2)
+    w = w * (60.0 / float((seen["x"] @ w).abs().max()))  # |w . x| up to 60
+    edit = Edit([LayerEdit(0, add=_vec(1, 0.5), gate=Gate(w, 20.0, 8.0))])
+    base32 = _logits(model)
+    with applied(model, edit):
+        hooked32 = _logits(model)
+    effect = float((hooked32 - base32).abs().max())
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    with applied(half, edit):
+        hooked16 = _logits(half).float()
+    folded16 = _logits(fold(half, edit)).float()
+    assert effect > 0.3
+    assert float((hooked16 - hooked32).abs().max()) < 0.05 * effect
+    assert float((folded16 - hooked32).abs().max()) < 0.05 * effect
+    assert float((folded16 - hooked16).abs().max()) < 0.02 * effect
+
+
 def test_units_with_biases_refused_in_the_fold_where_gate_and_up_have_no_bias():
     """Mistral: biased units (no vector in the layer) are refused for their gate/up biases, and a
     layer with a vector and biased units names the writer's bias first."""
