@@ -8,8 +8,9 @@ deterministic), then prints, per edited layer, the share of positions where the 
 than half open on tables of other templates (default: the products and books tables in
 ``experiments/templates``; measured on seeds other than the negatives') and at their targeted
 cells, and on the held-out rewordings of the people table; with ``--folded DIR`` (the folder
-``prunescope edit --method gated --save`` wrote) also perplexity on the first 8,192 tokens of the
-bundled text, unedited against folded. Not part of CI; about a minute on 2 cores::
+``prunescope edit --method gated --save`` wrote, with the same ``--gate-negative`` list as
+``--negative`` here) also perplexity on the first 8,192 tokens of the bundled text, unedited
+against folded. Not part of CI; a few minutes on 2 cores::
 
     flock /tmp/prunescope-heavy.lock .venv/bin/python experiments/gate_tables.py --folded runs/edit-gated/model
     flock /tmp/prunescope-heavy.lock .venv/bin/python experiments/gate_tables.py \\
@@ -24,10 +25,11 @@ import logging
 from prunescope import data, evaluate
 from prunescope.edit import fields, job, methods
 from prunescope.probe.run import load_for_probe
+from prunescope.probe.template import load_template
 
 PEOPLE_TARGETS = ("Age.digit1=uniform:2-6", "Gender=Male:0.5,Female:0.5")
 OTHER_TABLES = ("experiments/templates/products.yaml", "experiments/templates/books.yaml")
-MEASURE_SEED = 0  # the negatives are recorded on the edit's own seeds (fit_seed, after the held-out ones)
+OTHER_TABLES_SEED = 0  # the other tables' seed (the negatives are recorded on the edit's seeds: job.fit_seed)
 
 
 def main() -> None:
@@ -58,10 +60,10 @@ def main() -> None:
             for j, t in enumerate(heldout)]
     read = [("people, held-out rewordings", held)]
     for path in args.template or OTHER_TABLES:
-        other, fields_of = job.parse_negatives(job.EditConfig(targets=PEOPLE_TARGETS, kinds=("gated",),
-                                                              gate_negatives=(path,)), template)[0]
-        read.append((other.name, [fields.record_contexts(model, tokenizer, other, fields_of, config.rows,
-                                                         args.tables, MEASURE_SEED, prompt_rows=config.measure_rows)]))
+        other = load_template(path)
+        read.append((other.name, [fields.record_contexts(model, tokenizer, other, job.table_fields(other),
+                                                         config.rows, args.tables,
+                                                         OTHER_TABLES_SEED, prompt_rows=config.measure_rows)]))
     print("| table | layer | open at table positions | open at its cells |\n|---|---:|---:|---:|")
     for name, contexts_of in read:
         table = methods.table_inputs(model, contexts_of, layers)

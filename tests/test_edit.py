@@ -237,19 +237,20 @@ def test_gates_trained_against_another_table_stay_shut_on_it(dtok, people, tmp_p
     """gate_probe with another template's tables among the negatives: the gates shut at the
     positions of those tables they were trained on, and on new tables of that template open far
     less than gates trained against text alone (on a tiny random model two tables' positions are
-    much alike and either gate opens on under two thirds of its own table's); they still open
-    more on the fitted template's tables than on the other's."""
+    much alike and either gate opens on under two thirds of a new table of its own template);
+    on new tables of the fitted template they open more than on the other's."""
     model = digit_model(dtok, seed=2)
-    contexts = fields.record_contexts(model, dtok, people, _targets(people, "Gender=uniform"), 1, 4, 0, 4)
+    wanted = _targets(people, "Gender=uniform")
+    contexts = fields.record_contexts(model, dtok, people, wanted, 1, 8, 0, 4)
     products = load_template(_products(tmp_path))
     fields_of = _targets(products, "Category=uniform")
-    negatives = [fields.record_contexts(model, dtok, products, fields_of, 1, 4, 1, 4)]
-    measured = [fields.record_contexts(model, dtok, products, fields_of, 1, 4, 2, 4)]  # other seeds
+    negatives = [fields.record_contexts(model, dtok, products, fields_of, 1, 8, 1, 4)]
     text = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(0))
     plain = methods.gate_probe(model, contexts, text, [0, 1])
     specific = methods.gate_probe(model, contexts, text, [0, 1], negatives)
-    trained, other = methods.table_inputs(model, negatives, [0, 1]), methods.table_inputs(model, measured, [0, 1])
-    own = methods.table_inputs(model, contexts, [0, 1])
+    trained = methods.table_inputs(model, negatives, [0, 1])
+    other = methods.table_inputs(model, [fields.record_contexts(model, dtok, products, fields_of, 1, 8, 2, 4)], [0, 1])
+    own = methods.table_inputs(model, [fields.record_contexts(model, dtok, people, wanted, 1, 8, 3, 4)], [0, 1])
     for i in (0, 1):
         assert methods.gate_share(model, i, specific[i], trained[i]) < 0.05
         assert methods.gate_share(model, i, specific[i], other[i]) < methods.gate_share(model, i, plain[i], other[i]) - 0.2
@@ -944,6 +945,13 @@ def test_cli_gate_negative_without_a_choice_or_digits_column(tmp_path, capsys):
     assert rc == 2 and "has no choice or digits column" in capsys.readouterr().err
 
 
+def test_cli_gate_negative_given_twice(tmp_path, capsys):
+    path = _products(tmp_path)
+    rc = cli.main(["-q", "edit", "--target", "Gender=uniform", "--method", "gated", "--gate-negative", str(path),
+                   "--gate-negative", f"{tmp_path}/./products.yaml", "--out", str(tmp_path / "out")])
+    assert rc == 2 and "names the template of --gate-negative" in capsys.readouterr().err
+
+
 def test_cli_gated_fit_with_a_hold_and_a_negative_table(digit_model_dir, tmp_path):
     """A held field is left out of the target JS; a --gate-negative table's positions are
     recorded, trained against and reported (the gates' share there), and named in the options."""
@@ -956,6 +964,7 @@ def test_cli_gated_fit_with_a_hold_and_a_negative_table(digit_model_dir, tmp_pat
     report = json.loads((out / "report.json").read_text())
     assert report["options"]["holds"] == ["Age.digit1"] and report["target_fields"] == ["Gender"]
     assert report["results"][0]["target_js_after"] is not None
+    negative = f"negative: {tmp_path / 'products.yaml'}"
     assert report["options"]["gate_negatives"] == [str(tmp_path / "products.yaml")]
-    assert report["gate"]["positions"]["negative tables"] > 0
-    assert all(0 <= layer["negative tables"] <= 1 for layer in report["gate"]["open_share"].values())
+    assert report["gate"]["positions"][negative] > 0
+    assert all(layer[negative] < 0.5 for layer in report["gate"]["open_share"].values())  # trained to stay shut

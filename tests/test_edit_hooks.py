@@ -466,8 +466,8 @@ def test_a_gated_vector_folds_into_a_wider_mlp_with_biases(family, tmp_path):
 
 
 def test_a_gated_vector_in_bfloat16_hooked_and_folded_stays_near_float32():
-    """In bfloat16 the gate's two units read u and u - span rounded (a step of 0.125-0.25 for u
-    in 16-64), so g is off by up to a few hundredths where the gate is open: the bf16 edit,
+    """In bfloat16 the gate's two units read u and u - span rounded (steps of 0.125-0.5 for u in
+    16-128), so g is off by up to a few hundredths where the gate is open: the bf16 edit,
     hooked or folded into the wider MLP, stays within 5% of the float32 edit's effect on the
     logits (here |w . x| reaches 60, u = w . x + 20, span 8), and the fold within bf16 rounding of
     the hooks."""

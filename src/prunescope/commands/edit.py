@@ -104,10 +104,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "model writes there on the fit's tables: a side-effect term inside the table, where a gated "
                         "edit's cost lies. For the fitted kinds (fit, units, gated); not counted in the target JS")
     parser.add_argument("--gate-negative", action="append", default=[], metavar="TEMPLATE",
-                        help="for the gated kind: another table (a built-in template's name or a template file, "
-                        "repeatable) whose positions the gates learn to stay shut on beside the fit's text, each "
-                        "weighted as much as the text; without one a gate reads 'a table', and the edit reaches "
-                        "other tables too (e.g. experiments/templates/products.yaml)")
+                        help="for the gated kind: another table (a template file, or a built-in template's name, "
+                        "with other columns; repeatable) whose positions the gates learn to stay shut on beside the "
+                        "fit's text; each such table weighs as much as all the text in the classifier. Without one "
+                        "a gate reads 'a table', and the edit reaches other tables too (e.g. "
+                        "experiments/templates/products.yaml)")
     parser.add_argument("--units", type=int, default=8, metavar="K",
                         help="new MLP units per edited layer for the 'units' kind (default 8), fitted beside each "
                         "layer's vector with the same loss as 'fit': each computes act(gate . x) * (up . x) from the "

@@ -564,14 +564,14 @@ def _folded_config(model: nn.Module, edit: Edit, writers: _Writers) -> Any | Non
     shape = families.shape_of(family, model.config)
     shape = dataclasses.replace(shape, intermediate=shape.intermediate + extra)
     count = len(models.adapter_for(model).layers(model))
-    return families.shrunk_config(family, model.config, shape, list(range(count)),
-                                  (family.bias_flag(MLP),) if needs else ())
+    flags = tuple(f for f in (family.bias_flag(MLP),) if isinstance(f, str)) if needs else ()  # True: always there
+    return families.shrunk_config(family, model.config, shape, list(range(count)), flags)
 
 
 def can_hold_biases(family: Family) -> bool:
-    """Whether ``family``'s MLP has biases or a config flag that turns them on in plain
-    transformers (Llama's ``mlp_bias``; not Mistral, Qwen2, Qwen3, Phi-3): what folding a vector
-    added at every position, or a gated vector's units, needs."""
+    """Whether ``family``'s MLP has biases (GPT-2's always) or a config flag that turns them on in
+    plain transformers (Llama's ``mlp_bias``, OPT's ``enable_bias``; not Mistral, Qwen2, Qwen3,
+    Phi-3): what folding a vector added at every position, or a gated vector's units, needs."""
     return family.bias_flag(MLP) is not None
 
 

@@ -97,6 +97,13 @@ class EditConfig(models.Placement):
             raise PrunescopeError(f"unknown edit kind {', '.join(bad) or '(none)'}; valid: {', '.join(KINDS)}")
         if len(set(self.kinds)) != len(self.kinds):
             raise PrunescopeError(f"edit kinds {', '.join(self.kinds)} name a kind twice")
+        seen: dict[str, str] = {}
+        for name in self.gate_negatives:
+            same = str(Path(name).resolve()) if Path(name).is_file() else name
+            if same in seen:
+                raise PrunescopeError(f"--gate-negative {name} names the template of --gate-negative {seen[same]} "
+                                      f"again; give each table once")
+            seen[same] = name
         for name in ("rows", "measure_rows", "fit_tables", "measure_tables", "steps", "refresh_every", "units",
                      "eval_tokens", "eval_seqlen"):
             value = getattr(self, name)
@@ -257,6 +264,7 @@ class _Setting:
     before: dict[str, dict[str, np.ndarray]] | None = None
     holds: list[Target] = field(default_factory=list)  # fitted towards the unedited model's own distribution
     negatives: list[tuple[Template, list[Target]]] = field(default_factory=list)  # the gates' other tables
+    negative_contexts: list[fields.Contexts] = field(default_factory=list)  # their tables, recorded
 
 
 def _field_distributions(model: nn.Module, tokenizer, template: Template, rows: int, tables: int,
@@ -397,8 +405,8 @@ def _edit_family(kind: str, model: nn.Module, tokenizer, config: EditConfig, con
 
         gates = None
         if fitted_as == "gated":
-            samples = gate_samples(model, tokenizer, config, setting, contexts, layers)
-            negative = [samples["fit text"]] + ([samples["negative tables"]] if setting.negatives else [])
+            samples = gate_samples(model, setting, contexts, layers)
+            negative = [x for name, x in samples.items() if name != "fit tables"]  # the text, each other table
             gates = methods.train_gates(model, samples["fit tables"], negative)
             cache["gate"] = gate_report(model, tokenizer, config, setting, gates, samples)
         edit, trace = methods.fit(model, contexts, targets, layers, setting.fit_windows[:config.kl_windows],
@@ -550,22 +558,22 @@ GATE_HELDOUT_TABLES = 4  # tables per held-out template on which gate_report rea
 GATE_OTHER_WINDOWS = 16  # windows of 128 tokens of the bundled text on which gate_report reads the gates
 
 
-def gate_samples(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting, contexts: list[fields.Contexts],
-                 layers: Sequence[int]) -> dict[str, dict[int, torch.Tensor] | None]:
+def gate_samples(model: nn.Module, setting: _Setting, contexts: list[fields.Contexts], layers: Sequence[int],
+                 ) -> dict[str, dict[int, torch.Tensor]]:
     """The MLP inputs the gates are trained on, per layer ``[positions, hidden]``: "fit tables"
-    (every position of the fit's tables: open), "fit text" (the fit's windows: shut) and
-    "negative tables" (``--gate-negative``'s tables, :func:`negative_contexts`: shut; None
-    without)."""
-    negatives = negative_contexts(model, tokenizer, config, setting)
-    return {"fit tables": methods.table_inputs(model, contexts, layers),
-            "fit text": methods.text_inputs(model, setting.fit_windows, layers),
-            "negative tables": methods.table_inputs(model, negatives, layers) if negatives else None}
+    (every position of the fit's tables: open), "fit text" (the fit's windows: shut) and one
+    "negative: NAME" per ``--gate-negative`` template (its recorded tables: shut)."""
+    out = {"fit tables": methods.table_inputs(model, contexts, layers),
+           "fit text": methods.text_inputs(model, setting.fit_windows, layers)}
+    for (t, _), recorded in zip(setting.negatives, setting.negative_contexts, strict=True):
+        out[f"negative: {t.name}"] = methods.table_inputs(model, [recorded], layers)
+    return out
 
 
 def negative_contexts(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting) -> list[fields.Contexts]:
     """``config.fit_tables`` tables of each ``--gate-negative`` template as the unedited model
     writes them (seeds after the held-out ones' in :func:`gate_report`), recorded up to each of
-    its choice and first-digit cells."""
+    its choice and first-digit cells of the fitted rows."""
     first = len(setting.fitted_on) + len(setting.heldout)
     out = []
     for k, (t, fields_of) in enumerate(setting.negatives):
@@ -578,7 +586,7 @@ def negative_contexts(model: nn.Module, tokenizer, config: EditConfig, setting: 
 
 
 def gate_report(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting, gates: dict[int, Gate],
-                samples: dict[str, dict[int, torch.Tensor] | None]) -> dict[str, Any]:
+                samples: dict[str, dict[int, torch.Tensor]]) -> dict[str, Any]:
     """Where the gated fit's gates open (g > 0.5), per layer, as shares of positions, read on the
     unedited model's MLP inputs (the classifier's own view: with the edit on, the layers after
     the first read inputs the earlier vectors changed): on what they were trained on
@@ -595,8 +603,7 @@ def gate_report(model: nn.Module, tokenizer, config: EditConfig, setting: _Setti
     samples = {"fit tables": samples["fit tables"],
                "held-out tables": methods.table_inputs(model, held, layers) if held else None,
                "held-out cells": methods.table_inputs(model, held, layers, cells_only=True) if held else None,
-               "fit text": samples["fit text"],
-               "negative tables": samples["negative tables"],
+               **{name: x for name, x in samples.items() if name != "fit tables"},
                "unrelated text": methods.text_inputs(model, setting.unrelated, layers),
                "perplexity text": methods.text_inputs(model, setting.eval_blocks, layers),
                "bundled text": None}
@@ -693,7 +700,8 @@ def parse_negatives(config: EditConfig, template: Template) -> list[tuple[Templa
     """The ``--gate-negative`` templates (built-in names or files), each with the fields its
     tables are recorded up to (every choice column and every digits column's first digit); one
     clear error for a template that cannot be read, one with ``template``'s own columns (the
-    gate would learn to shut on the table it edits), one with no such field, or no gated kind."""
+    gate would learn to stay shut on the table it edits), one with no such field, or no gated
+    kind."""
     if not config.gate_negatives:
         return []
     if "gated" not in config.kinds:
@@ -702,17 +710,23 @@ def parse_negatives(config: EditConfig, template: Template) -> list[tuple[Templa
     for name in config.gate_negatives:
         try:
             other = load_template(name)
+            if column_mismatch(template.columns, other.columns) is None:
+                raise PrunescopeError(f"it has the columns of template {template.name}: the gates would learn to "
+                                      f"stay shut on the table they edit; give a template of another table")
+            fields_of = table_fields(other)
         except PrunescopeError as exc:
             raise PrunescopeError(f"--gate-negative {name}: {exc}") from exc
-        if column_mismatch(template.columns, other.columns) is None:
-            raise PrunescopeError(f"--gate-negative {name} has the columns of template {template.name}: the gates "
-                                  f"would learn to stay shut on the table they edit; give a template of another table")
-        keys = [c.name if c.type == "choice" else f"{c.name}.digit1" for c in other.columns if c.type != "text"]
-        if not keys:
-            raise PrunescopeError(f"--gate-negative {name}: template {other.name} has no choice or digits column "
-                                  f"to record its tables up to")
-        out.append((replace(other, name=name), parse_targets([f"{k}=uniform" for k in keys], other)))
+        out.append((replace(other, name=name), fields_of))
     return out
+
+
+def table_fields(template: Template) -> list[Target]:
+    """Every choice column and every digits column's first digit of ``template``, as fields to
+    record its tables up to (a negative table's, or another table's the gates are read on)."""
+    keys = [c.name if c.type == "choice" else f"{c.name}.digit1" for c in template.columns if c.type != "text"]
+    if not keys:
+        raise PrunescopeError(f"template {template.name} has no choice or digits column to record its tables up to")
+    return parse_targets([f"{k}=uniform" for k in keys], template)
 
 
 @torch.no_grad()
@@ -765,10 +779,16 @@ def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str
     blocks, fit_windows, unrelated = _windows(tokenizer, config)
     setting = _Setting(template, heldout, fitted_on, targets, blocks, fit_windows, unrelated,
                        holds=parse_holds(config, template, targets), negatives=parse_negatives(config, template))
+    for t, _ in setting.negatives:
+        shared = sorted({f.key.column for f in setting.targets + setting.holds} & {c.name for c in t.columns})
+        if shared:
+            log.warning("--gate-negative %s has the column %s the edit fits: the gates must tell its cells from the "
+                        "edited table's by the rest of the context alone", t.name, shared[0])
     if not setting.heldout:
         log.warning("no held-out rewordings of template %s: give --heldout FILE to measure generalization", template.name)
     # the contexts first: a target no fitted table reaches fails before minutes of measuring
     contexts = record_fit_contexts(model, tokenizer, config, setting, 0)
+    setting.negative_contexts = negative_contexts(model, tokenizer, config, setting)
     wanted = [hold_targets(model, contexts, j) if _held(f, setting.holds) else torch.tensor(_target_of(f, targets).probs)
               for j, f in enumerate(contexts[0].fields)]  # per fitted field: its target, or a hold's own
     log.info("measuring the unedited model")

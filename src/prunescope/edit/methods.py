@@ -489,7 +489,9 @@ def logistic(positive: torch.Tensor, negative: torch.Tensor | Sequence[torch.Ten
     on the CPU; returned with the standardization folded in (``w [d]`` float32 on ``positive``'s
     device, ``b``)."""
     device = positive.device
-    groups = [negative] if isinstance(negative, torch.Tensor) else [g for g in negative if len(g)]
+    groups = [negative] if isinstance(negative, torch.Tensor) else list(negative)
+    if not groups or any(len(g) == 0 for g in groups) or len(positive) == 0:
+        raise ValueError("logistic needs positive rows and at least one negative row in each group")
     x = torch.cat([positive, *groups]).cpu().double()  # [P + N, d]: on the CPU (float64 everywhere, MPS too)
     y = torch.cat([x.new_ones(len(positive)), x.new_zeros(len(x) - len(positive))])  # [P + N]
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # [d]
@@ -520,12 +522,10 @@ def gate_probe(model: nn.Module, contexts: fields.Contexts | Sequence[fields.Con
     recorded tables' positions and stays shut on ``windows`` of unrelated text and on the tables
     of ``negatives`` (other templates' recorded tables, when given): :func:`train_gates` on
     :func:`table_inputs` against :func:`text_inputs` (the fit's windows; the side effects are
-    measured on other text) and the negatives' table inputs. The gate is only as specific as
+    measured on other text) and each negative template's table inputs, one group each. The gate is only as specific as
     these samples: text like the tables the classifier never saw (another table, another chat)
     may open it too."""
-    negative = [text_inputs(model, windows, layers)]
-    if negatives:
-        negative.append(table_inputs(model, negatives, layers))
+    negative = [text_inputs(model, windows, layers), *(table_inputs(model, [c], layers) for c in negatives)]
     return train_gates(model, table_inputs(model, contexts, layers), negative, span, sharpness)
 
 

@@ -101,7 +101,8 @@ def gate_table(gate: dict[str, Any]) -> str:
     counts = ", ".join(f"{n} {c}" for n, c in gate["positions"].items() if c is not None)
     return ("## Gates\n\nShare of positions where each layer's gate is more than half open, read on the unedited "
             "model's MLP inputs (a linear classifier "
-            "of the MLP's input trained on the fit tables against the fit text; the held-out tables, the side "
+            "of the MLP's input trained on the fit tables against the fit text and each negative table "
+            "(--gate-negative); the held-out tables, the side "
             "effects' text, the perplexity text and the bundled text were never seen by it; held-out cells: the "
             f"held-out tables' targeted cells alone, where the value is predicted). Positions: {counts}.\n\n"
             + markdown_table(("layer", *names), rows, ".4f"))
