@@ -754,7 +754,8 @@ def test_fit_contexts_spread_the_tables_and_keep_the_templates_seeds(dtok, peopl
     assert seeds[:2] == [0, 1] and job.fit_seed(0, 1, 0) == 100  # the seeds of the runs before rewordings
 
 
-def test_a_fit_template_no_table_reached_is_named(dtok, people, monkeypatch):
+def test_a_fit_template_no_table_reached_is_named(dtok, people, monkeypatch, caplog):
+    """At the first recording such a template ends the run, named; on a refresh it keeps its previous contexts."""
     from prunescope.errors import PrunescopeError
 
     config = job.EditConfig(targets=("Age.digit3=uniform",), fit_tables=4, fit_rewordings=1)
@@ -769,6 +770,11 @@ def test_a_fit_template_no_table_reached_is_named(dtok, people, monkeypatch):
     monkeypatch.setattr(fields, "record_contexts", record)
     with pytest.raises(PrunescopeError, match="^fit template people/fit-1: none of the 2 tables"):
         job.record_fit_contexts(None, dtok, config, setting, 0)
+    # on a refresh the template whose new tables reach the field nowhere keeps its previous contexts
+    with caplog.at_level("WARNING", logger="prunescope.edit.job"):
+        got = job.record_fit_contexts(None, dtok, config, setting, 1, previous=["old fit", "old fit-1"])
+    assert got == ["contexts", "old fit-1"]
+    assert "refresh 1, fit template people/fit-1: none of the 2 tables" in caplog.text
 
 
 def test_fit_on_several_templates_refreshes_them_all_and_checks_their_fields(dtok, people):

@@ -399,9 +399,13 @@ def _edit_family(kind: str, model: nn.Module, tokenizer, config: EditConfig, con
     start = time.perf_counter()
     fitted_as = kind if kind in ("units", "gated") else "fit" if kind in ("fit", "weight", "weight-null") else None
     if fitted_as is not None and fitted_as not in cache:
+        latest = contexts
+
         def recontext(edit: Edit, refresh: int) -> list[fields.Contexts]:
+            nonlocal latest
             with applied(model, edit):
-                return record_fit_contexts(model, tokenizer, config, setting, refresh)
+                latest = record_fit_contexts(model, tokenizer, config, setting, refresh, latest)
+            return latest
 
         gates = None
         if fitted_as == "gated":
@@ -619,11 +623,13 @@ def gate_report(model: nn.Module, tokenizer, config: EditConfig, setting: _Setti
 
 
 def record_fit_contexts(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting,
-                        refresh: int) -> list[fields.Contexts]:
+                        refresh: int, previous: list[fields.Contexts] | None = None) -> list[fields.Contexts]:
     """The fit's contexts from tables ``model`` writes (the edit so far applied by the caller),
     for the targeted and the held fields, one entry per fit template: ``config.fit_tables`` tables spread evenly over them, each
     template on its own seeds (:func:`fit_seed`; the training template's are those a fit on it
-    alone uses)."""
+    alone uses). On a refresh (``previous``: the contexts in use) a template whose new tables
+    reach a fitted field nowhere (the edit made the model stop writing a third age digit, say)
+    keeps its previous contexts, with a warning, instead of ending the fit."""
     n = len(setting.fitted_on)
     shares = [config.fit_tables // n + (j < config.fit_tables % n) for j in range(n)]
     out = []
@@ -633,7 +639,10 @@ def record_fit_contexts(model: nn.Module, tokenizer, config: EditConfig, setting
                                               tables, fit_seed(config.seed, refresh, j),
                                               prompt_rows=config.measure_rows))
         except PrunescopeError as exc:
-            raise PrunescopeError(f"fit template {t.name}: {exc}") from exc
+            if previous is None:
+                raise PrunescopeError(f"fit template {t.name}: {exc}") from exc
+            log.warning("refresh %d, fit template %s: %s; its previous contexts are kept", refresh, t.name, exc)
+            out.append(previous[j])
     return out
 
 
