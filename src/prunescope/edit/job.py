@@ -218,8 +218,8 @@ def run_options(config: EditConfig) -> dict[str, Any]:
     measurement's), so a report says how to make it again (as the config holds them: the JSON
     writer turns tuples into lists)."""
     names = ("steps", "lr", "lr_final", "kl_weight", "kl_windows", "max_norm", "units", "holds", "gate_negatives",
-             "refresh_every", "reweight", "fit_tables", "measure_tables", "match_ppl", "strengths", "eval_text", "eval_tokens",
-             "eval_seqlen", "seed")
+             "refresh_every", "reweight", "fit_tables", "measure_tables", "match_ppl", "strengths", "eval_text",
+             "eval_tokens", "eval_seqlen", "seed")
     return {n: getattr(config, n) for n in names}
 
 
