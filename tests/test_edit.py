@@ -951,6 +951,22 @@ def test_cli_gate_negative_without_a_choice_or_digits_column(tmp_path, capsys):
     assert rc == 2 and "has no choice or digits column" in capsys.readouterr().err
 
 
+def test_a_negative_table_sharing_a_fitted_column_is_warned_about(tmp_path, caplog):
+    staff = tmp_path / "staff.yaml"
+    staff.write_text("name: staff\nprompt: |-\n  {rows} staff\n  {table}\ncolumns:\n"
+                     "  - {name: Gender, type: choice, choices: [Male, Female]}\n"
+                     "  - {name: Salary, type: digits, min_length: 2, max_length: 3}\n")
+    config = job.EditConfig(targets=("Age.digit1=uniform:2-6",), kinds=("gated",), holds=("Gender",),
+                            gate_negatives=(str(staff), str(_products(tmp_path))))
+    template, targets, heldout, fitted_on = job.check_inputs(config)
+    setting = job._Setting(template, heldout, fitted_on, targets, torch.empty(0), torch.empty(0), torch.empty(0),
+                           holds=job.parse_holds(config, template, targets),
+                           negatives=job.parse_negatives(config, template))
+    with caplog.at_level("WARNING", logger="prunescope.edit.job"):
+        assert job.warn_shared_columns(setting) == ["Gender"]  # the held field's column; products shares none
+    assert f"--gate-negative {staff} has the column Gender" in caplog.text
+
+
 def test_cli_gate_negative_given_twice(tmp_path, capsys):
     path = _products(tmp_path)
     rc = cli.main(["-q", "edit", "--target", "Gender=uniform", "--method", "gated", "--gate-negative", str(path),

@@ -788,11 +788,7 @@ def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str
     blocks, fit_windows, unrelated = _windows(tokenizer, config)
     setting = _Setting(template, heldout, fitted_on, targets, blocks, fit_windows, unrelated,
                        holds=parse_holds(config, template, targets), negatives=parse_negatives(config, template))
-    for t, _ in setting.negatives:
-        shared = sorted({f.key.column for f in setting.targets + setting.holds} & {c.name for c in t.columns})
-        if shared:
-            log.warning("--gate-negative %s has the column %s the edit fits: the gates must tell its cells from the "
-                        "edited table's by the rest of the context alone", t.name, shared[0])
+    warn_shared_columns(setting)
     if not setting.heldout:
         log.warning("no held-out rewordings of template %s: give --heldout FILE to measure generalization", template.name)
     # the contexts first: a target no fitted table reaches fails before minutes of measuring
@@ -832,6 +828,19 @@ def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str
         tuple(results), traces["fit"], time.perf_counter() - t0, tuple(t.name for t in fitted_on), run_options(config),
         traces["units"], traces["gated"], cache.get("gate"),
     )
+
+
+def warn_shared_columns(setting: _Setting) -> list[str]:
+    """Warn about, and return, each negative table's first column that a target or a hold names:
+    the gates must then tell its cells from the edited table's by the rest of the context."""
+    out = []
+    for t, _ in setting.negatives:
+        shared = sorted({f.key.column for f in setting.targets + setting.holds} & {c.name for c in t.columns})
+        if shared:
+            log.warning("--gate-negative %s has the column %s the edit fits: the gates must tell its cells from the "
+                        "edited table's by the rest of the context alone", t.name, shared[0])
+            out.append(shared[0])
+    return out
 
 
 def _held(field_contexts: fields.FieldContexts, holds: list[Target]) -> bool:
