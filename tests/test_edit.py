@@ -14,7 +14,7 @@ from prunescope.edit.hooks import Edit, LayerEdit, applied
 from prunescope.edit.targets import parse_targets
 from prunescope.pruning import apply
 from prunescope.probe.tables import write_tables
-from prunescope.probe.template import load_template
+from prunescope.probe.template import Template, load_template
 
 from prunescope.testing import digit_model
 
@@ -357,6 +357,13 @@ def test_cli_edit_writes_the_report_and_a_folded_model(digit_model_dir, tmp_path
     markdown = (out / "report.md").read_text()
     assert "Settings: steps 2, lr 0.03, lr-final 1.0, kl-weight 10.0" in markdown
     assert (out / "pareto.png").stat().st_size > 1000 and "| fit |" in markdown
+    norms = report["cell_norms"]
+    cells = {f"{t} / row 1 / {f}" for t in ("people", "people/fit-1", *report["heldout_templates"])
+             for f in ("Gender", "Age digit 1")}
+    assert norms["edited"] == [0, 1] and set(norms["ratio"]) == cells
+    assert all(len(r) == 2 and all(v > 0 for v in r) for r in norms["ratio"].values())  # the digit model's 2 layers
+    assert "## Residual norm at the targeted cells" in markdown and "| people/fit-1 / row 1 / Gender |" in markdown
+    assert (out / "cell-norms.png").stat().st_size > 1000
     assert "fitted on templates: people, people/fit-1;" in markdown
     assert "Effective tables of the importance weights (not used" in markdown  # off by default
     folded = AutoModelForCausalLM.from_pretrained(out / "model")
@@ -990,3 +997,69 @@ def test_cli_gated_fit_with_a_hold_and_a_negative_table(digit_model_dir, tmp_pat
     assert report["options"]["gate_negatives"] == [str(tmp_path / "products.yaml")]
     assert report["gate"]["positions"][negative] > 0
     assert all(layer[negative] < 0.5 for layer in report["gate"]["open_share"].values())  # trained to stay shut
+
+
+def test_cell_norms_are_the_direct_forward_passes_norms(dtok, people):
+    """Per field and layer, the median over tables of the residual norm entering the layer at the
+    cell over the median over its table's positions == what ``output_hidden_states`` of a plain
+    forward pass over the prompt and each suffix gives (hidden_states[i] enters layer i)."""
+    model = digit_model(dtok, seed=1)
+    contexts = fields.record_contexts(model, dtok, people, _targets(people, "Gender=uniform", "Age.digit1=uniform:2-6"),
+                                      rows=1, tables=3, seed=3)
+    got = methods.cell_norms(model, contexts)
+    assert list(got) == ["row 1 / Gender", "row 1 / Age digit 1"]
+    start = len(contexts.prompt)
+    for f in contexts.fields:
+        ratios = []
+        for suffix in f.suffixes:
+            with torch.no_grad():
+                ids = torch.tensor([[*contexts.prompt, *suffix]])
+                states = model(input_ids=ids, output_hidden_states=True).hidden_states  # per layer [1, S, hidden]
+            ratios.append([float(states[i][0, -1].norm() / states[i][0, start:].norm(dim=-1).median())
+                           for i in range(len(model.model.layers))])
+        want = torch.tensor(ratios).median(0).values
+        torch.testing.assert_close(torch.tensor(got[f"row 1 / {f.key.label}"]), want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_massive_activation_at_an_edited_layer_is_warned_about(dtok, people, monkeypatch, caplog):
+    """A cell at 3x its table's median or more at an edited layer is named with those layers and
+    the layers where every cell is ordinary; a cell under the threshold, or over it only at
+    layers not edited, is not."""
+    held = Template("people/held", people.prompt, people.columns)
+    setting = job._Setting(people, [held], [people], [], *(torch.zeros(1, 1, dtype=torch.long),) * 3)
+    ratios = iter([{"row 1 / Age digit 1": [1.0, 1.2, 0.9, 1.0, 3.5]},
+                   {"row 1 / Age digit 1": [1.0, 5.4, 4.0, 1.0, 0.9], "row 1 / Gender": [1.0] * 5}])
+    monkeypatch.setattr(methods, "cell_norms", lambda model, contexts: next(ratios))
+    setting.heldout_contexts = [(held, fields.Contexts((), ()))]
+    with caplog.at_level("WARNING"):
+        report = job.cell_norm_report(None, setting, [fields.Contexts((), ())], [2, 3])
+    assert list(report["ratio"]) == ["people / row 1 / Age digit 1", "people/held / row 1 / Age digit 1",
+                                     "people/held / row 1 / Gender"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("people/held / row 1 / Age digit 1: the residual stream entering layer 2 is 4.0x")
+    assert "every targeted cell is under 3x: 0, 3" in warning
+
+
+def test_spans_of_layer_indices():
+    assert job._spans([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8" and job._spans([]) == "" and job._spans([4]) == "4"
+
+
+def test_a_heldout_template_no_table_reaches_is_left_out_of_the_readings(dtok, people, monkeypatch, caplog):
+    """Where a held-out template's tables reach a targeted field nowhere, the gates and the cells'
+    norms are read on the others, with a warning naming it, instead of ending the run."""
+    model = digit_model(dtok, seed=1)
+    held = [Template(f"people/held-{i}", people.prompt, people.columns) for i in (1, 2)]
+    setting = job._Setting(people, held, [people], _targets(people, "Gender=uniform"),
+                           *(torch.zeros(1, 1, dtype=torch.long),) * 3)
+    record = fields.record_contexts
+
+    def failing(model, tokenizer, template, *args, **kwargs):
+        if template.name == "people/held-1":
+            raise job.PrunescopeError("no table reached row 1 / Gender")
+        return record(model, tokenizer, template, *args, **kwargs)
+
+    monkeypatch.setattr(fields, "record_contexts", failing)
+    with caplog.at_level("WARNING"):
+        got = job.heldout_contexts(model, dtok, job.EditConfig(targets=("Gender=uniform",)), setting)
+    assert [t.name for t, _ in got] == ["people/held-2"]
+    assert any("held-out template people/held-1: no table reached" in r.getMessage() for r in caplog.records)

@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the vector on tables and shuts it on text; saved as two new MLP units per layer), caa (contrastive mean "
         "difference), ablate (a direction projected out of what the layers write), weight / weight-null "
         "(rank-one down_proj edits writing the fitted vectors: ROME-style, and AlphaEdit-style in the "
-        "null space of unrelated keys). Writes report.json, report.md, pareto.png and, with --save, the "
+        "null space of unrelated keys). Writes report.json, report.md, pareto.png, cell-norms.png and, with --save, the "
         "edited model as a plain Hugging Face folder (vectors folded into biases and weights, units and "
         "gated vectors into a wider MLP).",
     )
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     from prunescope.edit import job
     from prunescope.probe.run import load_for_probe
     from prunescope.report import write_json, write_text
-    from prunescope.report.edit import plot_pareto, render_markdown
+    from prunescope.report.edit import plot_cell_norms, plot_pareto, render_markdown
 
     config = _config(args)
     job.check_inputs(config)  # every input checked before the model loads
@@ -184,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
     write_json(report, out / "report.json")
     write_text(render_markdown(report), out / "report.md")
     plot_pareto(report, out / "pareto.png")
+    if report.cell_norms:
+        plot_cell_norms(report.cell_norms, out / "cell-norms.png")
     _log_summary(report)
     if args.save:
         kind = config.kinds[0]

@@ -211,6 +211,7 @@ class EditReport:
     units_trace: dict[str, Any] | None = None  # the units fit's FitTrace, as fit_trace is the vectors'
     gated_trace: dict[str, Any] | None = None  # the gated fit's FitTrace
     gate: dict[str, Any] | None = None  # the gated fit's gates: where they open (gate_report)
+    cell_norms: dict[str, Any] | None = None  # the residual norm at the targeted cells per layer (cell_norm_report)
 
 
 def run_options(config: EditConfig) -> dict[str, Any]:
@@ -265,6 +266,7 @@ class _Setting:
     holds: list[Target] = field(default_factory=list)  # fitted towards the unedited model's own distribution
     negatives: list[tuple[Template, list[Target]]] = field(default_factory=list)  # the gates' other tables
     negative_contexts: list[fields.Contexts] = field(default_factory=list)  # their tables, recorded
+    heldout_contexts: list[tuple[Template, fields.Contexts]] = field(default_factory=list)  # (heldout_contexts)
 
 
 def _field_distributions(model: nn.Module, tokenizer, template: Template, rows: int, tables: int,
@@ -599,10 +601,7 @@ def gate_report(model: nn.Module, tokenizer, config: EditConfig, setting: _Setti
     generalize) and at their targeted cells alone (the positions where the field's value is
     predicted), on the side effects' windows and the perplexity text (never seen), and, when
     the evaluation text is another, on the bundled text (a different kind of text). JSON-ready."""
-    held = [fields.record_contexts(model, tokenizer, t, setting.targets, config.rows, GATE_HELDOUT_TABLES,
-                                   fit_seed(config.seed, 0, len(setting.fitted_on) + j),
-                                   prompt_rows=config.measure_rows)
-            for j, t in enumerate(setting.heldout)]
+    held = [c for _, c in setting.heldout_contexts]
     layers = list(gates)
     samples = {"fit tables": samples["fit tables"],
                "held-out tables": methods.table_inputs(model, held, layers) if held else None,
@@ -620,6 +619,66 @@ def gate_report(model: nn.Module, tokenizer, config: EditConfig, setting: _Setti
     positions = {name: None if x is None else int(x[layers[0]].shape[0]) for name, x in samples.items()}
     return {"span": methods.GATE_SPAN, "sharpness": methods.GATE_SHARPNESS, "positions": positions,
             "open_share": shares}
+
+
+def heldout_contexts(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting,
+                     ) -> list[tuple[Template, fields.Contexts]]:
+    """``GATE_HELDOUT_TABLES`` tables of each held-out template as the unedited model writes them,
+    recorded up to the targeted cells (seeds after the fit templates'): where the gates and the
+    cells' norms are read on wordings never fitted. A template whose tables reach a targeted
+    field nowhere is left out of those readings, with a warning (its measurement is unchanged)."""
+    out = []
+    for j, t in enumerate(setting.heldout):
+        try:
+            out.append((t, fields.record_contexts(model, tokenizer, t, setting.targets, config.rows, GATE_HELDOUT_TABLES,
+                                                  fit_seed(config.seed, 0, len(setting.fitted_on) + j),
+                                                  prompt_rows=config.measure_rows)))
+        except PrunescopeError as exc:
+            log.warning("held-out template %s: %s; the gates and the cells' norms are not read on it", t.name, exc)
+    return out
+
+
+MASSIVE_RATIO = 3.0  # a targeted cell's residual norm this many times its table's median: a massive activation
+
+
+def cell_norm_report(model: nn.Module, setting: _Setting, contexts: list[fields.Contexts],
+                     layers: Sequence[int]) -> dict[str, Any]:
+    """Per targeted cell (``"TEMPLATE / row R / FIELD"``) of each fit and held-out template, per
+    decoder layer, the residual norm entering the layer at the cell over its table's median
+    (:func:`methods.cell_norms`, the unedited model), with a warning per cell carrying a massive
+    activation (``MASSIVE_RATIO``) at an edited layer: there a bounded vector moves it little and
+    a gate reads it as unlike the fitted cells (README, "Why one held-out wording lags"). JSON-ready."""
+    pairs = [*zip(setting.fitted_on, contexts, strict=True), *setting.heldout_contexts]
+    ratio = {f"{t.name} / {cell}": r for t, c in pairs
+             for cell, r in methods.cell_norms(model, _targeted_only(c, setting.targets)).items()}
+    count = len(next(iter(ratio.values()), []))
+    ordinary = [i for i in range(count) if all(r[i] < MASSIVE_RATIO for r in ratio.values())]
+    for name, r in ratio.items():
+        hit = [i for i in layers if r[i] >= MASSIVE_RATIO]
+        if hit:
+            log.warning("%s: the residual stream entering layer%s %s is %s its table's median norm at this cell (a "
+                        "massive activation): an edit there moves it little and a gate reads it as unlike the "
+                        "fitted cells; layers where every targeted cell is under %gx: %s",
+                        name, "s" if len(hit) > 1 else "", ", ".join(map(str, hit)),
+                        "/".join(f"{r[i]:.1f}x" for i in hit), MASSIVE_RATIO, _spans(ordinary) or "none")
+    return {"threshold": MASSIVE_RATIO, "edited": list(layers), "ratio": ratio}
+
+
+def _targeted_only(contexts: fields.Contexts, targets: list[Target]) -> fields.Contexts:
+    """``contexts`` without the held fields' cells."""
+    kept = tuple(f for f in contexts.fields if any(t.key == f.key and t.applies_to(f.row) for t in targets))
+    return dataclasses.replace(contexts, fields=kept)
+
+
+def _spans(indices: Sequence[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` as ``"0-2, 5, 7-8"``."""
+    out: list[str] = []
+    for i in indices:
+        if out and int(out[-1].split("-")[-1]) == i - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{i}"
+        else:
+            out.append(str(i))
+    return ", ".join(out)
 
 
 def record_fit_contexts(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting,
@@ -794,6 +853,8 @@ def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str
     # the contexts first: a target no fitted table reaches fails before minutes of measuring
     contexts = record_fit_contexts(model, tokenizer, config, setting, 0)
     setting.negative_contexts = negative_contexts(model, tokenizer, config, setting)
+    setting.heldout_contexts = heldout_contexts(model, tokenizer, config, setting)
+    norms = cell_norm_report(model, setting, contexts, layers)
     wanted = [hold_targets(model, contexts, j) if _held(f, setting.holds) else torch.tensor(_target_of(f, targets).probs)
               for j, f in enumerate(contexts[0].fields)]  # per fitted field: its target, or a hold's own
     log.info("measuring the unedited model")
@@ -826,7 +887,7 @@ def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str
         model_name or config.model, template.name, config.targets, tuple(dict.fromkeys(t.key.label for t in targets)),
         tuple(layers), config.rows, config.measure_rows, tuple(t.name for t in setting.heldout), before,
         tuple(results), traces["fit"], time.perf_counter() - t0, tuple(t.name for t in fitted_on), run_options(config),
-        traces["units"], traces["gated"], cache.get("gate"),
+        traces["units"], traces["gated"], cache.get("gate"), norms,
     )
 
 

@@ -80,6 +80,46 @@ def residual_norms(model: nn.Module, windows: torch.Tensor, layers: Sequence[int
     return {i: float(o.float().norm(dim=-1).median()) for i, o in outs.items()}
 
 
+@torch.no_grad()
+def cell_norms(model: nn.Module, contexts: fields.Contexts) -> dict[str, list[float]]:
+    """Per field of ``contexts`` (``"row R / LABEL"``), per decoder layer: the residual stream's
+    norm entering the layer at the field's cell (its suffix's last position, where the value is
+    predicted) as a multiple of the median norm over the same table's positions (the suffix
+    after the prompt), the median over the recorded tables. Far above 1: a massive activation at
+    that cell, which a norm-bounded vector moves little and a gate trained on ordinary cells
+    reads as unlike them."""
+    decoder = models.adapter_for(model).layers(model)
+    cache, start = fields.prompt_cache(model, contexts.prompt)
+    out = {}
+    for f in contexts.fields:
+        captured: dict[int, torch.Tensor] = {}
+        with _capture_layer_inputs(dict(enumerate(decoder)), captured):
+            _logits, lengths = fields.teacher_forced(model, cache, start, list(f.suffixes))
+        ratios = []
+        for b, n in enumerate(lengths):
+            norms = torch.stack([captured[i][b, :n].float().norm(dim=-1) for i in range(len(decoder))])  # [layers, n]
+            ratios.append(norms[:, -1] / norms.median(dim=1).values)  # [layers]
+        out[f"row {f.row} / {f.key.label}"] = torch.stack(ratios).median(dim=0).values.tolist()
+    return out
+
+
+@contextmanager
+def _capture_layer_inputs(modules: dict[int, nn.Module], into: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Record each decoder layer's input hidden states ``[B, S, hidden]`` (positional or the
+    ``hidden_states`` keyword), detached."""
+    def hook_for(index: int) -> Callable[..., None]:
+        def read(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            into[index] = (args[0] if args else kwargs["hidden_states"]).detach()
+        return read
+
+    handles = [m.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _decoder_layers(model: nn.Module, layers: Sequence[int]) -> dict[int, nn.Module]:
     decoder = models.adapter_for(model).layers(model)
     return {i: decoder[i] for i in layers}

@@ -90,6 +90,8 @@ def render_markdown(report: "EditReport") -> str:
                          f"{t['unrelated_kl'][0]:.5f} -> {t['unrelated_kl'][-1]:.5f}." + _refresh_line(t))
     if report.gate:
         parts.append(gate_table(report.gate))
+    if report.cell_norms:
+        parts.append(cell_norm_table(report.cell_norms))
     return "\n\n".join(parts) + "\n"
 
 
@@ -106,6 +108,52 @@ def gate_table(gate: dict[str, Any]) -> str:
             "effects' text, the perplexity text and the bundled text were never seen by it; held-out cells: the "
             f"held-out tables' targeted cells alone, where the value is predicted). Positions: {counts}.\n\n"
             + markdown_table(("layer", *names), rows, ".4f"))
+
+
+def cell_norm_table(norms: dict[str, Any]) -> str:
+    """Per targeted cell (rows), the residual norm entering each edited layer at the cell over its
+    table's median, and the largest at any layer (``EditReport.cell_norms``)."""
+    edited = norms["edited"]
+    rows = []
+    for name, ratio in norms["ratio"].items():
+        top = max(range(len(ratio)), key=ratio.__getitem__)
+        rows.append((name, *(ratio[i] for i in edited), f"{ratio[top]:.2f} (layer {top})"))
+    return ("## Residual norm at the targeted cells\n\nPer targeted cell of each fit and held-out template, the "
+            "residual stream's norm entering each edited layer at the cell (where the value is predicted) as a "
+            "multiple of its median over the same table's positions, the median over the recorded tables, on the "
+            f"unedited model (every layer: report.json `cell_norms`, cell-norms.png). At {norms['threshold']:g}x "
+            "and more the cell carries a massive activation: a norm-bounded vector moves it little there and a "
+            "gate trained on ordinary cells reads it as unlike them, so the edit reaches that wording less.\n\n"
+            + markdown_table(("cell", *(f"layer {i}" for i in edited), "largest"), rows, ".2f"))
+
+
+def plot_cell_norms(norms: dict[str, Any], path: str | Path) -> Path:
+    """One line per targeted cell over the layers (``EditReport.cell_norms``), the edited layers
+    shaded, the massive-activation threshold drawn, the cells that reach it named and the rest
+    grey: where a wording's cells stand out."""
+    from matplotlib.ticker import FormatStrFormatter
+
+    fig = new_figure(7.0, 4.5)
+    ax = fig.add_subplot()
+    for layer in norms["edited"]:
+        ax.axvspan(layer - 0.5, layer + 0.5, color="0.9", zorder=0)
+    ordinary = "every other cell"
+    for name, ratio in norms["ratio"].items():
+        if max(ratio) >= norms["threshold"]:
+            ax.plot(range(len(ratio)), ratio, marker=".", label=name)
+        else:
+            ax.plot(range(len(ratio)), ratio, color="0.6", linewidth=0.8, label=ordinary)
+            ordinary = "_nolegend_"
+    ax.axhline(norms["threshold"], color="red", linestyle="--", linewidth=1, label=f"{norms['threshold']:g}x")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%gx"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%gx"))
+    ax.set_xlabel("decoder layer (edited layers shaded)")
+    ax.set_ylabel("norm at the cell / table's median norm")
+    ax.set_title("Residual norm at the targeted cells")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
 
 
 def _options_line(options: dict[str, Any]) -> str:
