@@ -55,9 +55,7 @@ def main() -> None:
     gates = methods.gate_probe(model, contexts, fit_windows, layers, job.negative_contexts(model, tokenizer, config,
                                                                                           setting))
     print(f"gates trained against the fit's text{''.join(' and ' + n for n in args.negative)}\n")
-    held = [fields.record_contexts(model, tokenizer, t, targets, config.rows, job.GATE_HELDOUT_TABLES,
-                                   job.fit_seed(config.seed, 0, len(fitted_on) + j), prompt_rows=config.measure_rows)
-            for j, t in enumerate(heldout)]
+    held = [c for _, c in job.heldout_contexts(model, tokenizer, config, setting)]
     read = [("people, held-out rewordings", held)]
     for path in args.template or OTHER_TABLES:
         other = load_template(path)

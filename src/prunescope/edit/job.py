@@ -30,7 +30,7 @@ from prunescope import data, evaluate, models
 from prunescope.edit import fields, hooks, methods
 from prunescope.edit.hooks import Edit, Gate, applied, require_gated
 from prunescope.edit.rewordings import column_mismatch, fit_templates, heldout_templates
-from prunescope.edit.targets import Target, parse_targets
+from prunescope.edit.targets import Target, parse_targets, rows_text
 from prunescope.errors import PrunescopeError
 from prunescope.pruning import apply
 from prunescope.probe import stats
@@ -644,10 +644,11 @@ MASSIVE_RATIO = 3.0  # a targeted cell's residual norm this many times its table
 def cell_norm_report(model: nn.Module, setting: _Setting, contexts: list[fields.Contexts],
                      layers: Sequence[int]) -> dict[str, Any]:
     """Per targeted cell (``"TEMPLATE / row R / FIELD"``) of each fit and held-out template, per
-    decoder layer, the residual norm entering the layer at the cell over its table's median
-    (:func:`methods.cell_norms`, the unedited model), with a warning per cell carrying a massive
-    activation (``MASSIVE_RATIO``) at an edited layer: there a bounded vector moves it little and
-    a gate reads it as unlike the fitted cells (README, "Why one held-out wording lags"). JSON-ready."""
+    decoder layer, the residual norm entering the layer at the cell over the median over its
+    table up to the cell (:func:`methods.cell_norms`, the unedited model), with a warning per
+    cell carrying a massive activation (``MASSIVE_RATIO``) entering an edited layer: the layer's
+    gate reads that state (normalized, after attention) as unlike the fitted cells, and a
+    bounded vector added there moves it little (README, "Why one held-out wording lags"). JSON-ready."""
     pairs = [*zip(setting.fitted_on, contexts, strict=True), *setting.heldout_contexts]
     ratio = {f"{t.name} / {cell}": r for t, c in pairs
              for cell, r in methods.cell_norms(model, _targeted_only(c, setting.targets)).items()}
@@ -656,11 +657,11 @@ def cell_norm_report(model: nn.Module, setting: _Setting, contexts: list[fields.
     for name, r in ratio.items():
         hit = [i for i in layers if r[i] >= MASSIVE_RATIO]
         if hit:
-            log.warning("%s: the residual stream entering layer%s %s is %s its table's median norm at this cell (a "
-                        "massive activation): an edit there moves it little and a gate reads it as unlike the "
-                        "fitted cells; layers where every targeted cell is under %gx: %s",
+            log.warning("%s: the residual stream entering layer%s %s is %s its median norm over the table at this cell "
+                        "(a massive activation): an edit of that layer moves it little and its gate reads it as "
+                        "unlike the fitted cells; layers where every targeted cell is under %gx: %s",
                         name, "s" if len(hit) > 1 else "", ", ".join(map(str, hit)),
-                        "/".join(f"{r[i]:.1f}x" for i in hit), MASSIVE_RATIO, _spans(ordinary) or "none")
+                        "/".join(f"{r[i]:.1f}x" for i in hit), MASSIVE_RATIO, rows_text(ordinary) or "none")
     return {"threshold": MASSIVE_RATIO, "edited": list(layers), "ratio": ratio}
 
 
@@ -668,17 +669,6 @@ def _targeted_only(contexts: fields.Contexts, targets: list[Target]) -> fields.C
     """``contexts`` without the held fields' cells."""
     kept = tuple(f for f in contexts.fields if any(t.key == f.key and t.applies_to(f.row) for t in targets))
     return dataclasses.replace(contexts, fields=kept)
-
-
-def _spans(indices: Sequence[int]) -> str:
-    """``[0, 1, 2, 5, 7, 8]`` as ``"0-2, 5, 7-8"``."""
-    out: list[str] = []
-    for i in indices:
-        if out and int(out[-1].split("-")[-1]) == i - 1:
-            out[-1] = f"{out[-1].split('-')[0]}-{i}"
-        else:
-            out.append(str(i))
-    return ", ".join(out)
 
 
 def record_fit_contexts(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting,

@@ -84,40 +84,23 @@ def residual_norms(model: nn.Module, windows: torch.Tensor, layers: Sequence[int
 def cell_norms(model: nn.Module, contexts: fields.Contexts) -> dict[str, list[float]]:
     """Per field of ``contexts`` (``"row R / LABEL"``), per decoder layer: the residual stream's
     norm entering the layer at the field's cell (its suffix's last position, where the value is
-    predicted) as a multiple of the median norm over the same table's positions (the suffix
-    after the prompt), the median over the recorded tables. Far above 1: a massive activation at
-    that cell, which a norm-bounded vector moves little and a gate trained on ordinary cells
-    reads as unlike them."""
-    decoder = models.adapter_for(model).layers(model)
+    predicted) as a multiple of the median norm over the table up to and including the cell (the
+    suffix after the prompt), the median over the recorded tables. Far above 1: a massive
+    activation at that cell, which a norm-bounded vector moves little and a gate trained on
+    ordinary cells reads as unlike them."""
+    decoder = _decoder_layers(model, range(len(models.adapter_for(model).layers(model))))
     cache, start = fields.prompt_cache(model, contexts.prompt)
-    out = {}
+    out: dict[str, list[float]] = {}
     for f in contexts.fields:
-        captured: dict[int, torch.Tensor] = {}
-        with _capture_layer_inputs(dict(enumerate(decoder)), captured):
+        captured: dict[int, torch.Tensor] = {}  # per layer [B, S] norms, right-padded
+        with _capture(decoder, captured, inputs=True, reduce=lambda h: h.float().norm(dim=-1)):
             _logits, lengths = fields.teacher_forced(model, cache, start, list(f.suffixes))
         ratios = []
         for b, n in enumerate(lengths):
-            norms = torch.stack([captured[i][b, :n].float().norm(dim=-1) for i in range(len(decoder))])  # [layers, n]
-            ratios.append(norms[:, -1] / norms.median(dim=1).values)  # [layers]
-        out[f"row {f.row} / {f.key.label}"] = torch.stack(ratios).median(dim=0).values.tolist()
+            norms = torch.stack([captured[i][b, :n] for i in decoder])  # [layers, n]: the pads left out
+            ratios.append(norms[:, -1] / norms.quantile(0.5, dim=1))  # [layers]
+        out[f"row {f.row} / {f.key.label}"] = torch.stack(ratios).quantile(0.5, dim=0).tolist()
     return out
-
-
-@contextmanager
-def _capture_layer_inputs(modules: dict[int, nn.Module], into: dict[int, torch.Tensor]) -> Iterator[None]:
-    """Record each decoder layer's input hidden states ``[B, S, hidden]`` (positional or the
-    ``hidden_states`` keyword), detached."""
-    def hook_for(index: int) -> Callable[..., None]:
-        def read(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            into[index] = (args[0] if args else kwargs["hidden_states"]).detach()
-        return read
-
-    handles = [m.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, m in modules.items()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _decoder_layers(model: nn.Module, layers: Sequence[int]) -> dict[int, nn.Module]:
@@ -130,20 +113,26 @@ def _mlp_writers(model: nn.Module, layers: Sequence[int]) -> dict[int, nn.Module
 
 
 @contextmanager
-def _capture(modules: dict[int, nn.Module], into: dict[int, torch.Tensor], inputs: bool) -> Iterator[None]:
-    """Record, per index, what each module reads (``inputs``: a writer's keys) or writes (a
-    decoder layer's output hidden states), ``[B, S, features]``, detached."""
+def _capture(modules: dict[int, nn.Module], into: dict[int, torch.Tensor], inputs: bool,
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[None]:
+    """Record, per index, what each module reads (``inputs``: a writer's keys, a decoder layer's
+    input hidden states, positional or the ``hidden_states`` keyword) or writes (a decoder
+    layer's output hidden states), ``[B, S, features]``, detached; with ``reduce``, what it
+    returns instead (a norm per position keeps ``[B, S]``, not every layer's states)."""
+    def keep(index: int, x: torch.Tensor) -> None:
+        into[index] = x.detach() if reduce is None else reduce(x.detach())
+
     def hook_for(index: int) -> Callable[..., None]:
-        def read(_m: nn.Module, args: tuple) -> None:
-            into[index] = args[0].detach()
+        def read(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            keep(index, args[0] if args else kwargs["hidden_states"])
 
         def wrote(_m: nn.Module, _a: tuple, out: torch.Tensor | tuple) -> None:
-            into[index] = (out[0] if isinstance(out, (tuple, list)) else out).detach()
+            keep(index, out[0] if isinstance(out, (tuple, list)) else out)
 
         return read if inputs else wrote
 
-    handles = [m.register_forward_pre_hook(hook_for(i)) if inputs else m.register_forward_hook(hook_for(i))
-               for i, m in modules.items()]
+    handles = [m.register_forward_pre_hook(hook_for(i), with_kwargs=True) if inputs
+               else m.register_forward_hook(hook_for(i)) for i, m in modules.items()]
     try:
         yield
     finally:

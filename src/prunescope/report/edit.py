@@ -111,8 +111,8 @@ def gate_table(gate: dict[str, Any]) -> str:
 
 
 def cell_norm_table(norms: dict[str, Any]) -> str:
-    """Per targeted cell (rows), the residual norm entering each edited layer at the cell over its
-    table's median, and the largest at any layer (``EditReport.cell_norms``)."""
+    """Per targeted cell (rows), the residual norm entering each edited layer at the cell over the
+    median over its table, and the largest at any layer (``EditReport.cell_norms``)."""
     edited = norms["edited"]
     rows = []
     for name, ratio in norms["ratio"].items():
@@ -120,7 +120,8 @@ def cell_norm_table(norms: dict[str, Any]) -> str:
         rows.append((name, *(ratio[i] for i in edited), f"{ratio[top]:.2f} (layer {top})"))
     return ("## Residual norm at the targeted cells\n\nPer targeted cell of each fit and held-out template, the "
             "residual stream's norm entering each edited layer at the cell (where the value is predicted) as a "
-            "multiple of its median over the same table's positions, the median over the recorded tables, on the "
+            "multiple of its median over the table's positions up to and including the cell, the median over the "
+            "recorded tables, on the "
             f"unedited model (every layer: report.json `cell_norms`, cell-norms.png). At {norms['threshold']:g}x "
             "and more the cell carries a massive activation: a norm-bounded vector moves it little there and a "
             "gate trained on ordinary cells reads it as unlike them, so the edit reaches that wording less.\n\n"
@@ -149,7 +150,7 @@ def plot_cell_norms(norms: dict[str, Any], path: str | Path) -> Path:
     ax.yaxis.set_major_formatter(FormatStrFormatter("%gx"))
     ax.yaxis.set_minor_formatter(FormatStrFormatter("%gx"))
     ax.set_xlabel("decoder layer (edited layers shaded)")
-    ax.set_ylabel("norm at the cell / table's median norm")
+    ax.set_ylabel("norm at the cell / median over its table")
     ax.set_title("Residual norm at the targeted cells")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
