@@ -6,7 +6,7 @@ report.json ``cell_norms`` and cell-norms.png before it fits, without the fit: f
 template, its fit rewordings and its held-out rewordings, it records tables as the edit does
 (the unedited bundled SmolLM2-135M-Instruct, one row, the edit's seeds) and gives, per targeted
 cell and layer, the median over the tables of the residual norm entering the layer at the cell
-as a multiple of the median norm over the same table's positions (a massive activation: 3x and
+as a multiple of the median norm over the table up to the cell (a massive activation: 3x and
 more), with the edit's warning for the layers given. Not part of CI; under a minute on 2 cores::
 
     flock /tmp/prunescope-heavy.lock .venv/bin/python experiments/massive_cells.py --layers 7-11 --plot cells.png
