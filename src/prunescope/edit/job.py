@@ -667,7 +667,7 @@ def cell_norm_report(model: nn.Module, setting: _Setting, contexts: list[fields.
 
 def _targeted_only(contexts: fields.Contexts, targets: list[Target]) -> fields.Contexts:
     """``contexts`` without the held fields' cells."""
-    kept = tuple(f for f in contexts.fields if any(t.key == f.key and t.applies_to(f.row) for t in targets))
+    kept = tuple(f for f in contexts.fields if _named_by(f, targets))
     return dataclasses.replace(contexts, fields=kept)
 
 
@@ -845,7 +845,7 @@ def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str
     setting.negative_contexts = negative_contexts(model, tokenizer, config, setting)
     setting.heldout_contexts = heldout_contexts(model, tokenizer, config, setting)
     norms = cell_norm_report(model, setting, contexts, layers)
-    wanted = [hold_targets(model, contexts, j) if _held(f, setting.holds) else torch.tensor(_target_of(f, targets).probs)
+    wanted = [hold_targets(model, contexts, j) if _named_by(f, setting.holds) else torch.tensor(_target_of(f, targets).probs)
               for j, f in enumerate(contexts[0].fields)]  # per fitted field: its target, or a hold's own
     log.info("measuring the unedited model")
     before = _measure(model, tokenizer, config, setting)
@@ -894,8 +894,9 @@ def warn_shared_columns(setting: _Setting) -> list[str]:
     return out
 
 
-def _held(field_contexts: fields.FieldContexts, holds: list[Target]) -> bool:
-    return any(h.key == field_contexts.key and h.applies_to(field_contexts.row) for h in holds)
+def _named_by(field_contexts: fields.FieldContexts, targets: list[Target]) -> bool:
+    """Whether one of ``targets`` (or of the holds) names this field at its row."""
+    return any(t.key == field_contexts.key and t.applies_to(field_contexts.row) for t in targets)
 
 
 def _target_of(field_contexts: fields.FieldContexts, targets: list[Target]) -> Target:
