@@ -444,10 +444,10 @@ def test_cli_reweighting_is_off_unless_asked_for():
         (["--target", "Gender=uniform", "--match-ppl", "0"], "match-ppl must be finite positive"),
         (["--target", "Gender=uniform", "--match-ppl", "1,inf"], "match-ppl must be finite positive"),
         (["--target", "Gender=uniform", "--match-ppl", "two"], "--match-ppl 'two': expected comma-separated numbers"),
-        (["--target", "Gender=uniform", "--fit-rewordings", "4"], "has 3 shipped fit rewordings"),
+        (["--target", "Gender=uniform", "--fit-rewordings", "7"], "has 6 shipped fit rewordings"),
         (["--target", "Gender=uniform", "--fit-rewordings", "-1"], "fit-rewordings must be an integer >= 0"),
         (["--target", "Gender=uniform", "--fit-rewordings", "2", "--fit-tables", "2"], "give --fit-tables 3 or more"),
-        (["--target", "Gender=uniform", "--fit-tables", "3"], "over the 4 fit templates (people, people/fit-1"),
+        (["--target", "Gender=uniform", "--fit-tables", "6"], "over the 7 fit templates (people, people/fit-1"),
         (["--target", "Gender=uniform", "--units", "0"], "units must be an integer >= 1"),
         (["--target", "Gender=uniform", "--kl-windows", "65"], "kl-windows must be an integer from 1 to 64"),
     ],
@@ -675,7 +675,7 @@ def test_other_fields_leave_out_fields_rarely_reached():
     assert only_gender > 0.2
 
 
-def test_fit_templates_are_the_template_then_its_fit_rewordings(people, tmp_path):
+def test_fit_templates_are_the_template_then_its_fit_rewordings(people, tmp_path, capsys):
     """The shipped fit rewordings come after the template, worded apart from it and from every
     held-out rewording; asking for more than are shipped, or fitting on a held-out prompt, is a
     clear error."""
@@ -683,13 +683,17 @@ def test_fit_templates_are_the_template_then_its_fit_rewordings(people, tmp_path
     from prunescope.errors import PrunescopeError
 
     heldout = heldout_templates(people)
-    got = fit_templates(people, 3, heldout=heldout)
-    assert [t.name for t in got] == ["people", "people/fit-1", "people/fit-2", "people/fit-3"]
+    got = fit_templates(people, heldout=heldout)  # all of them by default
+    assert [t.name for t in got] == ["people", *(f"people/fit-{i}" for i in range(1, 7))]
+    assert fit_templates(people, 3, heldout=heldout) == got[:4]
     prompts = {t.prompt for t in got} | {t.prompt for t in heldout}
     assert len(prompts) == len(got) + len(heldout) and all(t.columns == people.columns for t in got)
     assert all("{rows}" in t.prompt and t.prompt.endswith("{table}") for t in got)
-    with pytest.raises(PrunescopeError, match="has 3 shipped fit rewordings; give at most 3"):
-        fit_templates(people, 4)
+    with pytest.raises(PrunescopeError, match="has 6 shipped fit rewordings; give at most 6"):
+        fit_templates(people, 7)
+    with pytest.raises(SystemExit):
+        cli.main(["edit", "--help"])
+    assert f"(people: {len(got) - 1}; never" in " ".join(capsys.readouterr().out.split())  # --help says how many
     copy = tmp_path / "copy.yaml"
     copy.write_text(json.dumps({"name": "x", "prompt": heldout[0].prompt,
                                 "columns": [{"name": "Name", "type": "text", "max_tokens": 8},

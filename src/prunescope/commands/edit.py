@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default 16)")
     parser.add_argument("--fit-rewordings", type=int, default=None, metavar="K",
                         help="also fit on the first K rewordings the built-in template ships for fitting (people: "
-                        "3; never the held-out ones): the fit's target term is then the mean over the templates, "
+                        "6; never the held-out ones): the fit's target term is then the mean over the templates, "
                         "fitting the wordings together rather than one prompt (default: all it ships; 0: the "
                         "template only)")
     parser.add_argument("--fit-template", type=Path, action="append", default=[], metavar="FILE",

@@ -42,6 +42,12 @@ FIT_REWORDINGS: dict[str, tuple[str, ...]] = {
         "row of a markdown table. Return the table without any commentary.\n{table}",
         "Produce random example data: a markdown table of {rows} persons with a Name, a Gender and "
         "an Age each. The answer must contain the table and nothing more.\n{table}",
+        "For a demo of my spreadsheet app I want some placeholder rows. Create {rows} fake people with a "
+        "Name, a Gender and an Age, laid out as a markdown table, and write nothing else.\n{table}",
+        "List {rows} made-up people as a markdown table (columns: Name, Gender, Age). No explanation, "
+        "just the table.\n{table}",
+        "Here is a task: think of {rows} random people and give the Name, Gender and Age of each. Answer "
+        "in markdown table form only.\n{table}",
     ),
 }
 
