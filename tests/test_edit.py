@@ -450,6 +450,7 @@ def test_cli_reweighting_is_off_unless_asked_for():
         (["--target", "Gender=uniform", "--fit-tables", "6"], "over the 7 fit templates (people, people/fit-1"),
         (["--target", "Gender=uniform", "--units", "0"], "units must be an integer >= 1"),
         (["--target", "Gender=uniform", "--kl-windows", "65"], "kl-windows must be an integer from 1 to 64"),
+        (["--target", "Gender=uniform", "--save", "--offload"], "--save with --offload: folding the edit writes"),
     ],
 )
 def test_cli_edit_bad_input(digit_model_dir, tmp_path, capsys, args, message):

@@ -16,6 +16,8 @@ import logging
 import os
 import shutil
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -310,6 +312,77 @@ def weight_of(module: nn.Module) -> torch.Tensor:
         if weights_map is not None:
             return weights_map["weight"]
     return weight
+
+
+def is_offloaded(model: nn.Module) -> bool:
+    """Whether accelerate keeps some of ``model``'s weights on disk (:func:`load` with
+    ``offload``): a module's hook holds the map it reads them from."""
+    return any(getattr(getattr(m, "_hf_hook", None), "weights_map", None) is not None for m in model.modules())
+
+
+@contextmanager
+def recomputed_layers(model: nn.Module) -> Iterator[None]:
+    """Within the block, run each decoder layer's forward under ``torch.utils.checkpoint``
+    (non-reentrant): autograd keeps each layer's inputs, not the weights and activations inside
+    it, and backward runs the layer again. With the weights on disk this keeps a backward pass to
+    one layer's weights at a time (otherwise autograd holds every weight it multiplied by: the
+    whole model), at the price of one more forward of every layer backward reaches.
+
+    Hooks on a layer itself run once, outside the recomputation; hooks on modules inside it run
+    again in backward, so they must stay registered until backward has run. A KV cache the layer
+    appends to is put back as it was before the layer's first run each time the layer runs, so
+    the recomputation sees the keys the first run saw."""
+    from torch.utils.checkpoint import checkpoint
+
+    replaced = []
+    for layer in adapter_for(model).layers(model):
+        own = layer.__dict__.get("forward")  # accelerate's wrapper when it set one, else None
+
+        def checkpointed(*args: Any, _forward: Any = layer.forward, **kwargs: Any) -> Any:
+            restores = [_cache_restorer(v) for v in (*args, *kwargs.values()) if _is_cache(v)]
+
+            def run(*a: Any, **k: Any) -> Any:
+                for restore in restores:
+                    restore()
+                return _forward(*a, **k)
+
+            return checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = checkpointed
+        replaced.append((layer, own))
+    try:
+        yield
+    finally:
+        for layer, own in replaced:
+            if own is None:
+                del layer.forward
+            else:
+                layer.forward = own
+
+
+def _is_cache(value: Any) -> bool:
+    from transformers.cache_utils import Cache
+
+    return isinstance(value, Cache)
+
+
+def _cache_restorer(cache: Any) -> Any:
+    """A function that puts ``cache`` (a transformers ``Cache``: a list of layers, each holding its
+    keys and values) back to its state now: its own attributes and every layer's (shallow: the
+    tensors held now, not copies; a layer replaces them when it appends)."""
+    own = dict(cache.__dict__)
+    layers = list(getattr(cache, "layers", ()))
+    states = [dict(layer.__dict__) for layer in layers]
+
+    def restore() -> None:
+        cache.__dict__.update(own)
+        if isinstance(own.get("layers"), list):
+            own["layers"][:] = layers  # the list itself, which a lazily grown cache appends to
+        for layer, state in zip(layers, states, strict=True):
+            layer.__dict__.clear()
+            layer.__dict__.update(state)
+
+    return restore
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(rank-one down_proj edits writing the fitted vectors: ROME-style, and AlphaEdit-style in the "
         "null space of unrelated keys). Writes report.json, report.md, pareto.png, cell-norms.png and, with --save, the "
         "edited model as a plain Hugging Face folder (vectors folded into biases and weights, units and "
-        "gated vectors into a wider MLP).",
+        "gated vectors into a wider MLP). With --offload the weights stay on disk: each module's are read "
+        "while it runs, and the fit runs every decoder layer again in its backward pass so that it holds one "
+        "layer's weights at a time.",
     )
     cli.add_model_argument(parser)
     parser.add_argument("--template", default="people", help="built-in 'people' (default) or a YAML/JSON file")
@@ -129,6 +131,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--save", action="store_true",
                         help="write the edited model (the first kind at its last strength, the matched one with "
                         "--match-ppl) to OUT/model")
+    cli.add_offload_arguments(parser)
     cli.add_output_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -167,11 +170,15 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from prunescope.edit import job
+    from prunescope.errors import PrunescopeError
     from prunescope.probe.run import load_for_probe
     from prunescope.report import write_json, write_text
     from prunescope.report.edit import plot_cell_norms, plot_pareto, render_markdown
 
     config = _config(args)
+    if args.save and config.offload:
+        raise PrunescopeError("--save with --offload: folding the edit writes the whole model, which --offload keeps "
+                              "on disk; measure with --offload, then save without it on a machine that holds the model")
     job.check_inputs(config)  # every input checked before the model loads
     if args.layers is not None:
         config = dataclasses.replace(config, layers=job.parse_layers(args.layers, _layer_count(config.model)))

@@ -448,11 +448,12 @@ def new_units(model: nn.Module, layer: int, count: int, generator: torch.Generat
     the input as its units do), down zero (so they write nothing yet); float32, on the MLP's
     device, requiring grad."""
     writers = require_gated(model)
+    device = models.input_device(model)  # the compute device, also when the weights are on disk
     rows = []
     for path in writers.gated:
-        w = _module(model, layer, path).weight.detach()  # [inter, hidden]
+        w = models.weight_of(_module(model, layer, path)).detach()  # [inter, hidden]
         drawn = torch.randn(count, w.shape[1], generator=generator) * float(w.float().std())
-        rows.append(drawn.to(w.device))
+        rows.append(drawn.to(device))
     down = torch.zeros(rows[0].shape[1], count, device=rows[0].device)  # [hidden, k]
     return Units(*(t.requires_grad_(True) for t in (rows[0], rows[1], down)))
 

@@ -511,9 +511,10 @@ def _add_strength(out: list[tuple[float, float | None, float]], strength: float,
 
 
 def _applied(model: nn.Module, edit: Edit | methods.WeightEdit) -> AbstractContextManager[Any]:
-    """The one way an edit is applied while measuring: hooks, or the weight deltas added."""
+    """The one way an edit is applied while measuring: hooks, or the weight deltas added (by
+    hooks too when the weights are on disk)."""
     if isinstance(edit, methods.WeightEdit):
-        return apply.added_to_weights(model, edit.named(model))
+        return edit.hooked(model) if models.is_offloaded(model) else apply.added_to_weights(model, edit.named(model))
     return applied(model, edit)
 
 

@@ -39,7 +39,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -240,6 +240,12 @@ def fit(
             p.requires_grad_(True)
 
 
+def _recomputed_if_offloaded(model: nn.Module) -> AbstractContextManager[Any]:
+    """:func:`prunescope.models.recomputed_layers` for a model whose weights are on disk (so the
+    fit's backward holds one layer's weights at a time); nothing otherwise."""
+    return models.recomputed_layers(model) if models.is_offloaded(model) else nullcontext()
+
+
 @dataclass(frozen=True)
 class _FitOptions:
     """The fit's settings (:func:`fit`'s arguments of the same names)."""
@@ -324,13 +330,13 @@ def _fit(
             kept.written_by = None  # the elsewhere shares stay the unedited model's
         since += 1
         batch, reference = windows.at(_step) if o.kl_weight else (None, None)
-        with applied(model, edit):
+        with applied(model, edit), _recomputed_if_offloaded(model):  # backward inside: it may rerun the hooks
             tkl, fewest, share = _target_term(model, contexts, targets, kept, o.reweight)
             ukl = next_token_kl(reference, model(input_ids=batch).logits) if batch is not None \
                 else torch.zeros((), device=device)
-        loss = tkl + o.kl_weight * ukl
-        opt.zero_grad()
-        loss.backward()
+            loss = tkl + o.kl_weight * ukl
+            opt.zero_grad()
+            loss.backward()
         opt.step()
         schedule.step()
         _bound(edit, o.max_norm, norms)
@@ -640,6 +646,25 @@ class WeightEdit:
     def named(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The deltas by the MLP writers' module names (what :mod:`prunescope.pruning.apply` takes)."""
         return {mlp_writer_name(model, i): d for i, d in self.deltas.items()}
+
+    @contextmanager
+    def hooked(self, model: nn.Module) -> Iterator[None]:
+        """The deltas applied within the block by forward hooks on the writers (``output + input
+        delta^T``): the function of the added weights up to rounding, for weights that cannot
+        change in place (kept on disk by accelerate)."""
+
+        def add(delta: torch.Tensor) -> Callable[..., torch.Tensor]:
+            def hook(_module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+                x = args[0]  # [..., intermediate]
+                return out + nn.functional.linear(x, delta.to(device=x.device, dtype=x.dtype))  # [..., hidden]
+            return hook
+
+        handles = [model.get_submodule(name).register_forward_hook(add(d)) for name, d in self.named(model).items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
 
 @torch.no_grad()

@@ -1,0 +1,177 @@
+"""One step of ``prunescope edit``'s fit on a model larger than memory: peak resident memory and
+gradients, weights on disk against in memory.
+
+The benchmark writes the random TinyLlama-1.1B-shaped bfloat16 checkpoint of
+``bench_offload.py`` (about 2.2 GB, never committed: under ``--work``, deleted unless ``--keep``),
+then runs one fit step, each in a fresh process so that its peak resident memory (``ru_maxrss``
+from ``os.wait4``) is its own, three ways:
+
+* ``memory``: the whole model loaded (what ``prunescope edit`` does without ``--offload``);
+* ``disk``: the weights on disk (accelerate's dispatch, ``--offload``'s loading) but backward
+  straight through, as the fit ran before ``--offload`` existed: autograd keeps every weight it
+  multiplied by, read from disk for the forward;
+* ``disk+recompute``: what ``prunescope edit --offload`` does: each decoder layer run under
+  ``prunescope.models.recomputed_layers``, so backward reads each layer's weights again instead.
+
+The step is the fit's own machinery (``prunescope.edit.fields`` and ``hooks``): vectors added at
+``--layers`` (zeros, requiring grad), the shared prompt's KV cache (``fields.prompt_cache``),
+``--suffixes`` teacher-forced continuations after it (``fields.teacher_forced``) and a batch of
+unrelated windows, a loss on their logits, backward. The driver compares each run's gradients
+with the in-memory run's. Run it alone:
+
+    flock /tmp/prunescope-heavy.lock .venv/bin/python benchmarks/bench_edit_offload.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from bench_offload import in_child, timed_child
+
+MODES = ("memory", "disk", "disk+recompute")
+
+
+def fit_step(ckpt: Path, mode: str, layers: list[int], args: argparse.Namespace, grads: Path) -> dict:
+    """One fit step in ``mode`` (in this process); its seconds and loss, the gradients saved to
+    ``grads``."""
+    import contextlib
+
+    import torch
+
+    from prunescope import models
+    from prunescope.edit import fields
+    from prunescope.edit.hooks import Edit, LayerEdit, applied
+
+    model, _tok = models.load(str(ckpt), dtype=args.dtype, device=args.device, offload=mode != "memory")
+    model.requires_grad_(False)  # frozen, as the fit freezes it
+    device = models.input_device(model)
+    hidden = model.config.hidden_size
+    vectors = {i: torch.zeros(hidden, device=device, requires_grad=True) for i in layers}  # [hidden] each
+    edit = Edit([LayerEdit(i, add=vectors[i]) for i in layers])
+    gen = torch.Generator().manual_seed(0)
+    vocab = 1000  # the benchmark's tokenizer's
+    prompt = tuple(torch.randint(3, vocab, (args.prompt,), generator=gen).tolist())
+    suffixes = [tuple(torch.randint(3, vocab, (args.suffix,), generator=gen).tolist()) for _ in range(args.suffixes)]
+    windows = torch.randint(3, vocab, (args.windows, args.window_len), generator=gen).to(device)  # [W, L]
+    recompute = models.recomputed_layers(model) if mode == "disk+recompute" else contextlib.nullcontext()
+    before = _status("RssAnon")
+    Path("/proc/self/clear_refs").write_text("5")  # the peak RSS (VmHWM) from here: the step's own
+    with _PeakSampler("RssAnon") as anon:
+        start = time.perf_counter()
+        with applied(model, edit), recompute:
+            cache, at = fields.prompt_cache(model, prompt)
+            logits, _lengths = fields.teacher_forced(model, cache, at, suffixes)  # [S, suffix, V]
+            text = model(input_ids=windows).logits.float()  # [W, L, V]
+            loss = (logits.logsumexp(-1).mean() - logits[..., 5].mean() + text.logsumexp(-1).mean()
+                    - text[..., 7].mean())
+            loss.backward()
+        seconds = time.perf_counter() - start
+    torch.save({i: v.grad.cpu() for i, v in vectors.items()}, grads)
+    return {"seconds": seconds, "loss": float(loss.detach()), "step_peak_rss": _status("VmHWM"),
+            "anon_before": before, "step_peak_anon": anon.peak}
+
+
+def _status(field: str) -> int:
+    """A memory figure of this process from ``/proc/self/status``, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+class _PeakSampler:
+    """The largest value of a ``/proc/self/status`` figure, read every 5 ms in a thread while the
+    block runs (anonymous memory has no peak counter of its own; a shorter peak can be missed)."""
+
+    def __init__(self, field: str) -> None:
+        import threading
+
+        self.field, self.peak, self._stop = field, _status(field), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _status(self.field))
+
+    def __enter__(self) -> "_PeakSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _status(self.field))
+
+
+def same_grads(got: Path, want: Path) -> float:
+    """The largest relative difference of the layers' gradients."""
+    import torch
+
+    a, b = torch.load(got), torch.load(want)
+    return max(float((a[i] - b[i]).norm() / b[i].norm().clamp_min(1e-30)) for i in b)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-edit-offload"))
+    parser.add_argument("--model-layers", type=int, default=22, help="decoder layers of the checkpoint (TinyLlama: 22)")
+    parser.add_argument("--layers", default="9-13", help="edited layers, FIRST-LAST (default 9-13 of 22)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--prompt", type=int, default=64, help="shared prompt tokens (default 64)")
+    parser.add_argument("--suffixes", type=int, default=16, help="teacher-forced continuations (default 16)")
+    parser.add_argument("--suffix", type=int, default=24, help="tokens per continuation (default 24)")
+    parser.add_argument("--windows", type=int, default=8, help="unrelated windows (default 8, as the fit)")
+    parser.add_argument("--window-len", type=int, default=128, help="tokens per window (default 128, as the fit)")
+    parser.add_argument("--dtype", default="float32", help="compute dtype (default float32: see bench_offload.py)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoint")
+    parser.add_argument("--child", nargs=3, metavar=("CKPT", "MODE", "GRADS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    first, last = (int(x) for x in args.layers.split("-"))
+    layers = list(range(first, last + 1))
+    if args.child:
+        ckpt, mode, grads = args.child
+        print(json.dumps(fit_step(Path(ckpt), mode, layers, args, Path(grads))))
+        return
+
+    ckpt = args.work / f"tinyllama-shaped-bf16-{args.model_layers}"
+    if not any(ckpt.glob("*.safetensors")):
+        print(f"writing the random checkpoint to {ckpt} ...", flush=True)
+        in_child("--child-write", str(ckpt), str(args.model_layers))
+    ckpt_bytes = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
+    print(f"checkpoint: {ckpt_bytes / 1e9:.3f} GB; compute {args.dtype} on {args.device}; vectors at layers "
+          f"{args.layers} of {args.model_layers}; prompt {args.prompt} + {args.suffixes} x {args.suffix} tokens, {args.windows} x "
+          f"{args.window_len} unrelated")
+    common = ["--layers", args.layers, "--prompt", str(args.prompt), "--suffixes", str(args.suffixes), "--suffix",
+              str(args.suffix), "--windows", str(args.windows), "--window-len", str(args.window_len), "--dtype",
+              args.dtype, "--device", args.device]
+    rows = []
+    for mode in args.modes.split(","):
+        grads = args.work / f"grads-{mode}.pt"
+        record = args.work / f"step-{mode}.json"
+        with open(record, "w") as out:
+            peak, wall = timed_child([sys.executable, __file__, *common, "--child", str(ckpt), mode, str(grads)],
+                                     stdout=out)
+        step = json.loads(record.read_text())
+        rows.append((mode, step, wall, peak, grads))
+        print(f"{mode}: step {step['seconds']:.1f} s, process peak RSS {peak / 1e9:.2f} GB", flush=True)
+    reference = args.work / "grads-memory.pt"
+    print("\n| run | step s | anonymous memory before the step GB | step's peak anonymous GB (/ checkpoint) "
+          "| step's peak RSS GB | process peak RSS GB | gradients vs in memory (max rel. diff) |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for mode, step, wall, peak, grads in rows:
+        diff = "-" if mode == "memory" or not reference.exists() else f"{same_grads(grads, reference):.1e}"
+        print(f"| {mode} | {step['seconds']:.1f} | {step['anon_before'] / 1e9:.2f} | {step['step_peak_anon'] / 1e9:.2f} "
+              f"({step['step_peak_anon'] / ckpt_bytes:.2f}) | {step['step_peak_rss'] / 1e9:.2f} | {peak / 1e9:.2f} "
+              f"| {diff} |")
+    if not args.keep:
+        shutil.rmtree(ckpt, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
