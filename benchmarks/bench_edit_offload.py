@@ -10,14 +10,27 @@ from ``os.wait4``) is its own, three ways:
 * ``disk``: the weights on disk (accelerate's dispatch, ``--offload``'s loading) but backward
   straight through, as the fit ran before ``--offload`` existed: autograd keeps every weight it
   multiplied by, read from disk for the forward;
-* ``disk+recompute``: what ``prunescope edit --offload`` does: each decoder layer run under
-  ``prunescope.models.recomputed_layers``, so backward reads each layer's weights again instead.
+* ``disk+recompute``: what ``prunescope edit --offload`` does: each decoder layer (and the output
+  head) run under ``prunescope.models.recomputed_layers``, so backward reads each layer's weights
+  again instead.
 
-The step is the fit's own machinery (``prunescope.edit.fields`` and ``hooks``): vectors added at
-``--layers`` (zeros, requiring grad), the shared prompt's KV cache (``fields.prompt_cache``),
-``--suffixes`` teacher-forced continuations after it (``fields.teacher_forced``) and a batch of
-unrelated windows, a loss on their logits, backward. The driver compares each run's gradients
-with the in-memory run's. Run it alone:
+``disk`` runs last: it may be killed for memory, which the table then says.
+
+The step is the fit's own machinery (``prunescope.edit.fields`` and ``hooks``), shaped like a fit
+step on several templates and fields: vectors added at ``--layers`` (zeros, requiring grad); for
+each of ``--templates`` prompts its KV cache (``fields.prompt_cache``) and ``--fields`` batches of
+continuations teacher-forced after it (``fields.teacher_forced``); a batch of unrelated windows;
+a loss on all their logits, backward. The driver compares each run's gradients with the
+in-memory run's.
+
+Memory is read three ways: the process's peak RSS (loading included); the step's peak RSS
+(``VmHWM`` reset through ``/proc/self/clear_refs`` before the step), which also counts pages of
+memory-mapped weight files; and the step's peak anonymous memory (``RssAnon`` sampled every 5 ms:
+a shorter peak can be missed), which is what autograd holds. In float32 compute accelerate
+converts the bfloat16 checkpoint into float32 files it maps, and a weight read from them for a
+forward is an anonymous copy, so the anonymous peak shows the weights backward keeps; in
+bfloat16 they may be views of the mapped file and show in the step's RSS instead. The
+in-memory run's anonymous memory includes the whole model. Run it alone:
 
     flock /tmp/prunescope-heavy.lock .venv/bin/python benchmarks/bench_edit_offload.py
 """
@@ -33,7 +46,7 @@ from pathlib import Path
 
 from bench_offload import in_child, timed_child
 
-MODES = ("memory", "disk", "disk+recompute")
+MODES = ("memory", "disk+recompute", "disk")  # the one that may run out of memory last
 
 
 def fit_step(ckpt: Path, mode: str, layers: list[int], args: argparse.Namespace, grads: Path) -> dict:
@@ -55,25 +68,33 @@ def fit_step(ckpt: Path, mode: str, layers: list[int], args: argparse.Namespace,
     edit = Edit([LayerEdit(i, add=vectors[i]) for i in layers])
     gen = torch.Generator().manual_seed(0)
     vocab = 1000  # the benchmark's tokenizer's
-    prompt = tuple(torch.randint(3, vocab, (args.prompt,), generator=gen).tolist())
-    suffixes = [tuple(torch.randint(3, vocab, (args.suffix,), generator=gen).tolist()) for _ in range(args.suffixes)]
+    prompts = [tuple(torch.randint(3, vocab, (args.prompt,), generator=gen).tolist()) for _ in range(args.templates)]
+    suffixes = [[tuple(torch.randint(3, vocab, (args.suffix,), generator=gen).tolist()) for _ in range(args.suffixes)]
+                for _ in range(args.fields)]
     windows = torch.randint(3, vocab, (args.windows, args.window_len), generator=gen).to(device)  # [W, L]
     recompute = models.recomputed_layers(model) if mode == "disk+recompute" else contextlib.nullcontext()
     before = _status("RssAnon")
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     Path("/proc/self/clear_refs").write_text("5")  # the peak RSS (VmHWM) from here: the step's own
     with _PeakSampler("RssAnon") as anon:
         start = time.perf_counter()
         with applied(model, edit), recompute:
-            cache, at = fields.prompt_cache(model, prompt)
-            logits, _lengths = fields.teacher_forced(model, cache, at, suffixes)  # [S, suffix, V]
+            loss = torch.zeros((), device=device)
+            for prompt in prompts:  # as the fit reads each template's fields
+                cache, at = fields.prompt_cache(model, prompt)
+                for seqs in suffixes:
+                    logits, _lengths = fields.teacher_forced(model, cache, at, seqs)  # [S, suffix, V]
+                    loss = loss + logits.logsumexp(-1).mean() - logits[..., 5].mean()
             text = model(input_ids=windows).logits.float()  # [W, L, V]
-            loss = (logits.logsumexp(-1).mean() - logits[..., 5].mean() + text.logsumexp(-1).mean()
-                    - text[..., 7].mean())
+            loss = loss + text.logsumexp(-1).mean() - text[..., 7].mean()
             loss.backward()
         seconds = time.perf_counter() - start
     torch.save({i: v.grad.cpu() for i, v in vectors.items()}, grads)
     return {"seconds": seconds, "loss": float(loss.detach()), "step_peak_rss": _status("VmHWM"),
-            "anon_before": before, "step_peak_anon": anon.peak}
+            "anon_before": before, "step_peak_anon": anon.peak,
+            "step_peak_gpu": torch.cuda.max_memory_allocated(device) if cuda else None}
 
 
 def _status(field: str) -> int:
@@ -122,10 +143,12 @@ def main() -> None:
     parser.add_argument("--model-layers", type=int, default=22, help="decoder layers of the checkpoint (TinyLlama: 22)")
     parser.add_argument("--layers", default="9-13", help="edited layers, FIRST-LAST (default 9-13 of 22)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
-    parser.add_argument("--prompt", type=int, default=64, help="shared prompt tokens (default 64)")
-    parser.add_argument("--suffixes", type=int, default=16, help="teacher-forced continuations (default 16)")
-    parser.add_argument("--suffix", type=int, default=24, help="tokens per continuation (default 24)")
-    parser.add_argument("--windows", type=int, default=8, help="unrelated windows (default 8, as the fit)")
+    parser.add_argument("--templates", type=int, default=4, help="prompts, each with its own cache (default 4)")
+    parser.add_argument("--fields", type=int, default=2, help="teacher-forced batches per prompt (default 2)")
+    parser.add_argument("--prompt", type=int, default=64, help="tokens per prompt (default 64)")
+    parser.add_argument("--suffixes", type=int, default=8, help="continuations per batch (default 8)")
+    parser.add_argument("--suffix", type=int, default=16, help="tokens per continuation (default 16)")
+    parser.add_argument("--windows", type=int, default=4, help="unrelated windows (default 4; the fit's: 8)")
     parser.add_argument("--window-len", type=int, default=128, help="tokens per window (default 128, as the fit)")
     parser.add_argument("--dtype", default="float32", help="compute dtype (default float32: see bench_offload.py)")
     parser.add_argument("--device", default="cpu")
@@ -145,30 +168,43 @@ def main() -> None:
         in_child("--child-write", str(ckpt), str(args.model_layers))
     ckpt_bytes = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
     print(f"checkpoint: {ckpt_bytes / 1e9:.3f} GB; compute {args.dtype} on {args.device}; vectors at layers "
-          f"{args.layers} of {args.model_layers}; prompt {args.prompt} + {args.suffixes} x {args.suffix} tokens, {args.windows} x "
-          f"{args.window_len} unrelated")
-    common = ["--layers", args.layers, "--prompt", str(args.prompt), "--suffixes", str(args.suffixes), "--suffix",
+          f"{args.layers} of {args.model_layers}; {args.templates} prompts of {args.prompt} tokens, each with "
+          f"{args.fields} batches of {args.suffixes} x {args.suffix} tokens after it; {args.windows} x {args.window_len} "
+          f"tokens of text")
+    common = ["--layers", args.layers, "--templates", str(args.templates), "--fields", str(args.fields),
+              "--prompt", str(args.prompt), "--suffixes", str(args.suffixes), "--suffix",
               str(args.suffix), "--windows", str(args.windows), "--window-len", str(args.window_len), "--dtype",
               args.dtype, "--device", args.device]
     rows = []
     for mode in args.modes.split(","):
         grads = args.work / f"grads-{mode}.pt"
         record = args.work / f"step-{mode}.json"
-        with open(record, "w") as out:
-            peak, wall = timed_child([sys.executable, __file__, *common, "--child", str(ckpt), mode, str(grads)],
-                                     stdout=out)
+        try:
+            with open(record, "w") as out:
+                peak, wall = timed_child([sys.executable, __file__, *common, "--child", str(ckpt), mode, str(grads)],
+                                         stdout=out)
+        except SystemExit as exc:  # killed (out of memory: the kernel's SIGKILL) or failed: a row that says so
+            print(f"{mode}: {exc}", flush=True)
+            rows.append((mode, None, None, None, grads))
+            continue
         step = json.loads(record.read_text())
         rows.append((mode, step, wall, peak, grads))
         print(f"{mode}: step {step['seconds']:.1f} s, process peak RSS {peak / 1e9:.2f} GB", flush=True)
     reference = args.work / "grads-memory.pt"
+    gpu = args.device.startswith("cuda")
     print("\n| run | step s | anonymous memory before the step GB | step's peak anonymous GB (/ checkpoint) "
-          "| step's peak RSS GB | process peak RSS GB | gradients vs in memory (max rel. diff) |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+          "| step's peak RSS GB | process peak RSS GB |" + (" step's peak GPU memory GB |" if gpu else "")
+          + " gradients vs in memory (max rel. diff) |")
+    print("|---|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "") + "---|")
     for mode, step, wall, peak, grads in rows:
+        if step is None:
+            print(f"| {mode} | failed: killed (-9 is the kernel's out-of-memory kill) |" + " |" * (6 if gpu else 5))
+            continue
         diff = "-" if mode == "memory" or not reference.exists() else f"{same_grads(grads, reference):.1e}"
+        gpu_cell = f" {step['step_peak_gpu'] / 1e9:.2f} |" if gpu else ""
         print(f"| {mode} | {step['seconds']:.1f} | {step['anon_before'] / 1e9:.2f} | {step['step_peak_anon'] / 1e9:.2f} "
               f"({step['step_peak_anon'] / ckpt_bytes:.2f}) | {step['step_peak_rss'] / 1e9:.2f} | {peak / 1e9:.2f} "
-              f"| {diff} |")
+              f"|{gpu_cell} {diff} |")
     if not args.keep:
         shutil.rmtree(ckpt, ignore_errors=True)
 

@@ -2,7 +2,8 @@
 # On a GPU machine, from a fresh clone: set-up as in the README, then the tests that need a CUDA
 # device (marked `gpu`; they skip elsewhere), then short GPU runs of the two LLM benchmarks in
 # bfloat16 (WikiText-2 protocol, 8,192 evaluation tokens) and of the offload benchmark (a random
-# TinyLlama-shaped checkpoint, offloaded against in memory). Results go to runs/gpu-check/.
+# TinyLlama-shaped checkpoint, offloaded against in memory: pruning, and one step of the edit fit).
+# Results go to runs/gpu-check/.
 # A GPU machine may need a CUDA build of torch: PRUNESCOPE_TORCH='torch' bash scripts/gpu-check.sh
 # Tests only: GPU_CHECK_BENCH=0 bash scripts/gpu-check.sh
 set -euo pipefail
@@ -22,4 +23,6 @@ if [ "${GPU_CHECK_BENCH:-1}" != 0 ]; then
     --workdir runs/gpu-check/models --json runs/gpu-check/bench_shrink.json
   .venv/bin/python benchmarks/bench_offload.py --device cuda --dtype bfloat16 --work runs/gpu-check/offload \
     | tee runs/gpu-check/bench_offload.md
+  .venv/bin/python benchmarks/bench_edit_offload.py --device cuda --dtype bfloat16 --work runs/gpu-check/edit-offload \
+    | tee runs/gpu-check/bench_edit_offload.md
 fi

@@ -645,7 +645,7 @@ def test_match_ppl_measures_each_kind_at_the_matched_change(digit_model_dir, tmp
     text = _unrelated_text(tmp_path)
     out = tmp_path / "out"
     rc = cli.main(["-q", "edit", str(digit_model_dir), "--target", "Gender=uniform", "--method", "fit,caa",
-                   "--layers", "0-1", "--steps", "2", "--fit-tables", "4", "--measure-tables", "3",
+                   "--layers", "0-1", "--steps", "2", "--fit-tables", "4", "--fit-rewordings", "3", "--measure-tables", "3",
                    "--match-ppl", "1,3", "--eval-text", str(text), "--eval-tokens", "512", "--eval-seqlen", "16",
                    "--out", str(out)])
     assert rc == 0

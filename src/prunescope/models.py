@@ -328,14 +328,21 @@ def recomputed_layers(model: nn.Module) -> Iterator[None]:
     one layer's weights at a time (otherwise autograd holds every weight it multiplied by: the
     whole model), at the price of one more forward of every layer backward reaches.
 
+    The output head is run the same way: autograd would otherwise keep its weight (the
+    vocabulary times the hidden size) once per forward until backward.
+
     Hooks on a layer itself run once, outside the recomputation; hooks on modules inside it run
     again in backward, so they must stay registered until backward has run. A KV cache the layer
-    appends to is put back as it was before the layer's first run each time the layer runs, so
-    the recomputation sees the keys the first run saw."""
+    appends to (a ``DynamicCache`` passed as an argument) is put back as it was before the
+    layer's first run each time the layer runs, so the recomputation sees the keys the first run
+    saw; after backward a cache holds what the last recomputation left, not what the forward
+    left (read caches before backward). Other caches are refused: they change their tensors in
+    place."""
     from torch.utils.checkpoint import checkpoint
 
     replaced = []
-    for layer in adapter_for(model).layers(model):
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for layer in [*adapter_for(model).layers(model), *([head] if head is not None else [])]:
         own = layer.__dict__.get("forward")  # accelerate's wrapper when it set one, else None
 
         def checkpointed(*args: Any, _forward: Any = layer.forward, **kwargs: Any) -> Any:
@@ -367,11 +374,21 @@ def _is_cache(value: Any) -> bool:
 
 
 def _cache_restorer(cache: Any) -> Any:
-    """A function that puts ``cache`` (a transformers ``Cache``: a list of layers, each holding its
-    keys and values) back to its state now: its own attributes and every layer's (shallow: the
-    tensors held now, not copies; a layer replaces them when it appends)."""
-    own = dict(cache.__dict__)
+    """A function that puts ``cache`` (a transformers ``DynamicCache``: a list of layers, each
+    holding its keys and values) back to its state now: its own attributes and every layer's
+    (shallow: the tensors held now, not copies, which is enough because a dynamic layer replaces
+    them when it appends rather than writing into them)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
     layers = list(getattr(cache, "layers", ()))
+    odd = [type(x).__name__ for x in layers if type(x) not in (DynamicLayer, DynamicSlidingWindowLayer)]
+    if type(cache) is not DynamicCache or getattr(cache, "offloading", False) or odd:
+        raise PrunescopeError(
+            f"cannot recompute decoder layers that write into a {type(cache).__name__}"
+            f"{' of ' + odd[0] if odd else ''}{' offloading to the CPU' if getattr(cache, 'offloading', False) else ''}: "
+            "only a DynamicCache of dynamic layers can be put back for the recomputation"
+        )
+    own = dict(cache.__dict__)
     states = [dict(layer.__dict__) for layer in layers]
 
     def restore() -> None:

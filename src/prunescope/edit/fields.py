@@ -171,12 +171,15 @@ def prompt_cache(model: nn.Module, prompt: tuple[int, ...]):
 
 
 def _repeated(cache, batch: int):
-    """A new cache holding ``cache``'s keys and values repeated ``batch`` times (differentiably)."""
+    """A new cache holding ``cache``'s keys and values repeated ``batch`` times (differentiably,
+    as views: no copy is kept)."""
     from transformers import DynamicCache
 
     out = DynamicCache()
     for index, layer in enumerate(cache.layers):
-        out.update(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1), index)
+        keys, values = layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1)  # [B, kv, T0, d]
+        out.update(keys, values, index)  # sets the layer up (its copy is dropped on the next line)
+        out.layers[index].keys, out.layers[index].values = keys, values
     return out
 
 

@@ -81,6 +81,8 @@ def add_to_weights(model: nn.Module, deltas: Mapping[str, torch.Tensor]) -> None
     for name, delta in deltas.items():
         _weight_of(model, name)  # a module with a weight, or ValueError
         w = weight_matrix(model.get_submodule(name))  # [out, in] view
+        if w.is_meta:
+            raise ValueError(f"{name}'s weight is on the meta device (kept on disk): it cannot change in place")
         if delta.shape != w.shape:
             raise ValueError(f"delta for {name} has shape {tuple(delta.shape)}; expected {tuple(w.shape)}")
         targets.append((w, delta))
