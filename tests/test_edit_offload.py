@@ -127,3 +127,24 @@ def test_cli_edit_with_offload_on_cuda_gives_the_in_memory_report(digit_model_di
     """The same on a CUDA device: the weights read from disk onto it, the edit's tensors there."""
     memory, disk = _memory_and_disk(digit_model_dir, tmp_path, monkeypatch, "fit,gated,weight", "--device", "cuda")
     _assert_same_figures(memory, disk, rel=1e-3)
+
+
+def test_only_dynamic_caches_are_put_back_for_the_recomputation():
+    """A cache that could write into its tensors in place (any other class) is refused in one
+    line rather than given to a recomputation that might read changed keys."""
+    from transformers.cache_utils import DynamicCache
+
+    from prunescope.errors import PrunescopeError
+
+    class Other(DynamicCache):
+        pass
+
+    cache = DynamicCache()
+    cache.update(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4), 0)  # [B, kv heads, T, d]
+    restore = models._cache_restorer(cache)
+    cache.update(torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 2, 4), 0)
+    cache.update(torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 2, 4), 1)  # a layer grown after the snapshot
+    restore()
+    assert len(cache.layers) == 1 and cache.layers[0].keys.shape == (1, 2, 3, 4)
+    with pytest.raises(PrunescopeError, match="cannot recompute decoder layers that write into a Other"):
+        models._cache_restorer(Other())
