@@ -73,11 +73,13 @@ def fit_step(ckpt: Path, mode: str, layers: list[int], args: argparse.Namespace,
                 for _ in range(args.fields)]
     windows = torch.randint(3, vocab, (args.windows, args.window_len), generator=gen).to(device)  # [W, L]
     recompute = models.recomputed_layers(model) if mode == "disk+recompute" else contextlib.nullcontext()
-    before = _status("RssAnon")
+    from bench_prune import reset_peak, rss_bytes  # its /proc/self/status readers
+
+    before = rss_bytes("RssAnon")
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    Path("/proc/self/clear_refs").write_text("5")  # the peak RSS (VmHWM) from here: the step's own
+    reset_peak()  # the peak RSS (VmHWM) from here: the step's own
     with _PeakSampler("RssAnon") as anon:
         start = time.perf_counter()
         with applied(model, edit), recompute:
@@ -92,17 +94,9 @@ def fit_step(ckpt: Path, mode: str, layers: list[int], args: argparse.Namespace,
             loss.backward()
         seconds = time.perf_counter() - start
     torch.save({i: v.grad.cpu() for i, v in vectors.items()}, grads)
-    return {"seconds": seconds, "loss": float(loss.detach()), "step_peak_rss": _status("VmHWM"),
+    return {"seconds": seconds, "loss": float(loss.detach()), "step_peak_rss": rss_bytes("VmHWM"),
             "anon_before": before, "step_peak_anon": anon.peak,
             "step_peak_gpu": torch.cuda.max_memory_allocated(device) if cuda else None}
-
-
-def _status(field: str) -> int:
-    """A memory figure of this process from ``/proc/self/status``, in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
 
 
 class _PeakSampler:
@@ -112,12 +106,15 @@ class _PeakSampler:
     def __init__(self, field: str) -> None:
         import threading
 
-        self.field, self.peak, self._stop = field, _status(field), threading.Event()
+        from bench_prune import rss_bytes
+
+        self._read = rss_bytes
+        self.field, self.peak, self._stop = field, rss_bytes(field), threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(0.005):
-            self.peak = max(self.peak, _status(self.field))
+            self.peak = max(self.peak, self._read(self.field))
 
     def __enter__(self) -> "_PeakSampler":
         self._thread.start()
@@ -126,7 +123,7 @@ class _PeakSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _status(self.field))
+        self.peak = max(self.peak, self._read(self.field))
 
 
 def same_grads(got: Path, want: Path) -> float:

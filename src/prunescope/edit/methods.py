@@ -39,7 +39,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -240,12 +240,6 @@ def fit(
             p.requires_grad_(True)
 
 
-def _recomputed_if_offloaded(model: nn.Module) -> AbstractContextManager[Any]:
-    """:func:`prunescope.models.recomputed_layers` for a model whose weights are on disk (so the
-    fit's backward holds one layer's weights at a time); nothing otherwise."""
-    return models.recomputed_layers(model) if models.is_offloaded(model) else nullcontext()
-
-
 @dataclass(frozen=True)
 class _FitOptions:
     """The fit's settings (:func:`fit`'s arguments of the same names)."""
@@ -319,6 +313,7 @@ def _fit(
     kept = _Readout()
     refreshed, since, share = [], 0, 1.0
     layout = _check_aligned(contexts, targets)
+    offloaded = models.is_offloaded(model)  # then backward holds one layer's weights at a time
     for _step in tqdm(range(o.steps), desc="fit", unit="step", leave=False):
         if recontext is not None and _step and _due(since, o.refresh_every, share if o.reweight else None):
             refreshed.append(_step + 1)
@@ -330,7 +325,8 @@ def _fit(
             kept.written_by = None  # the elsewhere shares stay the unedited model's
         since += 1
         batch, reference = windows.at(_step) if o.kl_weight else (None, None)
-        with applied(model, edit), _recomputed_if_offloaded(model):  # backward inside: it may rerun the hooks
+        recompute = models.recomputed_layers(model) if offloaded else nullcontext()
+        with applied(model, edit), recompute:  # backward inside: the recomputation reruns the hooks
             tkl, fewest, share = _target_term(model, contexts, targets, kept, o.reweight)
             ukl = next_token_kl(reference, model(input_ids=batch).logits) if batch is not None \
                 else torch.zeros((), device=device)
