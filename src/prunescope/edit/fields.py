@@ -198,64 +198,121 @@ def teacher_forced(model: nn.Module, cache, start: int, seqs: list[tuple[int, ..
     return out.logits.float(), [len(s) for s in seqs]
 
 
+def _shared_runs(seqs: list[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], list[int]]:
+    """The sequences to run so that every one of ``seqs`` is read: those that are no prefix of
+    another, and per sequence the index of the run it is read from. A sequence that is a prefix
+    of a longer one has the same logits at its positions inside the longer run (causal
+    attention, the same positions after the same prompt), so a row's cells share one run: a
+    digit's context is the previous digit's plus that digit, and a choice's drawn spelling
+    starts the next cell's context."""
+    runs: list[tuple[int, ...]] = []
+    covered: dict[tuple[int, ...], int] = {}  # every prefix of every run -> that run
+    where = [0] * len(seqs)
+    for i in sorted(range(len(seqs)), key=lambda j: -len(seqs[j])):
+        seq = tuple(seqs[i])
+        if seq not in covered:
+            for k in range(1, len(seq) + 1):
+                covered.setdefault(seq[:k], len(runs))
+            runs.append(seq)
+        where[i] = covered[seq]
+    return runs, where
+
+
+def _index(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def _log_probs_at(logits: torch.Tensor, rows: list[int], positions: list[int]) -> torch.Tensor:
+    """``[n, V]`` float32 next-token log-probabilities at ``(rows[i], positions[i])`` of
+    ``logits`` ``[R, S, V]``: only the positions read are normalised."""
+    picked = logits[_index(rows, logits.device), _index(positions, logits.device)]  # [n, V]
+    return torch.log_softmax(picked.float(), dim=-1)
+
+
 def _drawn_logprob(logits: torch.Tensor, rows: list[int], field: FieldContexts) -> torch.Tensor:
     """``[tables]``: the log-probability of the tokens the model drew in each table's context
-    (``field.sampled``), read from teacher-forced ``logits`` ``[B, S, V]`` whose batch row
-    ``rows[t]`` holds table ``t``'s suffix; zeros where nothing was drawn (or not recorded)."""
-    out = []
+    (``field.sampled``), read from teacher-forced ``logits`` ``[R, S, V]`` whose row ``rows[t]``
+    starts with table ``t``'s suffix; zeros where nothing was drawn (or not recorded)."""
+    at_row, at_pos, ids, owner = [], [], [], []
     for t, b in enumerate(rows):
-        drawn = field.sampled[t] if field.sampled else ()
-        if not drawn:
-            out.append(logits.new_zeros(()))
-            continue
-        at = torch.tensor(drawn, device=logits.device)  # [n] suffix indices (>= 1: index 0 is forced)
-        ids = torch.tensor([field.suffixes[t][j] for j in drawn], device=logits.device)  # [n]
-        picked = logits[b, at - 1].float()  # [n, V]: the token before predicts each drawn one
-        out.append((picked.gather(-1, ids[:, None])[:, 0] - picked.logsumexp(-1)).sum())
-    return torch.stack(out)
+        for j in (field.sampled[t] if field.sampled else ()):  # suffix indices >= 1: index 0 is forced
+            at_row.append(b)
+            at_pos.append(j - 1)  # the token before predicts each drawn one
+            ids.append(field.suffixes[t][j])
+            owner.append(t)
+    out = torch.zeros(len(rows), device=logits.device)  # [T]
+    if not ids:
+        return out
+    device = logits.device
+    lp = _log_probs_at(logits, at_row, at_pos).gather(-1, _index(ids, device)[:, None])[:, 0]  # [n]
+    return out.index_add(0, _index(owner, device), lp)
 
 
-def _choice_probs(model: nn.Module, cache, start: int, field: FieldContexts) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[tables, options]`` probability of each option in each table (any spelling, then a
-    closer), and ``[tables]`` the log-probability of each context's drawn tokens."""
-    seqs, owners, rows = [], [], []
+def _choice_seqs(field: FieldContexts) -> tuple[list[tuple[int, ...]], list[tuple[int, int, int]], list[int]]:
+    """A choice field's teacher-forced sequences (each table's suffix and one spelling of one
+    option), per sequence ``(table, option, spelling length)``, and per table the index of its
+    first sequence."""
+    seqs, owners, firsts = [], [], []
     for t, suffix in enumerate(field.suffixes):
-        rows.append(len(seqs))
+        firsts.append(len(seqs))
         for c, spellings in enumerate(field.continuations):
             for spelling in spellings:
-                seqs.append(suffix + spelling)
+                seqs.append(tuple(suffix) + tuple(spelling))
                 owners.append((t, c, len(spelling)))
-    logits, lengths = teacher_forced(model, cache, start, seqs)
-    logp = torch.log_softmax(logits, dim=-1)  # [B, S, V]
-    probs = torch.zeros(len(field.suffixes), len(field.continuations), dtype=logp.dtype, device=logp.device)
-    for b, ((t, c, n), seq, length) in enumerate(zip(owners, seqs, lengths)):
-        first = length - n  # index of the spelling's first token, predicted by the token before it
-        ids = torch.tensor(seq[first:length], device=logp.device)  # [n]
-        score = logp[b, first - 1 : length - 1].gather(-1, ids[:, None]).sum()
-        close = logp[b, length - 1, field.closers.to(logp.device)].exp().sum()
-        probs[t, c] = probs[t, c] + score.exp() * close
-    return probs, _drawn_logprob(logp, rows, field)
+    return seqs, owners, firsts
 
 
-def _digit_probs(model: nn.Module, cache, start: int, field: FieldContexts) -> tuple[torch.Tensor, torch.Tensor]:
+def _choice_probs(logits: torch.Tensor, run_of: list[int], field: FieldContexts) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[tables, options]`` probability of each option in each table (any spelling, then a
+    closer), and ``[tables]`` the log-probability of each context's drawn tokens; ``run_of[b]``
+    is the row of ``logits`` ``[R, S, V]`` that :func:`_choice_seqs`'s sequence ``b`` is read from."""
+    seqs, owners, firsts = _choice_seqs(field)
+    at_row, at_pos, ids, owner = [], [], [], []  # per spelling token: where it is predicted, itself, its sequence
+    for b, (seq, (_t, _c, n)) in enumerate(zip(seqs, owners)):
+        for k in range(len(seq) - n, len(seq)):
+            at_row.append(run_of[b])
+            at_pos.append(k - 1)
+            ids.append(seq[k])
+            owner.append(b)
+    device = logits.device
+    lp = _log_probs_at(logits, at_row, at_pos).gather(-1, _index(ids, device)[:, None])[:, 0]  # [tokens]
+    spelled = torch.zeros(len(seqs), device=device).index_add(0, _index(owner, device), lp)  # [B] log p(spelling)
+    ends = _log_probs_at(logits, run_of, [len(s) - 1 for s in seqs])  # [B, V]: what follows each spelling
+    close = ends[:, field.closers.to(device)].exp().sum(-1)  # [B]
+    tables, options = len(field.suffixes), len(field.continuations)
+    cell = _index([t * options + c for t, c, _n in owners], device)  # [B]
+    probs = torch.zeros(tables * options, device=device).index_add(0, cell, spelled.exp() * close)
+    return probs.view(tables, options), _drawn_logprob(logits, [run_of[b] for b in firsts], field)
+
+
+def _digit_probs(logits: torch.Tensor, run_of: list[int], field: FieldContexts) -> tuple[torch.Tensor, torch.Tensor]:
     """``[tables, 10]`` next-token probability of each digit after each table's context, and
-    ``[tables]`` the log-probability of each context's drawn tokens."""
-    logits, lengths = teacher_forced(model, cache, start, list(field.suffixes))
-    last = torch.stack([logits[b, n - 1] for b, n in enumerate(lengths)])  # [B, V]
-    digits = torch.tensor([c[0][0] for c in field.continuations], device=last.device)
-    return torch.softmax(last, dim=-1)[:, digits], _drawn_logprob(logits, list(range(len(lengths))), field)
+    ``[tables]`` the log-probability of each context's drawn tokens; ``run_of[t]`` is the row of
+    ``logits`` ``[R, S, V]`` that table ``t``'s suffix is read from."""
+    last = _log_probs_at(logits, run_of, [len(s) - 1 for s in field.suffixes])  # [T, V]
+    digits = _index([c[0][0] for c in field.continuations], logits.device)
+    return last[:, digits].exp(), _drawn_logprob(logits, run_of, field)
 
 
 def readout(model: nn.Module, contexts: Contexts) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per field of ``contexts``: ``[tables, values]`` each value's probability after each
     table's context and ``[tables]`` the log-probability of that context's drawn tokens, both
-    differentiable in whatever the model's forward depends on (the edit's vectors)."""
-    cache, start = prompt_cache(model, contexts.prompt)
-    out = []
+    differentiable in whatever the model's forward depends on (the edit's vectors).
+
+    Every field's sequences run in one teacher-forced batch after the prompt, a sequence that
+    is a prefix of another read from the longer one's run (:func:`_shared_runs`)."""
     for field in contexts.fields:
         if not field.suffixes:
             raise ValueError(f"no table reached {field.key.label} at row {field.row}")
-        out.append((_choice_probs if field.closers.numel() else _digit_probs)(model, cache, start, field))
+    asked = [_choice_seqs(f)[0] if f.closers.numel() else [tuple(s) for s in f.suffixes] for f in contexts.fields]
+    runs, where = _shared_runs([s for seqs in asked for s in seqs])
+    cache, start = prompt_cache(model, contexts.prompt)
+    logits, _lengths = teacher_forced(model, cache, start, runs)  # [R, S, V]
+    out, at = [], 0
+    for field, seqs in zip(contexts.fields, asked):
+        run_of = where[at:at + len(seqs)]
+        at += len(seqs)
+        out.append((_choice_probs if field.closers.numel() else _digit_probs)(logits, run_of, field))
     return out
 
 
