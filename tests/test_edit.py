@@ -52,6 +52,53 @@ def test_marginals_equal_the_probes_exact_readout(dtok, people):
         torch.testing.assert_close(q.double(), want, atol=1e-5, rtol=1e-4)
 
 
+def test_shared_runs_read_every_prefix_from_a_longer_sequence():
+    """A sequence that is a prefix of another is read from the longer one's run; others run."""
+    seqs = [(1, 2), (1, 2, 3, 4), (1, 2, 3), (1, 5), (9,), (1, 2, 3)]
+    runs, where = fields._shared_runs(seqs)
+    assert sorted(runs) == [(1, 2, 3, 4), (1, 5), (9,)]
+    for seq, run in zip(seqs, where):
+        assert runs[run][:len(seq)] == seq
+
+
+def test_short_sequences_run_apart_only_when_that_saves_tokens():
+    """Two batches when padding every sequence to the longest would run a quarter more tokens."""
+    assert fields._batches([10, 10, 10]) == [[0, 1, 2]]
+    assert fields._batches([9, 10, 8, 10]) == [[0, 1, 2, 3]]  # 40 tokens padded against 36 split: not worth it
+    assert fields._batches([10, 3, 3, 3, 10]) == [[1, 2, 3], [0, 4]]  # 50 padded against 29
+
+
+def test_run_logits_read_positions_in_the_order_asked_across_batches():
+    """``at`` returns each asked (sequence, position) in the order asked, whichever batch holds it."""
+    short, long = torch.randn(2, 3, 5), torch.randn(2, 6, 5)  # [B, S, V]
+    logits = fields._RunLogits([short, long], [(1, 0), (0, 0), (1, 1), (0, 1)])  # sequences 0-3
+    got = logits.at([2, 1, 0, 3, 2], [5, 0, 1, 2, 0])
+    want = torch.stack([long[1, 5], short[0, 0], long[0, 1], short[1, 2], long[1, 0]])
+    assert torch.equal(got, want)
+
+
+def test_readout_from_shared_runs_equals_each_sequence_run_alone(dtok, people):
+    """Every field's probabilities and drawn log-probabilities read from shared runs in split
+    batches equal those of each field's sequences teacher-forced on their own."""
+    model = digit_model(dtok, seed=1)
+    targets = _targets(people, "Gender=uniform", "Age.digit1=uniform:2-6")
+    contexts = fields.record_contexts(model, dtok, people, targets, rows=2, tables=5, seed=4, batch_size=5)
+    with torch.no_grad():
+        got = fields.readout(model, contexts)
+        cache, start = fields.prompt_cache(model, contexts.prompt)
+        for f, (probs, drawn) in zip(contexts.fields, got):
+            seqs = fields._choice_seqs(f)[0] if f.closers.numel() else [tuple(s) for s in f.suffixes]
+            one_batch = fields.teacher_forced(model, cache, start, seqs)[0]  # no sharing, no split
+            alone = fields._RunLogits([one_batch], [(0, b) for b in range(len(seqs))])
+            read = fields._choice_probs if f.closers.numel() else fields._digit_probs
+            want_probs, want_drawn = read(alone, list(range(len(seqs))), f)
+            torch.testing.assert_close(probs, want_probs, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(drawn, want_drawn, atol=1e-4, rtol=1e-5)
+    runs, _where = fields._shared_runs([s for f in contexts.fields for s in
+                                        (fields._choice_seqs(f)[0] if f.closers.numel() else f.suffixes)])
+    assert len(fields._batches([len(r) for r in runs])) == 2  # the test reads across both batches
+
+
 def test_drawn_context_tokens_and_their_log_probability(dtok, people):
     """The tokens a fit reweights by are exactly those the model drew in the cells before the
     field (the writer's forced tokens left out), and their log-probability is what a direct

@@ -222,17 +222,69 @@ def _index(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=device)
 
 
-def _log_probs_at(logits: torch.Tensor, rows: list[int], positions: list[int]) -> torch.Tensor:
-    """``[n, V]`` float32 next-token log-probabilities at ``(rows[i], positions[i])`` of
-    ``logits`` ``[R, S, V]``: only the positions read are normalised."""
-    picked = logits[_index(rows, logits.device), _index(positions, logits.device)]  # [n, V]
-    return torch.log_softmax(picked.float(), dim=-1)
+SPLIT_SAVING = 0.25  # run the shorter sequences in a batch of their own when that saves this share of the tokens
 
 
-def _drawn_logprob(logits: torch.Tensor, rows: list[int], field: FieldContexts) -> torch.Tensor:
+def _batches(lengths: list[int]) -> list[list[int]]:
+    """Indices of sequences of ``lengths`` in one or two right-padded batches: the shortest
+    apart from the rest where padding them to the longest would run at least ``SPLIT_SAVING``
+    more tokens than two batches (a choice's other spellings after a short context, beside
+    whole rows), at the price of one more forward."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sizes = [lengths[i] for i in order]
+    one = len(sizes) * sizes[-1]
+    cost, k = min((k * sizes[k - 1] + (len(sizes) - k) * sizes[-1], k) for k in range(1, len(sizes) + 1))
+    if k == len(sizes) or cost > (1 - SPLIT_SAVING) * one:
+        return [list(range(len(lengths)))]
+    return [order[:k], order[k:]]
+
+
+@dataclass
+class _RunLogits:
+    """Teacher-forced logits of several sequences run after one prompt, in one or more batches:
+    ``at`` reads any sequences' positions whichever batch holds them."""
+
+    parts: list[torch.Tensor]  # per batch [B, S, V]
+    place: list[tuple[int, int]]  # per sequence (batch, row)
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].device
+
+    def at(self, seqs: list[int], positions: list[int]) -> torch.Tensor:
+        """``[n, V]`` the logits at position ``positions[i]`` of sequence ``seqs[i]``."""
+        pieces, order = [], []
+        for part, logits in enumerate(self.parts):
+            mine = [i for i, s in enumerate(seqs) if self.place[s][0] == part]
+            if mine:
+                rows = _index([self.place[seqs[i]][1] for i in mine], logits.device)
+                pieces.append(logits[rows, _index([positions[i] for i in mine], logits.device)])  # [m, V]
+                order.extend(mine)
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        return torch.cat(pieces)[inverse.to(pieces[0].device)]
+
+
+def _run(model: nn.Module, cache, start: int, seqs: list[tuple[int, ...]]) -> _RunLogits:
+    """``seqs`` teacher-forced after the prompt's ``cache``, in the batches of :func:`_batches`."""
+    parts, place = [], [(0, 0)] * len(seqs)
+    for part, members in enumerate(_batches([len(s) for s in seqs])):
+        parts.append(teacher_forced(model, cache, start, [seqs[i] for i in members])[0])  # [B, S, V]
+        for row, i in enumerate(members):
+            place[i] = (part, row)
+    return _RunLogits(parts, place)
+
+
+def _log_probs_at(logits: _RunLogits, rows: list[int], positions: list[int]) -> torch.Tensor:
+    """``[n, V]`` float32 next-token log-probabilities at position ``positions[i]`` of run
+    ``rows[i]``: only the positions read are normalised."""
+    return torch.log_softmax(logits.at(rows, positions).float(), dim=-1)
+
+
+def _drawn_logprob(logits: _RunLogits, rows: list[int], field: FieldContexts) -> torch.Tensor:
     """``[tables]``: the log-probability of the tokens the model drew in each table's context
-    (``field.sampled``), read from teacher-forced ``logits`` ``[R, S, V]`` whose row ``rows[t]``
-    starts with table ``t``'s suffix; zeros where nothing was drawn (or not recorded)."""
+    (``field.sampled``), read from teacher-forced ``logits`` whose run ``rows[t]`` starts with
+    table ``t``'s suffix; zeros where nothing was drawn (or not recorded)."""
     at_row, at_pos, ids, owner = [], [], [], []
     for t, b in enumerate(rows):
         for j in (field.sampled[t] if field.sampled else ()):  # suffix indices >= 1: index 0 is forced
@@ -262,10 +314,10 @@ def _choice_seqs(field: FieldContexts) -> tuple[list[tuple[int, ...]], list[tupl
     return seqs, owners, firsts
 
 
-def _choice_probs(logits: torch.Tensor, run_of: list[int], field: FieldContexts) -> tuple[torch.Tensor, torch.Tensor]:
+def _choice_probs(logits: _RunLogits, run_of: list[int], field: FieldContexts) -> tuple[torch.Tensor, torch.Tensor]:
     """``[tables, options]`` probability of each option in each table (any spelling, then a
     closer), and ``[tables]`` the log-probability of each context's drawn tokens; ``run_of[b]``
-    is the row of ``logits`` ``[R, S, V]`` that :func:`_choice_seqs`'s sequence ``b`` is read from."""
+    is the run of ``logits`` that :func:`_choice_seqs`'s sequence ``b`` is read from."""
     seqs, owners, firsts = _choice_seqs(field)
     at_row, at_pos, ids, owner = [], [], [], []  # per spelling token: where it is predicted, itself, its sequence
     for b, (seq, (_t, _c, n)) in enumerate(zip(seqs, owners)):
@@ -285,10 +337,10 @@ def _choice_probs(logits: torch.Tensor, run_of: list[int], field: FieldContexts)
     return probs.view(tables, options), _drawn_logprob(logits, [run_of[b] for b in firsts], field)
 
 
-def _digit_probs(logits: torch.Tensor, run_of: list[int], field: FieldContexts) -> tuple[torch.Tensor, torch.Tensor]:
+def _digit_probs(logits: _RunLogits, run_of: list[int], field: FieldContexts) -> tuple[torch.Tensor, torch.Tensor]:
     """``[tables, 10]`` next-token probability of each digit after each table's context, and
-    ``[tables]`` the log-probability of each context's drawn tokens; ``run_of[t]`` is the row of
-    ``logits`` ``[R, S, V]`` that table ``t``'s suffix is read from."""
+    ``[tables]`` the log-probability of each context's drawn tokens; ``run_of[t]`` is the run of
+    ``logits`` that table ``t``'s suffix is read from."""
     last = _log_probs_at(logits, run_of, [len(s) - 1 for s in field.suffixes])  # [T, V]
     digits = _index([c[0][0] for c in field.continuations], logits.device)
     return last[:, digits].exp(), _drawn_logprob(logits, run_of, field)
@@ -307,7 +359,7 @@ def readout(model: nn.Module, contexts: Contexts) -> list[tuple[torch.Tensor, to
     asked = [_choice_seqs(f)[0] if f.closers.numel() else [tuple(s) for s in f.suffixes] for f in contexts.fields]
     runs, where = _shared_runs([s for seqs in asked for s in seqs])
     cache, start = prompt_cache(model, contexts.prompt)
-    logits, _lengths = teacher_forced(model, cache, start, runs)  # [R, S, V]
+    logits = _run(model, cache, start, runs)
     out, at = [], 0
     for field, seqs in zip(contexts.fields, asked):
         run_of = where[at:at + len(seqs)]
