@@ -64,7 +64,7 @@ def test_shared_runs_read_every_prefix_from_a_longer_sequence():
 def test_short_sequences_run_apart_only_when_that_saves_tokens():
     """Two batches when padding every sequence to the longest would run a quarter more tokens."""
     assert fields._batches([10, 10, 10]) == [[0, 1, 2]]
-    assert fields._batches([9, 10, 8, 10]) == [[0, 1, 2, 3]]  # 40 tokens padded against 36 split: not worth it
+    assert fields._batches([9, 10, 8, 10]) == [[0, 1, 2, 3]]  # 40 tokens padded against 38 split: not worth it
     assert fields._batches([10, 3, 3, 3, 10]) == [[1, 2, 3], [0, 4]]  # 50 padded against 29
 
 
