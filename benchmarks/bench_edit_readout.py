@@ -36,11 +36,10 @@ def reference_readout(model: torch.nn.Module, contexts: fields.Contexts) -> list
     cache, start = fields.prompt_cache(model, contexts.prompt)
     out = []
     for f in contexts.fields:
-        seqs = fields._choice_seqs(f)[0] if f.closers.numel() else [tuple(s) for s in f.suffixes]
+        seqs = fields._sequences(f)
         logits = fields.teacher_forced(model, cache, start, seqs)[0]  # [B, S, V]
         whole = fields._RunLogits([torch.log_softmax(logits, dim=-1)], [(0, b) for b in range(len(seqs))])
-        read = fields._choice_probs if f.closers.numel() else fields._digit_probs
-        out.append(read(whole, list(range(len(seqs))), f))
+        out.append(fields._reader(f)(whole, list(range(len(seqs))), f))
     return out
 
 

@@ -87,15 +87,13 @@ def test_readout_from_shared_runs_equals_each_sequence_run_alone(dtok, people):
         got = fields.readout(model, contexts)
         cache, start = fields.prompt_cache(model, contexts.prompt)
         for f, (probs, drawn) in zip(contexts.fields, got):
-            seqs = fields._choice_seqs(f)[0] if f.closers.numel() else [tuple(s) for s in f.suffixes]
+            seqs = fields._sequences(f)
             one_batch = fields.teacher_forced(model, cache, start, seqs)[0]  # no sharing, no split
             alone = fields._RunLogits([one_batch], [(0, b) for b in range(len(seqs))])
-            read = fields._choice_probs if f.closers.numel() else fields._digit_probs
-            want_probs, want_drawn = read(alone, list(range(len(seqs))), f)
+            want_probs, want_drawn = fields._reader(f)(alone, list(range(len(seqs))), f)
             torch.testing.assert_close(probs, want_probs, atol=1e-6, rtol=1e-5)
             torch.testing.assert_close(drawn, want_drawn, atol=1e-4, rtol=1e-5)
-    runs, _where = fields._shared_runs([s for f in contexts.fields for s in
-                                        (fields._choice_seqs(f)[0] if f.closers.numel() else f.suffixes)])
+    runs, _where = fields._shared_runs([s for f in contexts.fields for s in fields._sequences(f)])
     assert len(fields._batches([len(r) for r in runs])) == 2  # the test reads across both batches
 
 

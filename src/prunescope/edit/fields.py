@@ -27,6 +27,7 @@ gradient also reaches the earlier cells through those log-probabilities.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -292,10 +293,10 @@ def _drawn_logprob(logits: _RunLogits, rows: list[int], field: FieldContexts) ->
             at_pos.append(j - 1)  # the token before predicts each drawn one
             ids.append(field.suffixes[t][j])
             owner.append(t)
-    out = torch.zeros(len(rows), device=logits.device)  # [T]
+    device = logits.device
+    out = torch.zeros(len(rows), device=device)  # [T]
     if not ids:
         return out
-    device = logits.device
     lp = _log_probs_at(logits, at_row, at_pos).gather(-1, _index(ids, device)[:, None])[:, 0]  # [n]
     return out.index_add(0, _index(owner, device), lp)
 
@@ -346,6 +347,16 @@ def _digit_probs(logits: _RunLogits, run_of: list[int], field: FieldContexts) ->
     return last[:, digits].exp(), _drawn_logprob(logits, run_of, field)
 
 
+def _sequences(field: FieldContexts) -> list[tuple[int, ...]]:
+    """The sequences ``field`` is read from: a choice's :func:`_choice_seqs`, a digit's suffixes."""
+    return _choice_seqs(field)[0] if field.closers.numel() else [tuple(s) for s in field.suffixes]
+
+
+def _reader(field: FieldContexts) -> Callable[[_RunLogits, list[int], FieldContexts], tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`_choice_probs` or :func:`_digit_probs`, whichever reads ``field``."""
+    return _choice_probs if field.closers.numel() else _digit_probs
+
+
 def readout(model: nn.Module, contexts: Contexts) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per field of ``contexts``: ``[tables, values]`` each value's probability after each
     table's context and ``[tables]`` the log-probability of that context's drawn tokens, both
@@ -356,7 +367,7 @@ def readout(model: nn.Module, contexts: Contexts) -> list[tuple[torch.Tensor, to
     for field in contexts.fields:
         if not field.suffixes:
             raise ValueError(f"no table reached {field.key.label} at row {field.row}")
-    asked = [_choice_seqs(f)[0] if f.closers.numel() else [tuple(s) for s in f.suffixes] for f in contexts.fields]
+    asked = [_sequences(f) for f in contexts.fields]
     runs, where = _shared_runs([s for seqs in asked for s in seqs])
     cache, start = prompt_cache(model, contexts.prompt)
     logits = _run(model, cache, start, runs)
@@ -364,7 +375,7 @@ def readout(model: nn.Module, contexts: Contexts) -> list[tuple[torch.Tensor, to
     for field, seqs in zip(contexts.fields, asked):
         run_of = where[at:at + len(seqs)]
         at += len(seqs)
-        out.append((_choice_probs if field.closers.numel() else _digit_probs)(logits, run_of, field))
+        out.append(_reader(field)(logits, run_of, field))
     return out
 
 
