@@ -87,7 +87,7 @@ def fit_step(ckpt: Path, mode: str, layers: list[int], args: argparse.Namespace,
             for prompt in prompts:  # as the fit reads each template's fields
                 cache, at = fields.prompt_cache(model, prompt)
                 for seqs in suffixes:
-                    logits, _lengths = fields.teacher_forced(model, cache, at, seqs)  # [S, suffix, V]
+                    logits = fields.teacher_forced(model, cache, at, seqs)[0].float()  # [S, suffix, V]
                     loss = loss + logits.logsumexp(-1).mean() - logits[..., 5].mean()
             text = model(input_ids=windows).logits.float()  # [W, L, V]
             loss = loss + text.logsumexp(-1).mean() - text[..., 7].mean()

@@ -37,7 +37,7 @@ def reference_readout(model: torch.nn.Module, contexts: fields.Contexts) -> list
     out = []
     for f in contexts.fields:
         seqs = fields._sequences(f)
-        logits = fields.teacher_forced(model, cache, start, seqs)[0]  # [B, S, V]
+        logits = fields.teacher_forced(model, cache, start, seqs)[0].float()  # [B, S, V], as the old readout cast it
         whole = fields._RunLogits([torch.log_softmax(logits, dim=-1)], [(0, b) for b in range(len(seqs))])
         out.append(fields._reader(f)(whole, list(range(len(seqs))), f))
     return out

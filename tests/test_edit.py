@@ -3,6 +3,7 @@ exact readout, each kind of edit doing what it says, the job and the command end
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -95,6 +96,29 @@ def test_readout_from_shared_runs_equals_each_sequence_run_alone(dtok, people):
             torch.testing.assert_close(drawn, want_drawn, atol=1e-4, rtol=1e-5)
     runs, _where = fields._shared_runs([s for f in contexts.fields for s in fields._sequences(f)])
     assert len(fields._batches([len(r) for r in runs])) == 2  # the test reads across both batches
+
+
+def test_readout_of_a_bfloat16_model_is_float32_near_its_float32_readout(dtok, people):
+    """The teacher-forced logits stay in the model's dtype and the readers cast the rows they
+    pick: a bfloat16 model's readout comes out in float32, near the float32 model's (bfloat16
+    rounding of weights and activations), and its gradient reaches a float32 leaf."""
+    model = digit_model(dtok, seed=1)
+    targets = _targets(people, "Gender=uniform", "Age.digit1=uniform:2-6")
+    contexts = fields.record_contexts(model, dtok, people, targets, rows=2, tables=4, seed=4, batch_size=4)
+    with torch.no_grad():
+        want = fields.readout(model, contexts)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    scale = torch.ones((), requires_grad=True)  # a float32 leaf the bfloat16 logits depend on
+    handle = half.lm_head.register_forward_hook(lambda _m, _i, out: out * scale.to(out.dtype))
+    try:
+        got = fields.readout(half, contexts)
+    finally:
+        handle.remove()
+    for (probs, drawn), (want_probs, want_drawn) in zip(got, want):
+        assert probs.dtype == torch.float32 and drawn.dtype == torch.float32
+        torch.testing.assert_close(probs, want_probs, atol=0.03, rtol=0)
+    sum(p[:, 0].sum() for p, _d in got).backward()  # the first option's probability: not constant
+    assert scale.grad is not None and torch.isfinite(scale.grad) and scale.grad != 0
 
 
 def test_drawn_context_tokens_and_their_log_probability(dtok, people):

@@ -185,7 +185,9 @@ def _repeated(cache, batch: int):
 
 
 def teacher_forced(model: nn.Module, cache, start: int, seqs: list[tuple[int, ...]]) -> tuple[torch.Tensor, list[int]]:
-    """Logits ``[B, S, V]`` of right-padded ``seqs`` run after the shared prompt, and their lengths.
+    """Logits ``[B, S, V]`` of right-padded ``seqs`` run after the shared prompt, in the model's
+    dtype, and their lengths. The readers cast to float32 only the rows they pick: a float32 copy
+    of the whole ``[B, S, V]`` would double what a bfloat16 run holds.
 
     Right padding needs no attention mask: causal attention never lets a real token see the pads
     after it."""
@@ -196,7 +198,7 @@ def teacher_forced(model: nn.Module, cache, start: int, seqs: list[tuple[int, ..
     mask = torch.ones(len(seqs), start + length, dtype=torch.long, device=ids.device)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=_repeated(cache, len(seqs)),
                 use_cache=True)
-    return out.logits.float(), [len(s) for s in seqs]
+    return out.logits, [len(s) for s in seqs]
 
 
 def _shared_runs(seqs: list[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], list[int]]:
