@@ -175,6 +175,18 @@ def test_target_reach_is_the_exact_marginals_sum():
     assert job._target_reach(dists, targets, range(1, 2)) == pytest.approx((0.5 + 0.9) / 2)
 
 
+def test_off_target_mass_is_the_distribution_outside_the_targets_support():
+    """The off-target mass sums the values the target excludes, and that mass alone (the rest
+    exactly on target) puts the JS distance at about the square root of its half."""
+    dists = {"row 1 / Gender": {"distribution": [0.5, 0.4, 0.1]},
+             "row 1 / Age digit 1": {"distribution": [0.01, 0.0, *[0.198] * 5, 0.0, 0.0, 0.0]}}
+    people = load_template("people")
+    targets = _targets(people, "Gender=Male:0.5,Female:0.5", "Age.digit1=uniform:2-6")
+    assert job._target_off(dists, targets, range(1, 2)) == pytest.approx((0.1 + 0.01) / 2)
+    assert job._target_js({"row 1 / Age digit 1": dists["row 1 / Age digit 1"]}, targets[1:], range(1, 2)) \
+        == pytest.approx((0.01 / 2) ** 0.5, rel=0.01)
+
+
 def test_a_digit_no_table_reached_is_a_clear_error(dtok, people):
     from prunescope.errors import PrunescopeError
 
