@@ -431,13 +431,14 @@ def test_cli_edit_writes_the_report_and_a_folded_model(digit_model_dir, tmp_path
         assert 0 <= r["target_js_after"] <= 1 and 0 <= r["top1_agreement"] <= 1
         assert 0 <= r["target_js_noise"] <= 1  # bootstrap over the 3 measured tables
         assert 0 < r["target_reach_before"] <= 1 + 1e-6 and 0 <= r["target_reach"] <= 1 + 1e-6
+        assert all(0 <= r[k] <= 1 + 1e-6 for k in ("target_off_before", "target_off", "target_off_heldout"))
     assert len(report["heldout_templates"]) >= 3
     assert report["fit_templates"] == ["people", "people/fit-1"]
     assert report["options"]["steps"] == 2 and report["options"]["lr_final"] == 1.0
     assert report["options"]["fit_tables"] == 3 and report["options"]["strengths"] == [1.0]
     markdown = (out / "report.md").read_text()
     assert "Settings: steps 2, lr 0.03, lr-final 1.0, kl-weight 10.0" in markdown
-    assert (out / "pareto.png").stat().st_size > 1000 and "| fit |" in markdown
+    assert (out / "pareto.png").stat().st_size > 1000 and "| fit |" in markdown and "held-out off-target" in markdown
     norms = report["cell_norms"]
     cells = {f"{t} / row 1 / {f}" for t in ("people", "people/fit-1", *report["heldout_templates"])
              for f in ("Gender", "Age digit 1")}
