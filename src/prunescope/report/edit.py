@@ -33,14 +33,12 @@ def results_table(report: "EditReport") -> str:
              b.sampled_in_band, b.seconds)]
     rows += [(r.kind, _strength(r), r.target_js_after, r.target_js_noise, r.target_js_heldout,
               r.target_js_later_rows, r.target_reach, r.target_reach_heldout, r.target_off, r.target_off_heldout,
-              r.ppl_after,
-              _pct(r.ppl_after, r.ppl_before), r.kl_unrelated, r.top1_agreement, r.other_fields_js,
+              r.ppl_after, _pct(r.ppl_after, r.ppl_before), r.kl_unrelated, r.top1_agreement, r.other_fields_js,
               r.sampled_in_band, r.seconds)
              for r in report.results]
     headers = ("kind", "strength", "target JS", "JS noise", "held-out JS", "later rows JS", "reach",
                "held-out reach", "off-target", "held-out off-target", "ppl", "ppl change %", "KL unrelated",
-               "top-1 agree", "other fields JS",
-               "sampled in band", "seconds")
+               "top-1 agree", "other fields JS", "sampled in band", "seconds")
     return markdown_table(headers, [tuple("n/a" if v is None else v for v in row) for row in rows], ".3f")
 
 
