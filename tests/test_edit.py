@@ -114,7 +114,7 @@ def test_readout_of_a_bfloat16_model_is_float32_near_its_float32_readout(dtok, p
         got = fields.readout(half, contexts)
     finally:
         handle.remove()
-    for (probs, drawn), (want_probs, want_drawn) in zip(got, want):
+    for (probs, drawn), (want_probs, _want_drawn) in zip(got, want):
         assert probs.dtype == torch.float32 and drawn.dtype == torch.float32
         torch.testing.assert_close(probs, want_probs, atol=0.03, rtol=0)
     sum(p[:, 0].sum() for p, _d in got).backward()  # the first option's probability: not constant
