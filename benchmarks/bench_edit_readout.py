@@ -69,10 +69,7 @@ def main() -> None:
     for tables in args.tables:
         config = job.EditConfig(targets=("Age.digit1=uniform:2-6", "Gender=Male:0.5,Female:0.5"), kinds=("fit",),
                                 holds=("Age.digit2", "Age.digit3"), fit_tables=tables, layers=(9, 10, 11, 12, 13))
-        template, targets, heldout, fitted_on = job.check_inputs(config)
-        blocks, fit_windows, unrelated = job._windows(tokenizer, config)
-        setting = job._Setting(template, heldout, fitted_on, targets, blocks, fit_windows, unrelated,
-                               holds=job.parse_holds(config, template, targets))
+        setting = job.new_setting(config, tokenizer)
         contexts = job.record_fit_contexts(model, tokenizer, config, setting, 0)
         edit, _groups = methods._vector_params(model, config.layers, 0.03, {i: 1.0 for i in config.layers})
         for e in edit.layers:
@@ -86,7 +83,8 @@ def main() -> None:
         dp = max(float((a - b).abs().max()) for a, b in zip(p_ref, p_new))
         dg = max(float((a - b).norm() / a.norm()) for a, b in zip(g_ref, g_new))
         ref, new = statistics.median(times["reference"]), statistics.median(times["shared"])
-        rows.append(f"| {tables} over {len(fitted_on)} wordings | {ref:.2f} | {new:.2f} | {ref / new:.2f}x | {dp:.1e} | {dg:.1e} |")
+        rows.append(f"| {tables} over {len(setting.fitted_on)} wordings | {ref:.2f} | {new:.2f} | {ref / new:.2f}x "
+                    f"| {dp:.1e} | {dg:.1e} |")
         print(rows[-1], flush=True)
     print("| fit tables | each field alone s | shared runs s | ratio | max prob. diff | max grad rel. diff |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -39,11 +39,7 @@ def gate_inputs(tables: int) -> tuple[dict[int, Gate], dict[str, dict[int, torch
     job.GATE_HELDOUT_TABLES = tables
     config = dataclasses.replace(edit_command._config(cli.build_parser().parse_args(list(EDIT_ARGS))), layers=LAYERS)
     model, tokenizer = models.load(config.model, dtype="float32", device="cpu")
-    template, targets, heldout, fitted_on = job.check_inputs(config)
-    blocks, fit_windows, unrelated = job._windows(tokenizer, config)
-    setting = job._Setting(template, heldout, fitted_on, targets, blocks, fit_windows, unrelated,
-                           holds=job.parse_holds(config, template, targets),
-                           negatives=job.parse_negatives(config, template))
+    setting = job.new_setting(config, tokenizer)
     contexts = job.record_fit_contexts(model, tokenizer, config, setting, 0)
     setting.heldout_contexts = job.heldout_contexts(model, tokenizer, config, setting)
     samples = job.gate_samples(model, setting, contexts, LAYERS)

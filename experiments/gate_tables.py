@@ -45,12 +45,10 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     config = job.EditConfig(targets=PEOPLE_TARGETS, kinds=("gated",), eval_text=args.eval_text,
                             gate_negatives=tuple(args.negative))
-    template, targets, heldout, fitted_on = job.check_inputs(config)
     model, tokenizer = load_for_probe(config.model, config)
     layers = job.default_layers(len(model.model.layers))
-    blocks, fit_windows, unrelated = job._windows(tokenizer, config)
-    setting = job._Setting(template, heldout, fitted_on, targets, blocks, fit_windows, unrelated,
-                           negatives=job.parse_negatives(config, template))
+    setting = job.new_setting(config, tokenizer)
+    fit_windows = setting.fit_windows
     contexts = job.record_fit_contexts(model, tokenizer, config, setting, 0)
     gates = methods.gate_probe(model, contexts, fit_windows, layers, job.negative_contexts(model, tokenizer, config,
                                                                                           setting))

@@ -843,6 +843,15 @@ def _windows(tokenizer, config: EditConfig) -> tuple[torch.Tensor, torch.Tensor,
     return blocks, fit, unrelated
 
 
+def new_setting(config: EditConfig, tokenizer) -> _Setting:
+    """What every measurement of ``config`` shares: its checked templates and targets
+    (:func:`check_inputs`), the holds, the gates' negative templates and the text windows."""
+    template, targets, heldout, fitted_on = check_inputs(config)
+    blocks, fit_windows, unrelated = _windows(tokenizer, config)
+    return _Setting(template, heldout, fitted_on, targets, blocks, fit_windows, unrelated,
+                    holds=parse_holds(config, template, targets), negatives=parse_negatives(config, template))
+
+
 def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str | None = None,
                 built: dict[tuple[str, float], Any] | None = None) -> EditReport:
     """Measure, build every kind of edit at every strength, measure each; see the module docstring.
@@ -850,15 +859,13 @@ def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str
     ``built``, when given, receives every edit: ``(kind, strength) -> Edit`` (vectors and
     directions, applied by hooks) or ``WeightEdit`` (weight deltas)."""
     t0 = time.perf_counter()
-    template, targets, heldout, fitted_on = check_inputs(config)
+    setting = new_setting(config, tokenizer)
+    template, targets = setting.template, setting.targets
     n_layers = len(models.adapter_for(model).layers(model))
     layers = config.layers if config.layers is not None else default_layers(n_layers)
     check_layers(layers, n_layers)
     if {"units", "gated"} & set(config.kinds):
         require_gated(model)  # before minutes of measuring
-    blocks, fit_windows, unrelated = _windows(tokenizer, config)
-    setting = _Setting(template, heldout, fitted_on, targets, blocks, fit_windows, unrelated,
-                       holds=parse_holds(config, template, targets), negatives=parse_negatives(config, template))
     warn_shared_columns(setting)
     if not setting.heldout:
         log.warning("no held-out rewordings of template %s: give --heldout FILE to measure generalization", template.name)
@@ -899,8 +906,8 @@ def run_edit_on(model: nn.Module, tokenizer, config: EditConfig, model_name: str
     return EditReport(
         model_name or config.model, template.name, config.targets, tuple(dict.fromkeys(t.key.label for t in targets)),
         tuple(layers), config.rows, config.measure_rows, tuple(t.name for t in setting.heldout), before,
-        tuple(results), traces["fit"], time.perf_counter() - t0, tuple(t.name for t in fitted_on), run_options(config),
-        traces["units"], traces["gated"], cache.get("gate"), norms,
+        tuple(results), traces["fit"], time.perf_counter() - t0, tuple(t.name for t in setting.fitted_on),
+        run_options(config), traces["units"], traces["gated"], cache.get("gate"), norms,
     )
 
 
