@@ -382,9 +382,12 @@ def _measure(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting)
     heldout = [_field_distributions(model, tokenizer, t, config.rows, config.measure_tables, seed, config.measure_rows)
                for t in setting.heldout]
     fitted, later = range(1, config.rows + 1), range(config.rows + 1, config.measure_rows + 1)
-    js_held = [v for v in (_target_js(h, setting.targets, fitted) for h in heldout) if v is not None]
-    reach_held = [v for v in (_target_reach(h, setting.targets, fitted) for h in heldout) if v is not None]
-    off_held = [v for v in (_target_off(h, setting.targets, fitted) for h in heldout) if v is not None]
+
+    def held_mean(figure: Callable[[dict, list[Target], range], float | None]) -> float | None:
+        """``figure`` on the fitted rows, averaged over the held-out templates that have it."""
+        values = [v for v in (figure(h, setting.targets, fitted) for h in heldout) if v is not None]
+        return float(np.mean(values)) if values else None
+
     ppl = evaluate.perplexity(model, setting.eval_blocks, progress=False)
     logits = model(input_ids=setting.unrelated.to(models.input_device(model))).logits.float()  # [n, L, V]
     if setting.reference_logits is None:
@@ -395,16 +398,16 @@ def _measure(model: nn.Module, tokenizer, config: EditConfig, setting: _Setting)
     merged = {**main, **{f"{t.name} / {k}": v for t, h in zip(setting.heldout, heldout) for k, v in h.items()}}
     return Measurement(
         target_js=_target_js(main, setting.targets, fitted),
-        target_js_heldout=float(np.mean(js_held)) if js_held else None,
+        target_js_heldout=held_mean(_target_js),
         target_js_later_rows=_target_js(main, setting.targets, later),
         target_js_noise=_target_noise(main, setting.targets, fitted),
         ppl=ppl, kl_unrelated=kl, top1_agreement=top1,
         other_fields_js=None if setting.before is None else _others_js(setting.before, main, setting.targets),
         sampled_in_band=_sampled_in_band(main, setting.targets, fitted), fields=merged,
         seconds=time.perf_counter() - start, target_reach=_target_reach(main, setting.targets, fitted),
-        target_reach_heldout=float(np.mean(reach_held)) if reach_held else None,
+        target_reach_heldout=held_mean(_target_reach),
         target_off=_target_off(main, setting.targets, fitted),
-        target_off_heldout=float(np.mean(off_held)) if off_held else None,
+        target_off_heldout=held_mean(_target_off),
     )
 
 
