@@ -100,6 +100,7 @@ EDIT_OPTIONS = {
     "--steps": SMALL,
     "--lr": NUMBERS,
     "--lr-final": NUMBERS,
+    "--fit-loss": st.sampled_from(["kl", "js", "l2", ""]),
     "--kl-weight": NUMBERS,
     "--max-norm": NUMBERS,
     "--units": SMALL,

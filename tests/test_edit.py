@@ -187,6 +187,65 @@ def test_off_target_mass_is_the_distribution_outside_the_targets_support():
         == pytest.approx((0.01 / 2) ** 0.5, rel=0.01)
 
 
+def test_js_loss_is_the_reports_js_distance():
+    """The fit's JS term equals the report's Jensen-Shannon distance (the reference,
+    ``stats.js_distance``) on random distributions, with and without values the target excludes."""
+    import numpy as np
+
+    from prunescope.probe import stats
+
+    gen = torch.Generator().manual_seed(0)
+    target = torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2, 0.0, 0.0, 0.0], dtype=torch.float64)
+    for _ in range(5):
+        q = torch.softmax(3 * torch.randn(8, generator=gen, dtype=torch.float64), 0)
+        want = stats.js_distance(q.numpy(), target.numpy())
+        assert float(methods.js_to(target, q)) == pytest.approx(want, abs=1e-6)
+    assert float(methods.js_to(target, target)) == pytest.approx(0.0, abs=1e-4)
+    assert np.isfinite(float(methods.js_to(target, torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0]))))
+
+
+def test_js_loss_pushes_a_lone_off_target_mass_harder_than_the_kl_but_not_against_the_shape():
+    """With the target's values met exactly and 0.1% of the mass on an excluded value, the JS
+    distance reads about sqrt(0.0012 / 2) and pulls that value's logit down over ten times
+    harder than the KL (whose pull is about the value's probability). With the shape off as well,
+    the stray pull against the shape's is within a factor 1-2 of the KL's: the square root scales
+    a field's whole gradient, the divergence under it weighs the two errors much as the KL does."""
+    target = torch.tensor([0.25, 0.25, 0.25, 0.25, 0.0])
+
+    def grads(logits: list[float]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, loss in methods.TARGET_LOSSES.items():
+            z = torch.tensor(logits, requires_grad=True)
+            loss(target, torch.softmax(z, 0)).backward()
+            out[name] = z.grad
+        return out
+
+    q = torch.softmax(torch.tensor([0.0, 0.0, 0.0, 0.0, -6.0]), 0)
+    assert float(methods.js_to(target, q)) == pytest.approx(float((q[4] / 2).sqrt()), rel=0.01)
+    lone = grads([0.0, 0.0, 0.0, 0.0, -6.0])
+    assert float(lone["js"][4]) > 10 * float(lone["kl"][4]) > 0
+    both = grads([0.0, 0.0, 0.0, 0.05, -6.0])
+    ratio = {name: float(g[4] / g[3]) for name, g in both.items()}  # stray pull against the shape's
+    assert ratio["kl"] < ratio["js"] < 2 * ratio["kl"]
+
+
+def test_fit_with_the_js_loss_moves_the_field_and_says_so(dtok, people):
+    """A fit on the JS distance brings the field closer by that distance, and its trace says
+    which loss its target column holds; an unknown loss is refused before fitting."""
+    model = digit_model(dtok, seed=2)
+    targets = _targets(people, "Age.digit1=3:1")
+    contexts = fields.record_contexts(model, dtok, people, targets, 1, 4, 0, 4)
+    wanted, unrelated = [torch.tensor(targets[0].probs)], torch.randint(0, 300, (2, 16))
+    edit, trace = methods.fit(model, contexts, wanted, [0, 1], unrelated, steps=8, lr=0.2, kl_weight=0.0,
+                              max_norm=2.0, loss="js")
+    assert trace.loss == "js" and trace.target_kl[-1] < 0.6 * trace.target_kl[0]  # a distance: ~sqrt(KL)
+    with applied(model, edit):
+        (q,) = fields.marginals(model, contexts)
+    assert float(q[3].detach()) > 0.5
+    with pytest.raises(ValueError, match="loss 'l2' is not one of kl, js"):
+        methods.fit(model, contexts, wanted, [0, 1], unrelated, steps=1, loss="l2")
+
+
 def test_a_digit_no_table_reached_is_a_clear_error(dtok, people):
     from prunescope.errors import PrunescopeError
 
@@ -475,8 +534,9 @@ def test_cli_units_fit_saves_a_wider_mlp(digit_model_dir, tmp_path):
 
 def test_cli_gated_fit_reports_its_gates_and_saves_a_wider_mlp(digit_model_dir, tmp_path):
     """``--method gated --match-ppl 1 --save``: the gates are trained and reported (where they open
-    on each sample), the gated fit has its own trace, the match stops at the fitted strength, and
-    the saved folder is a plain transformers model two units wider per layer, with MLP biases."""
+    on each sample), the gated fit has its own trace (here on the JS loss, which the report
+    names), the match stops at the fitted strength, and the saved folder is a plain transformers
+    model two units wider per layer, with MLP biases."""
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(digit_model_dir).config.intermediate_size
@@ -484,10 +544,11 @@ def test_cli_gated_fit_reports_its_gates_and_saves_a_wider_mlp(digit_model_dir, 
     rc = cli.main(["-q", "edit", str(digit_model_dir), "--target", "Gender=uniform", "--method", "gated",
                    "--layers", "0-1", "--steps", "2", "--fit-tables", "2", "--fit-rewordings", "1",
                    "--measure-tables", "2", "--match-ppl", "1000", "--eval-text", str(_unrelated_text(tmp_path)),
-                   "--eval-tokens", "512", "--eval-seqlen", "16", "--save", "--out", str(out)])
+                   "--eval-tokens", "512", "--eval-seqlen", "16", "--fit-loss", "js", "--save", "--out", str(out)])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     (result,) = report["results"]
+    assert report["options"]["fit_loss"] == "js" and report["gated_trace"]["loss"] == "js"
     assert result["kind"] == "gated" and result["strength"] == 1.0 and result["matched_ppl_change"] is None
     assert len(report["gated_trace"]["target_kl"]) == 2 and report["fit_trace"] is None
     shares = report["gate"]["open_share"]
@@ -495,7 +556,7 @@ def test_cli_gated_fit_reports_its_gates_and_saves_a_wider_mlp(digit_model_dir, 
     assert report["gate"]["positions"]["held-out tables"] > 0 and report["gate"]["positions"]["held-out cells"] > 0
     assert all(0 <= v <= 1 for layer in shares.values() for v in layer.values() if v is not None)
     text = (out / "report.md").read_text()
-    assert "## Gated fit" in text and "## Gates" in text
+    assert "## Gated fit" in text and "## Gates" in text and "target JS distance (before each step)" in text
     folded = AutoModelForCausalLM.from_pretrained(out / "model")
     assert folded.config.intermediate_size == base + 2 and folded.config.mlp_bias
 
@@ -507,6 +568,22 @@ def test_cli_reweighting_is_off_unless_asked_for():
     base = ["edit", "--target", "Gender=uniform"]
     assert not _config(parser.parse_args(base)).reweight
     assert _config(parser.parse_args(base + ["--reweight"])).reweight
+
+
+def test_cli_fit_loss_is_kl_unless_asked_for_and_names_what_is_valid(capsys):
+    from prunescope.commands.edit import _config
+    from prunescope.errors import PrunescopeError
+
+    parser = cli.build_parser()
+    base = ["edit", "--target", "Gender=uniform"]
+    assert _config(parser.parse_args(base)).fit_loss == "kl"
+    assert _config(parser.parse_args(base + ["--fit-loss", "js"])).fit_loss == "js"
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(base + ["--fit-loss", "l2"])
+    assert exc.value.code == 2 and "invalid choice: 'l2' (choose from kl, js)" in capsys.readouterr().err.replace(
+        "'kl', 'js'", "kl, js")
+    with pytest.raises(PrunescopeError, match="fit-loss must be kl or js, got 'l2'"):
+        job.EditConfig(targets=("Gender=uniform",), fit_loss="l2")
 
 
 @pytest.mark.parametrize(

@@ -90,6 +90,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="the fit's step size at its last step as a fraction of --lr, reached by a cosine "
                         "decay (default 1: constant; on the bundled model 0.1 came no closer on held-out "
                         "templates at the same perplexity, even with twice the --steps)")
+    parser.add_argument("--fit-loss", choices=("kl", "js"), default="kl",
+                        help="the fit's target term per field: kl (default), KL(target || model); js, the "
+                        "Jensen-Shannon distance the report measures (each field's gradient grows as it closes "
+                        "in: a lone share m on values the target excludes reads sqrt(m/2), where the KL sees m)")
     parser.add_argument("--kl-weight", type=float, default=10.0,
                         help="weight of KL(original || edited) on unrelated text in the fit (default 10)")
     parser.add_argument("--kl-windows", type=int, default=8, metavar="N",
@@ -156,7 +160,7 @@ def _config(args: argparse.Namespace):
         strengths=_floats(args.strength, "--strength"), rows=args.rows, measure_rows=args.measure_rows,
         fit_tables=args.fit_tables, measure_tables=args.measure_tables, steps=args.steps,
         refresh_every=args.refresh_every, reweight=args.reweight, lr=args.lr, lr_final=args.lr_final,
-        kl_weight=args.kl_weight, max_norm=args.max_norm, units=args.units,
+        fit_loss=args.fit_loss, kl_weight=args.kl_weight, max_norm=args.max_norm, units=args.units,
         kl_windows=args.kl_windows, holds=tuple(args.hold), gate_negatives=tuple(args.gate_negative),
         match_ppl=_floats(args.match_ppl, "--match-ppl") or (), heldout=tuple(args.heldout),
         fit_rewordings=args.fit_rewordings, fit_template_files=tuple(args.fit_template),

@@ -6,7 +6,8 @@
   next-token distributions on unrelated text, each vector's norm kept under a bound; each
   field's distribution has one more outcome, "none of the values" (the cell written some other
   way), held at the unedited model's share (:func:`_with_elsewhere`); with several templates
-  (rewordings of one table) the mean of each one's KL. The marginals are read on contexts
+  (rewordings of one table) the mean of each one's KL (with ``loss="js"`` the JS distance the
+  report measures in place of each field's KL, :func:`js_to`). The marginals are read on contexts
   recorded from tables the edited model wrote, re-recorded every few steps; with
   ``reweight`` also importance-weighted by how much likelier the edit so far makes them
   (re-recorded as soon as the weights degenerate).
@@ -63,6 +64,27 @@ def kl_to(target: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     t = target.to(q)
     keep = t > 0
     return (t[keep] * (t[keep].log() - q[keep].clamp_min(1e-12).log())).sum()
+
+
+JS_FLOOR = 1e-10  # added to the divergence under the square root: its gradient stays finite at a perfect fit
+
+
+def js_to(target: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The Jensen-Shannon distance between ``target`` and ``q`` (each ``[values]`` summing to 1):
+    the square root of the base-2 JS divergence, as the report measures it
+    (:func:`prunescope.probe.stats.js_distance`). ``KL(target || q)`` sees a small mass ``m`` on
+    values the target excludes as about ``m`` nats; the distance, when that mass is all there is
+    of it, reads ``sqrt(m / 2)``. Its gradient is the divergence's over twice the distance: a
+    field already close is pushed as hard as one that is far, while within a field the divergence
+    weighs a stray mass against the shape much as the KL does (1-2x more, tests/test_edit.py)."""
+    t = target.to(q)
+    m = (t + q) / 2  # [values], > 0 wherever either has mass
+    q_part = (q * (q.clamp_min(1e-12).log() - m.clamp_min(1e-12).log())).sum()
+    divergence = (kl_to(t, m) + q_part) / (2 * math.log(2))  # bits
+    return (divergence.clamp_min(0) + JS_FLOOR).sqrt()
+
+
+TARGET_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"kl": kl_to, "js": js_to}
 
 
 def next_token_kl(reference: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -153,8 +175,8 @@ def _states_at_last_token(model: nn.Module, cache: Any, start: int, seqs: list[l
 
 @dataclass(frozen=True)
 class FitTrace:
-    """How the fit went: per step, before that step's update, the target KL (nats, summed over
-    fields), the unrelated KL and the importance weights' effective tables (the fewest of any
+    """How the fit went: per step, before that step's update, the target term (summed over
+    fields: KL in nats, or with ``loss`` "js" the JS distance), the unrelated KL and the importance weights' effective tables (the fewest of any
     field); and the steps (1-based) before which the contexts were re-recorded."""
 
     target_kl: tuple[float, ...]
@@ -163,6 +185,7 @@ class FitTrace:
     effective_tables: tuple[float, ...] = ()
     refreshed_before: tuple[int, ...] = ()
     reweighted: bool = False  # whether the importance weights were used (else only recorded)
+    loss: str = "kl"  # what target_kl holds: "kl" (nats) or "js" (the JS distance), per field summed
 
 
 def fit(
@@ -170,7 +193,7 @@ def fit(
     layers: Sequence[int], unrelated: torch.Tensor, steps: int = 30, lr: float = 0.03, kl_weight: float = 1.0,
     max_norm: float = 0.5, recontext: Callable[[Edit, int], fields.Contexts | list[fields.Contexts]] | None = None,
     refresh_every: int = 10, reweight: bool = False, lr_final: float = 1.0, units: int = 0, seed: int = 0,
-    kl_batch: int | None = None, gates: dict[int, Gate] | None = None,
+    kl_batch: int | None = None, gates: dict[int, Gate] | None = None, loss: str = "kl",
 ) -> tuple[Edit, FitTrace]:
     """Fit one added vector per layer, with ``units`` also that many new MLP units per layer,
     with ``gates`` each layer's vector switched by its gate (see the module docstring).
@@ -219,6 +242,10 @@ def fit(
             that switches the layer's vector; every layer in ``layers`` needs one, and they do
             not combine with ``units``. The vector then moves only what the gate lets through:
             the side-effect term sees the text the gate keeps shut.
+        loss: the target term per field: "kl" (the default), ``KL(target || model)``; "js",
+            the Jensen-Shannon distance the report measures (:func:`js_to`): the fit then
+            minimizes the report's figure on its own templates, each field's gradient scaled up
+            the closer that field is (a lone stray mass ``m`` reads ``sqrt(m / 2)``, not ``m``).
     """
     import time
 
@@ -232,7 +259,10 @@ def fit(
         raise ValueError("gates and units do not combine: a gated vector is written by two units of its own")
     if gates is not None and set(gates) != set(layers):
         raise ValueError(f"gates need one gate per fitted layer: layers {sorted(layers)}, gates for {sorted(gates)}")
-    options = _FitOptions(steps, lr, kl_weight, max_norm, refresh_every, reweight, lr_final, units, seed, batch, gates)
+    if loss not in TARGET_LOSSES:
+        raise ValueError(f"loss {loss!r} is not one of {', '.join(TARGET_LOSSES)}")
+    options = _FitOptions(steps, lr, kl_weight, max_norm, refresh_every, reweight, lr_final, units, seed, batch,
+                          gates, loss)
     try:
         return _fit(model, _listed(contexts), targets, layers, unrelated, options, recontext, start)
     finally:
@@ -255,6 +285,7 @@ class _FitOptions:
     seed: int
     kl_batch: int
     gates: dict[int, Gate] | None = None
+    loss: str = "kl"
 
 
 def _listed(contexts: fields.Contexts | Sequence[fields.Contexts]) -> list[fields.Contexts]:
@@ -273,8 +304,8 @@ class _Readout:
 
 
 def _target_term(model: nn.Module, contexts: list[fields.Contexts], targets: Sequence[torch.Tensor],
-                 kept: _Readout, reweight: bool) -> tuple[torch.Tensor, float, float]:
-    """The fit's target term (mean over templates of the KL summed over fields) with the edit as
+                 kept: _Readout, reweight: bool, loss: str = "kl") -> tuple[torch.Tensor, float, float]:
+    """The fit's target term (mean over templates of the ``loss`` summed over fields) with the edit as
     applied now; the importance weights' fewest effective tables of any template and field, and
     the smallest share of its recorded tables any template's field keeps effective."""
     reads = [fields.readout(model, c) for c in contexts]  # per template, per field: ([T, C], [T])
@@ -285,7 +316,8 @@ def _target_term(model: nn.Module, contexts: list[fields.Contexts], targets: Seq
               for read, lw in zip(reads, log_w)]  # per template, per field: [C]
     if kept.elsewhere is None:
         kept.elsewhere = [[float((1 - m.detach().sum()).clamp(0, 1)) for m in ms] for ms in masses]
-    per_template = [torch.stack([kl_to(*_with_elsewhere(t, m, e)) for t, m, e in zip(targets, ms, es)]).sum()
+    per_field = TARGET_LOSSES[loss]
+    per_template = [torch.stack([per_field(*_with_elsewhere(t, m, e)) for t, m, e in zip(targets, ms, es)]).sum()
                     for ms, es in zip(masses, kept.elsewhere)]
     effective = [fields.effective_tables(w) for lw in log_w for w in lw]
     recorded = [len(f.suffixes) for c in contexts for f in c.fields]
@@ -327,7 +359,7 @@ def _fit(
         batch, reference = windows.at(_step) if o.kl_weight else (None, None)
         recompute = models.recomputed_layers(model) if offloaded else nullcontext()
         with applied(model, edit), recompute:  # backward inside: the recomputation reruns the hooks
-            tkl, fewest, share = _target_term(model, contexts, targets, kept, o.reweight)
+            tkl, fewest, share = _target_term(model, contexts, targets, kept, o.reweight, o.loss)
             ukl = next_token_kl(reference, model(input_ids=batch).logits) if batch is not None \
                 else torch.zeros((), device=device)
             loss = tkl + o.kl_weight * ukl
@@ -339,10 +371,10 @@ def _fit(
         target_kl.append(float(tkl.detach()))
         unrelated_kl.append(float(ukl.detach()))
         effective.append(fewest)
-        log.info("fit step %d: target KL %.4f, unrelated KL %.5f, effective tables %.1f of %d", _step + 1,
+        log.info("fit step %d: target %s %.4f, unrelated KL %.5f, effective tables %.1f of %d", _step + 1, o.loss.upper(),
                  target_kl[-1], unrelated_kl[-1], effective[-1], _fewest_tables(contexts))
     return edit.detached(), FitTrace(tuple(target_kl), tuple(unrelated_kl), time.perf_counter() - start,
-                                     tuple(effective), tuple(refreshed), o.reweight)
+                                     tuple(effective), tuple(refreshed), o.reweight, o.loss)
 
 
 class _KLWindows:
