@@ -205,8 +205,8 @@ def test_js_loss_is_the_reports_js_distance():
 
 
 def test_js_loss_pushes_a_lone_off_target_mass_harder_than_the_kl_but_not_against_the_shape():
-    """With the target's values met exactly and 0.1% of the mass on an excluded value, the JS
-    distance reads about sqrt(0.0012 / 2) and pulls that value's logit down over ten times
+    """With the target's values met exactly and 0.06% of the mass m on an excluded value, the JS
+    distance reads sqrt(m / 2) and pulls that value's logit down over ten times
     harder than the KL (whose pull is about the value's probability). With the shape off as well,
     the stray pull against the shape's is within a factor 1-2 of the KL's: the square root scales
     a field's whole gradient, the divergence under it weighs the two errors much as the KL does."""

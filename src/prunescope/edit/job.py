@@ -112,8 +112,8 @@ class EditConfig(models.Placement):
                 raise PrunescopeError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
         if not isinstance(self.kl_windows, int) or not 1 <= self.kl_windows <= FIT_WINDOWS:
             raise PrunescopeError(f"kl-windows must be an integer from 1 to {FIT_WINDOWS}, got {self.kl_windows!r}")
-        if self.fit_loss not in ("kl", "js"):
-            raise PrunescopeError(f"fit-loss must be kl or js, got {self.fit_loss!r}")
+        if self.fit_loss not in methods.TARGET_LOSSES:
+            raise PrunescopeError(f"fit-loss must be {' or '.join(methods.TARGET_LOSSES)}, got {self.fit_loss!r}")
         if self.fit_rewordings is not None and (not isinstance(self.fit_rewordings, int) or self.fit_rewordings < 0):
             raise PrunescopeError(f"fit-rewordings must be an integer >= 0, got {self.fit_rewordings!r}")
         if self.measure_rows < self.rows:
@@ -229,8 +229,8 @@ def run_options(config: EditConfig) -> dict[str, Any]:
     measurement's), so a report says how to make it again (as the config holds them: the JSON
     writer turns tuples into lists)."""
     names = ("steps", "lr", "lr_final", "kl_weight", "kl_windows", "max_norm", "units", "holds", "gate_negatives",
-             "refresh_every", "reweight", "fit_loss", "fit_tables", "measure_tables", "match_ppl", "strengths", "eval_text",
-             "eval_tokens", "eval_seqlen", "seed")
+             "refresh_every", "reweight", "fit_loss", "fit_tables", "measure_tables", "match_ppl", "strengths",
+             "eval_text", "eval_tokens", "eval_seqlen", "seed")
     return {n: getattr(config, n) for n in names}
 
 

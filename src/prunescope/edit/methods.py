@@ -176,8 +176,9 @@ def _states_at_last_token(model: nn.Module, cache: Any, start: int, seqs: list[l
 @dataclass(frozen=True)
 class FitTrace:
     """How the fit went: per step, before that step's update, the target term (summed over
-    fields: KL in nats, or with ``loss`` "js" the JS distance), the unrelated KL and the importance weights' effective tables (the fewest of any
-    field); and the steps (1-based) before which the contexts were re-recorded."""
+    fields: KL in nats, or with ``loss`` "js" the JS distance), the unrelated KL and the
+    importance weights' effective tables (the fewest of any field); and the steps (1-based)
+    before which the contexts were re-recorded."""
 
     target_kl: tuple[float, ...]
     unrelated_kl: tuple[float, ...]
@@ -371,8 +372,8 @@ def _fit(
         target_kl.append(float(tkl.detach()))
         unrelated_kl.append(float(ukl.detach()))
         effective.append(fewest)
-        log.info("fit step %d: target %s %.4f, unrelated KL %.5f, effective tables %.1f of %d", _step + 1, o.loss.upper(),
-                 target_kl[-1], unrelated_kl[-1], effective[-1], _fewest_tables(contexts))
+        log.info("fit step %d: target %s %.4f, unrelated KL %.5f, effective tables %.1f of %d", _step + 1,
+                 o.loss.upper(), target_kl[-1], unrelated_kl[-1], effective[-1], _fewest_tables(contexts))
     return edit.detached(), FitTrace(tuple(target_kl), tuple(unrelated_kl), time.perf_counter() - start,
                                      tuple(effective), tuple(refreshed), o.reweight, o.loss)
 
