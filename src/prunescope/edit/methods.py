@@ -79,8 +79,7 @@ def js_to(target: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     weighs a stray mass against the shape much as the KL does (1-2x more, tests/test_edit.py)."""
     t = target.to(q)
     m = (t + q) / 2  # [values], > 0 wherever either has mass
-    q_part = (q * (q.clamp_min(1e-12).log() - m.clamp_min(1e-12).log())).sum()
-    divergence = (kl_to(t, m) + q_part) / (2 * math.log(2))  # bits
+    divergence = (kl_to(t, m) + kl_to(q, m)) / (2 * math.log(2))  # bits
     return (divergence.clamp_min(0) + JS_FLOOR).sqrt()
 
 

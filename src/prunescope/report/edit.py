@@ -90,8 +90,7 @@ def render_markdown(report: "EditReport") -> str:
     ]
     for title, t in (("Fit", report.fit_trace), ("Units fit", report.units_trace), ("Gated fit", report.gated_trace)):
         if t:
-            term = "JS distance" if t.get("loss") == "js" else "KL"
-            unit = "" if t.get("loss") == "js" else " nats"
+            term, unit = ("JS distance", "") if t.get("loss") == "js" else ("KL", " nats")
             parts.append(f"## {title}\n\n{len(t['target_kl'])} steps in {t['seconds']:.0f} s: target {term} (before "
                          f"each step) {t['target_kl'][0]:.4f} -> {t['target_kl'][-1]:.4f}{unit}, unrelated KL "
                          f"{t['unrelated_kl'][0]:.5f} -> {t['unrelated_kl'][-1]:.5f}." + _refresh_line(t))
