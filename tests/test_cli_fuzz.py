@@ -101,6 +101,7 @@ EDIT_OPTIONS = {
     "--lr": NUMBERS,
     "--lr-final": NUMBERS,
     "--fit-loss": st.sampled_from(["kl", "js", "l2", ""]),
+    "--template-power": st.sampled_from(["1", "4", "0.5", "nan", "inf", "x"]),
     "--kl-weight": NUMBERS,
     "--max-norm": NUMBERS,
     "--units": SMALL,

@@ -246,6 +246,56 @@ def test_fit_with_the_js_loss_moves_the_field_and_says_so(dtok, people):
         methods.fit(model, contexts, wanted, [0, 1], unrelated, steps=1, loss="l2")
 
 
+def test_power_mean_is_the_mean_at_one_and_weighs_the_farthest_template_more_above():
+    """The templates' terms combine as their mean at power 1; above it the result lies between the
+    mean and the maximum, towards the maximum as the power grows, each term's gradient in the
+    ratio (term / other term) ** (power - 1); tiny or zero terms give finite gradients."""
+    def combined(values: list[float], power: float) -> tuple[float, torch.Tensor]:
+        x = torch.tensor(values, requires_grad=True)
+        out = methods.power_mean(x, power)
+        out.backward()
+        return float(out), x.grad
+
+    assert combined([0.1, 0.3], 1.0)[0] == pytest.approx(0.2)
+    assert combined([0.1, 0.3], 2.0)[0] == pytest.approx(0.05 ** 0.5)
+    assert 0.29 < combined([0.1, 0.3], 64.0)[0] < 0.3
+    value, grad = combined([0.1, 0.3], 4.0)
+    assert float(grad[1] / grad[0]) == pytest.approx(27.0, rel=1e-4)
+    assert combined([1e-6, 2e-6], 32.0)[0] == pytest.approx(2e-6 * 0.5 ** (1 / 32), rel=1e-4)
+    for values in ([0.0, 0.0], [0.0, 0.2], [-1e-9, 0.1]):
+        _value, grad = combined(values, 4.0)
+        assert torch.isfinite(grad).all()
+
+
+def test_fit_on_several_templates_combines_their_terms_by_the_power_mean(dtok, people):
+    """With ``template_power`` the fit's first target term is the power mean of each template's
+    own (first step: no edit yet), the trace records the power and each template's term before
+    the last step; a power below 1 or not finite is refused before fitting."""
+    from prunescope.edit.rewordings import fit_templates
+
+    model = digit_model(dtok, seed=2)
+    targets = _targets(people, "Age.digit1=3:1", "Gender=uniform")
+    wanted = [torch.tensor(t.probs) for t in targets]
+    a, b = [fields.record_contexts(model, dtok, t, targets, 1, 3, 0, 3) for t in fit_templates(people, 1)]
+    unrelated = torch.randint(0, 300, (2, 16))
+
+    def fitted(contexts, power=1.0, steps=1):
+        return methods.fit(model, contexts, wanted, [0, 1], unrelated, steps=steps, lr=0.2, template_power=power)[1]
+
+    ta, tb = fitted(a).target_kl[0], fitted(b).target_kl[0]
+    both = fitted([a, b], 4.0)
+    assert both.target_kl[0] == pytest.approx(((ta ** 4 + tb ** 4) / 2) ** 0.25, rel=1e-5)
+    assert both.template_power == 4.0 and both.last_templates == pytest.approx((ta, tb), rel=1e-5)
+    assert fitted(a, 4.0).target_kl[0] == pytest.approx(ta, rel=1e-5)  # one template: its own term
+    three = fitted([a, b], 4.0, steps=3)
+    assert len(three.last_templates) == 2 and three.last_templates != pytest.approx((ta, tb), rel=1e-5)
+    assert three.target_kl[-1] == pytest.approx(float(methods.power_mean(torch.tensor(three.last_templates), 4.0)),
+                                                rel=1e-5)
+    for bad in (0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="template_power must be a finite number >= 1"):
+            fitted([a, b], bad)
+
+
 def test_a_digit_no_table_reached_is_a_clear_error(dtok, people):
     from prunescope.errors import PrunescopeError
 
@@ -544,11 +594,14 @@ def test_cli_gated_fit_reports_its_gates_and_saves_a_wider_mlp(digit_model_dir, 
     rc = cli.main(["-q", "edit", str(digit_model_dir), "--target", "Gender=uniform", "--method", "gated",
                    "--layers", "0-1", "--steps", "2", "--fit-tables", "2", "--fit-rewordings", "1",
                    "--measure-tables", "2", "--match-ppl", "1000", "--eval-text", str(_unrelated_text(tmp_path)),
-                   "--eval-tokens", "512", "--eval-seqlen", "16", "--fit-loss", "js", "--save", "--out", str(out)])
+                   "--eval-tokens", "512", "--eval-seqlen", "16", "--fit-loss", "js", "--template-power", "2",
+                   "--save", "--out", str(out)])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     (result,) = report["results"]
     assert report["options"]["fit_loss"] == "js" and report["gated_trace"]["loss"] == "js"
+    assert report["options"]["template_power"] == 2.0 and report["gated_trace"]["template_power"] == 2.0
+    assert len(report["gated_trace"]["last_templates"]) == len(report["fit_templates"]) == 2
     assert result["kind"] == "gated" and result["strength"] == 1.0 and result["matched_ppl_change"] is None
     assert len(report["gated_trace"]["target_kl"]) == 2 and report["fit_trace"] is None
     shares = report["gate"]["open_share"]
@@ -557,6 +610,7 @@ def test_cli_gated_fit_reports_its_gates_and_saves_a_wider_mlp(digit_model_dir, 
     assert all(0 <= v <= 1 for layer in shares.values() for v in layer.values() if v is not None)
     text = (out / "report.md").read_text()
     assert "## Gated fit" in text and "## Gates" in text and "target JS distance (before each step)" in text
+    assert "combined by their power mean with exponent 2 (--template-power): people 0." in text
     folded = AutoModelForCausalLM.from_pretrained(out / "model")
     assert folded.config.intermediate_size == base + 2 and folded.config.mlp_bias
 
@@ -584,6 +638,19 @@ def test_cli_fit_loss_is_kl_unless_asked_for_and_names_what_is_valid(capsys):
         "'kl', 'js'", "kl, js")
     with pytest.raises(PrunescopeError, match="fit-loss must be kl or js, got 'l2'"):
         job.EditConfig(targets=("Gender=uniform",), fit_loss="l2")
+
+
+def test_cli_template_power_is_the_mean_unless_asked_for_and_names_what_is_valid():
+    from prunescope.commands.edit import _config
+    from prunescope.errors import PrunescopeError
+
+    parser = cli.build_parser()
+    base = ["edit", "--target", "Gender=uniform"]
+    assert _config(parser.parse_args(base)).template_power == 1.0
+    assert _config(parser.parse_args(base + ["--template-power", "4"])).template_power == 4.0
+    for bad in ("0.5", "nan", "inf", "-2"):
+        with pytest.raises(PrunescopeError, match=f"template-power must be a finite number >= 1 .* got {bad}"):
+            _config(parser.parse_args(base + ["--template-power", bad]))
 
 
 @pytest.mark.parametrize(

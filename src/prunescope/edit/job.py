@@ -74,6 +74,7 @@ class EditConfig(models.Placement):
     lr: float = 0.03
     lr_final: float = 1.0
     fit_loss: str = "kl"  # the fit's target term per field: "kl" or "js" (methods.TARGET_LOSSES)
+    template_power: float = 1.0  # how the fit combines its templates' terms (methods.power_mean; 1: the mean)
     kl_weight: float = 10.0
     max_norm: float = 0.5
     units: int = 8
@@ -114,6 +115,9 @@ class EditConfig(models.Placement):
             raise PrunescopeError(f"kl-windows must be an integer from 1 to {FIT_WINDOWS}, got {self.kl_windows!r}")
         if self.fit_loss not in methods.TARGET_LOSSES:
             raise PrunescopeError(f"fit-loss must be {' or '.join(methods.TARGET_LOSSES)}, got {self.fit_loss!r}")
+        if not np.isfinite(self.template_power) or self.template_power < 1:
+            raise PrunescopeError(f"template-power must be a finite number >= 1 (1: the mean over the fit's "
+                                  f"templates; e.g. 4 weighs the farthest more), got {self.template_power!r}")
         if self.fit_rewordings is not None and (not isinstance(self.fit_rewordings, int) or self.fit_rewordings < 0):
             raise PrunescopeError(f"fit-rewordings must be an integer >= 0, got {self.fit_rewordings!r}")
         if self.measure_rows < self.rows:
@@ -229,8 +233,8 @@ def run_options(config: EditConfig) -> dict[str, Any]:
     measurement's), so a report says how to make it again (as the config holds them: the JSON
     writer turns tuples into lists)."""
     names = ("steps", "lr", "lr_final", "kl_weight", "kl_windows", "max_norm", "units", "holds", "gate_negatives",
-             "refresh_every", "reweight", "fit_loss", "fit_tables", "measure_tables", "match_ppl", "strengths",
-             "eval_text", "eval_tokens", "eval_seqlen", "seed")
+             "refresh_every", "reweight", "fit_loss", "template_power", "fit_tables", "measure_tables", "match_ppl",
+             "strengths", "eval_text", "eval_tokens", "eval_seqlen", "seed")
     return {n: getattr(config, n) for n in names}
 
 
@@ -446,7 +450,8 @@ def _edit_family(kind: str, model: nn.Module, tokenizer, config: EditConfig, con
                                   config.steps, config.lr, config.kl_weight, config.max_norm, recontext,
                                   config.refresh_every, config.reweight, config.lr_final,
                                   config.units if fitted_as == "units" else 0, config.seed,
-                                  min(FIT_KL_WINDOWS, config.kl_windows), gates, config.fit_loss)
+                                  min(FIT_KL_WINDOWS, config.kl_windows), gates, config.fit_loss,
+                                  config.template_power)
         cache[fitted_as], cache[f"{fitted_as}_trace"] = edit, trace
     if kind in ("caa", "ablate") and "contrast" not in cache:
         cache["contrast"] = methods.contrast(model, contexts, targets, layers)

@@ -7,7 +7,8 @@
   field's distribution has one more outcome, "none of the values" (the cell written some other
   way), held at the unedited model's share (:func:`_with_elsewhere`); with several templates
   (rewordings of one table) the mean of each one's KL (with ``loss="js"`` the JS distance the
-  report measures in place of each field's KL, :func:`js_to`). The marginals are read on contexts
+  report measures in place of each field's KL, :func:`js_to`; with ``template_power`` above 1
+  a power mean that weighs the farthest templates more, :func:`power_mean`). The marginals are read on contexts
   recorded from tables the edited model wrote, re-recorded every few steps; with
   ``reweight`` also importance-weighted by how much likelier the edit so far makes them
   (re-recorded as soon as the weights degenerate).
@@ -84,6 +85,18 @@ def js_to(target: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 TARGET_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"kl": kl_to, "js": js_to}
+
+
+def power_mean(terms: torch.Tensor, power: float) -> torch.Tensor:
+    """``(mean_t terms_t ** power) ** (1 / power)`` of non-negative ``[templates]`` terms: the
+    mean at 1; above 1 a mean that weighs the larger terms more, towards their maximum as the
+    power grows (each term's gradient is ``(terms_t / result) ** (power - 1) / templates``). A fit on several
+    wordings that minimizes it spends its steps on the wordings it fits worst, instead of
+    finishing those it already fits (the reasoning of group DRO, Sagawa et al. 2020, smoothed)."""
+    x = terms.clamp_min(0)  # [templates]; a KL a rounding error below zero counts as zero
+    top = x.detach().max().clamp_min(1e-12)  # scaled by the largest term: x ** power cannot underflow
+    # the mean is at least 1/templates unless every term is ~0: then clamped, its gradient 0, not nan
+    return top * ((x / top) ** power).mean().clamp_min(1e-12) ** (1 / power)
 
 
 def next_token_kl(reference: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -186,6 +199,8 @@ class FitTrace:
     refreshed_before: tuple[int, ...] = ()
     reweighted: bool = False  # whether the importance weights were used (else only recorded)
     loss: str = "kl"  # what target_kl holds: "kl" (nats) or "js" (the JS distance), per field summed
+    template_power: float = 1.0  # how target_kl combines the templates' terms (power_mean; 1: their mean)
+    last_templates: tuple[float, ...] = ()  # each template's term before the last step, in the fit's order
 
 
 def fit(
@@ -194,6 +209,7 @@ def fit(
     max_norm: float = 0.5, recontext: Callable[[Edit, int], fields.Contexts | list[fields.Contexts]] | None = None,
     refresh_every: int = 10, reweight: bool = False, lr_final: float = 1.0, units: int = 0, seed: int = 0,
     kl_batch: int | None = None, gates: dict[int, Gate] | None = None, loss: str = "kl",
+    template_power: float = 1.0,
 ) -> tuple[Edit, FitTrace]:
     """Fit one added vector per layer, with ``units`` also that many new MLP units per layer,
     with ``gates`` each layer's vector switched by its gate (see the module docstring).
@@ -246,6 +262,9 @@ def fit(
             the Jensen-Shannon distance the report measures (:func:`js_to`): the fit then
             minimizes the report's figure on its own templates, each field's gradient scaled up
             the closer that field is (a lone stray mass ``m`` reads ``sqrt(m / 2)``, not ``m``).
+        template_power: how the templates' terms combine (:func:`power_mean`): 1 (the default)
+            their mean; larger (a finite number) weighs the templates the edit fits worst more.
+            One template: its term, whatever the power.
     """
     import time
 
@@ -261,8 +280,10 @@ def fit(
         raise ValueError(f"gates need one gate per fitted layer: layers {sorted(layers)}, gates for {sorted(gates)}")
     if loss not in TARGET_LOSSES:
         raise ValueError(f"loss {loss!r} is not one of {', '.join(TARGET_LOSSES)}")
+    if not math.isfinite(template_power) or template_power < 1:
+        raise ValueError(f"template_power must be a finite number >= 1, got {template_power!r}")
     options = _FitOptions(steps, lr, kl_weight, max_norm, refresh_every, reweight, lr_final, units, seed, batch,
-                          gates, loss)
+                          gates, loss, template_power)
     try:
         return _fit(model, _listed(contexts), targets, layers, unrelated, options, recontext, start)
     finally:
@@ -286,6 +307,7 @@ class _FitOptions:
     kl_batch: int
     gates: dict[int, Gate] | None = None
     loss: str = "kl"
+    template_power: float = 1.0
 
 
 def _listed(contexts: fields.Contexts | Sequence[fields.Contexts]) -> list[fields.Contexts]:
@@ -304,10 +326,12 @@ class _Readout:
 
 
 def _target_term(model: nn.Module, contexts: list[fields.Contexts], targets: Sequence[torch.Tensor],
-                 kept: _Readout, reweight: bool, loss: str = "kl") -> tuple[torch.Tensor, float, float]:
-    """The fit's target term (mean over templates of the ``loss`` summed over fields) with the edit as
-    applied now; the importance weights' fewest effective tables of any template and field, and
-    the smallest share of its recorded tables any template's field keeps effective."""
+                 kept: _Readout, reweight: bool, loss: str = "kl",
+                 power: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """The fit's target term (the ``power`` mean over templates of the ``loss`` summed over fields)
+    with the edit as applied now, and each template's term ``[templates]``; the importance
+    weights' fewest effective tables of any template and field, and the smallest share of its
+    recorded tables any template's field keeps effective."""
     reads = [fields.readout(model, c) for c in contexts]  # per template, per field: ([T, C], [T])
     if kept.written_by is None:  # the vectors now are those the contexts were written with
         kept.written_by = [[drawn.detach() for _p, drawn in read] for read in reads]
@@ -321,7 +345,8 @@ def _target_term(model: nn.Module, contexts: list[fields.Contexts], targets: Seq
                     for ms, es in zip(masses, kept.elsewhere)]
     effective = [fields.effective_tables(w) for lw in log_w for w in lw]
     recorded = [len(f.suffixes) for c in contexts for f in c.fields]
-    return (torch.stack(per_template).mean(), min(effective),
+    terms = torch.stack(per_template)  # [templates]
+    return (power_mean(terms, power), terms.detach(), min(effective),
             min(e / n for e, n in zip(effective, recorded, strict=True)))
 
 
@@ -343,7 +368,7 @@ def _fit(
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, o.steps, o.lr_final))
     target_kl, unrelated_kl, effective = [], [], []
     kept = _Readout()
-    refreshed, since, share = [], 0, 1.0
+    refreshed, since, share, terms = [], 0, 1.0, torch.zeros(0)
     layout = _check_aligned(contexts, targets)
     offloaded = models.is_offloaded(model)  # then backward holds one layer's weights at a time
     for _step in tqdm(range(o.steps), desc="fit", unit="step", leave=False):
@@ -359,7 +384,8 @@ def _fit(
         batch, reference = windows.at(_step) if o.kl_weight else (None, None)
         recompute = models.recomputed_layers(model) if offloaded else nullcontext()
         with applied(model, edit), recompute:  # backward inside: the recomputation reruns the hooks
-            tkl, fewest, share = _target_term(model, contexts, targets, kept, o.reweight, o.loss)
+            tkl, terms, fewest, share = _target_term(model, contexts, targets, kept, o.reweight, o.loss,
+                                                     o.template_power)
             ukl = next_token_kl(reference, model(input_ids=batch).logits) if batch is not None \
                 else torch.zeros((), device=device)
             loss = tkl + o.kl_weight * ukl
@@ -374,7 +400,8 @@ def _fit(
         log.info("fit step %d: target %s %.4f, unrelated KL %.5f, effective tables %.1f of %d", _step + 1,
                  o.loss.upper(), target_kl[-1], unrelated_kl[-1], effective[-1], _fewest_tables(contexts))
     return edit.detached(), FitTrace(tuple(target_kl), tuple(unrelated_kl), time.perf_counter() - start,
-                                     tuple(effective), tuple(refreshed), o.reweight, o.loss)
+                                     tuple(effective), tuple(refreshed), o.reweight, o.loss, o.template_power,
+                                     tuple(terms.tolist()))
 
 
 class _KLWindows:

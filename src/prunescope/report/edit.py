@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,7 +94,8 @@ def render_markdown(report: "EditReport") -> str:
             term, unit = ("JS distance", "") if t.get("loss") == "js" else ("KL", " nats")
             parts.append(f"## {title}\n\n{len(t['target_kl'])} steps in {t['seconds']:.0f} s: target {term} (before "
                          f"each step) {t['target_kl'][0]:.4f} -> {t['target_kl'][-1]:.4f}{unit}, unrelated KL "
-                         f"{t['unrelated_kl'][0]:.5f} -> {t['unrelated_kl'][-1]:.5f}." + _refresh_line(t))
+                         f"{t['unrelated_kl'][0]:.5f} -> {t['unrelated_kl'][-1]:.5f}." + _refresh_line(t)
+                         + _templates_line(t, report.fit_templates))
     if report.gate:
         parts.append(gate_table(report.gate))
     if report.cell_norms:
@@ -182,6 +184,18 @@ def _refresh_line(trace: dict[str, Any]) -> str:
         text += (f" Effective tables of the importance weights{used}: median {statistics.median(effective):.1f}, "
                  f"least {min(effective):.1f}.")
     return text
+
+
+def _templates_line(trace: dict[str, Any], names: Sequence[str]) -> str:
+    """Each fit template's target term before the last step, and how the fit combined them: the
+    wordings the edit fits worst are where a held-out wording is likeliest to lag."""
+    terms = trace.get("last_templates") or []
+    if len(terms) < 2:
+        return ""
+    power = trace.get("template_power", 1.0)
+    how = "their mean" if power == 1 else f"their power mean with exponent {power:g} (--template-power)"
+    each = ", ".join(f"{n} {v:.4f}" for n, v in zip(names, terms))
+    return f" Target term per fit template before the last step, combined by {how}: {each}."
 
 
 def plot_pareto(report: "EditReport", path: str | Path) -> Path:
