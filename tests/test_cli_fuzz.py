@@ -102,6 +102,7 @@ EDIT_OPTIONS = {
     "--lr-final": NUMBERS,
     "--fit-loss": st.sampled_from(["kl", "js", "l2", ""]),
     "--template-power": st.sampled_from(["1", "4", "0.5", "nan", "inf", "x"]),
+    "--prompt-dropout": st.sampled_from(["0", "0.15", "1", "-0.1", "nan", "x"]),
     "--kl-weight": NUMBERS,
     "--max-norm": NUMBERS,
     "--units": SMALL,

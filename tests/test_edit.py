@@ -254,7 +254,7 @@ def test_power_mean_is_the_mean_at_one_and_weighs_the_farthest_template_more_abo
         x = torch.tensor(values, requires_grad=True)
         out = methods.power_mean(x, power)
         out.backward()
-        return float(out), x.grad
+        return float(out.detach()), x.grad
 
     assert combined([0.1, 0.3], 1.0)[0] == pytest.approx(0.2)
     assert combined([0.1, 0.3], 2.0)[0] == pytest.approx(0.05 ** 0.5)
@@ -294,6 +294,58 @@ def test_fit_on_several_templates_combines_their_terms_by_the_power_mean(dtok, p
     for bad in (0.5, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="template_power must be a finite number >= 1"):
             fitted([a, b], bad)
+
+
+def test_recorded_contexts_know_their_instruction_and_dropout_thins_only_it(dtok, people):
+    """The recorded prompt's instruction span decodes to the instruction; leaving its tokens out
+    keeps the chat markup and the table header, drops about the rate asked for (at least one
+    token kept), draws from the generator given, and at rate 0 (or with no span) changes nothing."""
+    contexts = fields.record_contexts(digit_model(dtok), dtok, people, _targets(people, "Gender=uniform"), 1, 2, 0, 2)
+    first, end = contexts.instruction
+    assert dtok.decode(list(contexts.prompt[first:end])) == people.instruction(1)
+    assert fields.instruction_span(dtok, "no such text", people.instruction(1), False) == (0, 0)
+
+    def thinned(rate: float, seed: int = 0) -> fields.Contexts:
+        return fields.with_dropped_words(contexts, rate, torch.Generator().manual_seed(seed))
+
+    assert thinned(0.0) is contexts
+    assert fields.with_dropped_words(fields.Contexts(contexts.prompt, contexts.fields), 0.5,
+                                     torch.Generator()).prompt == contexts.prompt
+    n = end - first
+    for rate in (0.2, 0.5):
+        out = thinned(rate)
+        a, b = out.instruction
+        assert a == first and out.prompt[:a] == contexts.prompt[:first] and out.prompt[b:] == contexts.prompt[end:]
+        assert out.fields is contexts.fields and 0 < b - a < n
+        rest = iter(contexts.prompt[first:end])
+        assert all(t in rest for t in out.prompt[a:b])  # what is kept is a subsequence of the instruction
+        assert abs((n - (b - a)) / n - rate) < 0.25
+    assert thinned(0.5, 1).prompt == thinned(0.5, 1).prompt != thinned(0.5, 2).prompt
+    assert thinned(0.999).instruction[1] - first == 1
+
+
+def test_fit_with_prompt_dropout_reads_thinned_prompts_and_says_so(dtok, people):
+    """With ``prompt_dropout`` the first step's target term is read after a thinned instruction
+    (so it differs from the term on the recorded prompt), the trace records the rate, the
+    contexts handed in are left as recorded, and a rate outside [0, 1) is refused."""
+    model = digit_model(dtok, seed=2)
+    targets = _targets(people, "Age.digit1=3:1", "Gender=uniform")
+    wanted = [torch.tensor(t.probs) for t in targets]
+    contexts = fields.record_contexts(model, dtok, people, targets, 1, 3, 0, 3)
+    unrelated = torch.randint(0, 300, (2, 16))
+
+    def fitted(rate: float, steps: int = 1):
+        return methods.fit(model, contexts, wanted, [0, 1], unrelated, steps=steps, lr=0.2, prompt_dropout=rate)[1]
+
+    recorded = contexts.prompt
+    plain, thinned = fitted(0.0), fitted(0.5)
+    assert plain.prompt_dropout == 0.0 and thinned.prompt_dropout == 0.5
+    assert thinned.target_kl[0] != pytest.approx(plain.target_kl[0], rel=1e-4)
+    assert fitted(0.5).target_kl == thinned.target_kl  # the draws come from the seed
+    assert contexts.prompt == recorded
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="prompt_dropout must lie in"):
+            fitted(bad)
 
 
 def test_a_digit_no_table_reached_is_a_clear_error(dtok, people):
@@ -595,12 +647,13 @@ def test_cli_gated_fit_reports_its_gates_and_saves_a_wider_mlp(digit_model_dir, 
                    "--layers", "0-1", "--steps", "2", "--fit-tables", "2", "--fit-rewordings", "1",
                    "--measure-tables", "2", "--match-ppl", "1000", "--eval-text", str(_unrelated_text(tmp_path)),
                    "--eval-tokens", "512", "--eval-seqlen", "16", "--fit-loss", "js", "--template-power", "2",
-                   "--save", "--out", str(out)])
+                   "--prompt-dropout", "0.2", "--save", "--out", str(out)])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     (result,) = report["results"]
     assert report["options"]["fit_loss"] == "js" and report["gated_trace"]["loss"] == "js"
     assert report["options"]["template_power"] == 2.0 and report["gated_trace"]["template_power"] == 2.0
+    assert report["options"]["prompt_dropout"] == 0.2 and report["gated_trace"]["prompt_dropout"] == 0.2
     assert len(report["gated_trace"]["last_templates"]) == len(report["fit_templates"]) == 2
     assert result["kind"] == "gated" and result["strength"] == 1.0 and result["matched_ppl_change"] is None
     assert len(report["gated_trace"]["target_kl"]) == 2 and report["fit_trace"] is None
@@ -611,6 +664,7 @@ def test_cli_gated_fit_reports_its_gates_and_saves_a_wider_mlp(digit_model_dir, 
     text = (out / "report.md").read_text()
     assert "## Gated fit" in text and "## Gates" in text and "target JS distance (before each step)" in text
     assert "combined by their power mean with exponent 2 (--template-power): people 0." in text
+    assert "each token left out with probability 0.2 (--prompt-dropout)" in text
     folded = AutoModelForCausalLM.from_pretrained(out / "model")
     assert folded.config.intermediate_size == base + 2 and folded.config.mlp_bias
 
@@ -640,7 +694,7 @@ def test_cli_fit_loss_is_kl_unless_asked_for_and_names_what_is_valid(capsys):
         job.EditConfig(targets=("Gender=uniform",), fit_loss="l2")
 
 
-def test_cli_template_power_is_the_mean_unless_asked_for_and_names_what_is_valid():
+def test_cli_template_power_and_prompt_dropout_default_to_off_and_name_what_is_valid():
     from prunescope.commands.edit import _config
     from prunescope.errors import PrunescopeError
 
@@ -651,6 +705,11 @@ def test_cli_template_power_is_the_mean_unless_asked_for_and_names_what_is_valid
     for bad in ("0.5", "nan", "inf", "-2"):
         with pytest.raises(PrunescopeError, match=f"template-power must be a finite number >= 1 .* got {bad}"):
             _config(parser.parse_args(base + ["--template-power", bad]))
+    assert _config(parser.parse_args(base)).prompt_dropout == 0.0
+    assert _config(parser.parse_args(base + ["--prompt-dropout", "0.15"])).prompt_dropout == 0.15
+    for bad in ("1", "-0.1", "nan"):
+        with pytest.raises(PrunescopeError, match=r"prompt-dropout must be a share in \[0, 1\) .* got"):
+            _config(parser.parse_args(base + ["--prompt-dropout", bad]))
 
 
 @pytest.mark.parametrize(

@@ -99,6 +99,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "rewordings): their power mean with exponent P, a finite number >= 1 (default 1: the "
                         "mean; larger weighs the wordings the edit fits worst more, towards fitting the worst "
                         "alone)")
+    parser.add_argument("--prompt-dropout", type=float, default=0.0, metavar="F",
+                        help="leave each of the instruction's tokens out of every fit template's prompt with "
+                        "probability F, drawn anew at each fit step (the chat markup and the table header "
+                        "kept): the edit is fitted after many thinned variants of each wording instead of its "
+                        "exact words (default 0: the prompts as written)")
     parser.add_argument("--kl-weight", type=float, default=10.0,
                         help="weight of KL(original || edited) on unrelated text in the fit (default 10)")
     parser.add_argument("--kl-windows", type=int, default=8, metavar="N",
@@ -165,7 +170,8 @@ def _config(args: argparse.Namespace):
         strengths=_floats(args.strength, "--strength"), rows=args.rows, measure_rows=args.measure_rows,
         fit_tables=args.fit_tables, measure_tables=args.measure_tables, steps=args.steps,
         refresh_every=args.refresh_every, reweight=args.reweight, lr=args.lr, lr_final=args.lr_final,
-        fit_loss=args.fit_loss, template_power=args.template_power, kl_weight=args.kl_weight, max_norm=args.max_norm, units=args.units,
+        fit_loss=args.fit_loss, template_power=args.template_power,
+        prompt_dropout=args.prompt_dropout, kl_weight=args.kl_weight, max_norm=args.max_norm, units=args.units,
         kl_windows=args.kl_windows, holds=tuple(args.hold), gate_negatives=tuple(args.gate_negative),
         match_ppl=_floats(args.match_ppl, "--match-ppl") or (), heldout=tuple(args.heldout),
         fit_rewordings=args.fit_rewordings, fit_template_files=tuple(args.fit_template),

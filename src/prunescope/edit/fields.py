@@ -70,10 +70,47 @@ class FieldContexts:
 
 @dataclass(frozen=True)
 class Contexts:
-    """The shared prompt and every targeted field's contexts, recorded from the unedited model."""
+    """The shared prompt and every targeted field's contexts, recorded from the unedited model;
+    ``instruction``: the prompt's token indices ``[first, end)`` that spell the instruction
+    (``(0, 0)`` when unknown), which :func:`with_dropped_words` may thin out."""
 
     prompt: tuple[int, ...]
     fields: tuple[FieldContexts, ...]
+    instruction: tuple[int, int] = (0, 0)
+
+
+def instruction_span(tokenizer, prompt_text: str, instruction: str, add_special_tokens: bool) -> tuple[int, int]:
+    """The token indices ``[first, end)`` of ``prompt_text``'s tokens whose characters lie inside
+    the instruction's text (by the fast tokenizer's offsets); ``(0, 0)`` when the tokenizer
+    gives no offsets or the instruction is not found."""
+    begin = prompt_text.find(instruction)
+    if begin < 0 or not instruction:
+        return (0, 0)
+    try:
+        offsets = tokenizer(prompt_text, add_special_tokens=add_special_tokens,
+                            return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, ValueError):  # a slow tokenizer has no offsets
+        return (0, 0)
+    end = begin + len(instruction)
+    inside = [i for i, (a, b) in enumerate(offsets) if begin <= a < b <= end]
+    return (inside[0], inside[-1] + 1) if inside else (0, 0)
+
+
+def with_dropped_words(contexts: Contexts, rate: float, generator: torch.Generator) -> Contexts:
+    """``contexts`` with each of its instruction's tokens left out of the prompt with probability
+    ``rate`` (at least one kept): the same tables after a thinned-out instruction, a cheap
+    stand-in for another wording of it, so a fit that sees a new thinning each step cannot lean
+    on one wording's exact state. The tables' tokens and the prompt outside the instruction (the
+    chat markup, the table header) stay as they are."""
+    first, end = contexts.instruction
+    if rate <= 0 or end <= first:
+        return contexts
+    keep = torch.rand(end - first, generator=generator) >= rate  # [instruction tokens]
+    if not keep.any():
+        keep[int(torch.randint(end - first, (1,), generator=generator))] = True
+    kept = [t for t, k in zip(contexts.prompt[first:end], keep.tolist()) if k]
+    prompt = contexts.prompt[:first] + tuple(kept) + contexts.prompt[end:]
+    return Contexts(prompt, contexts.fields, (first, first + len(kept)))
 
 
 def _column_index(template: Template, name: str) -> int:
@@ -97,6 +134,7 @@ def record_contexts(
     # the prompt's last token starts every suffix, so even a table's first cell has its first
     # value token predicted inside the teacher-forced pass
     shared = (list(tokenizer(prompt_text, add_special_tokens=add)["input_ids"]) + vocab.row_start)[:-1]
+    span = instruction_span(tokenizer, prompt_text, instruction, add)
     wanted = {(r, _column_index(template, t.key.column)) for t in targets for r in _rows(t, rows)}
     seen: dict[tuple[int, int], list[list[int]]] = {w: [] for w in wanted}
     starts: dict[tuple[int, int], list[int]] = {}  # (row, column) -> per table, suffix index of the cell's start
@@ -114,7 +152,7 @@ def record_contexts(
             c = _column_index(template, t.key.column)
             drawn = _drawn_before(written, starts, (r, c), template, vocab)
             fields.append(_field(t, r, seen[(r, c)], drawn, written, c, vocab, template))
-    return Contexts(tuple(shared), tuple(fields))
+    return Contexts(tuple(shared), tuple(fields), span)
 
 
 def _drawn_before(written: Tables, starts: dict[tuple[int, int], list[int]], cell: tuple[int, int],

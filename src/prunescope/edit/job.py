@@ -75,6 +75,7 @@ class EditConfig(models.Placement):
     lr_final: float = 1.0
     fit_loss: str = "kl"  # the fit's target term per field: "kl" or "js" (methods.TARGET_LOSSES)
     template_power: float = 1.0  # how the fit combines its templates' terms (methods.power_mean; 1: the mean)
+    prompt_dropout: float = 0.0  # the share of instruction tokens the fit leaves out, anew each step
     kl_weight: float = 10.0
     max_norm: float = 0.5
     units: int = 8
@@ -118,6 +119,9 @@ class EditConfig(models.Placement):
         if not np.isfinite(self.template_power) or self.template_power < 1:
             raise PrunescopeError(f"template-power must be a finite number >= 1 (1: the mean over the fit's "
                                   f"templates; e.g. 4 weighs the farthest more), got {self.template_power!r}")
+        if not 0 <= self.prompt_dropout < 1:
+            raise PrunescopeError(f"prompt-dropout must be a share in [0, 1) of the instruction's tokens (e.g. "
+                                  f"0.15), got {self.prompt_dropout!r}")
         if self.fit_rewordings is not None and (not isinstance(self.fit_rewordings, int) or self.fit_rewordings < 0):
             raise PrunescopeError(f"fit-rewordings must be an integer >= 0, got {self.fit_rewordings!r}")
         if self.measure_rows < self.rows:
@@ -233,8 +237,8 @@ def run_options(config: EditConfig) -> dict[str, Any]:
     measurement's), so a report says how to make it again (as the config holds them: the JSON
     writer turns tuples into lists)."""
     names = ("steps", "lr", "lr_final", "kl_weight", "kl_windows", "max_norm", "units", "holds", "gate_negatives",
-             "refresh_every", "reweight", "fit_loss", "template_power", "fit_tables", "measure_tables", "match_ppl",
-             "strengths", "eval_text", "eval_tokens", "eval_seqlen", "seed")
+             "refresh_every", "reweight", "fit_loss", "template_power", "prompt_dropout", "fit_tables",
+             "measure_tables", "match_ppl", "strengths", "eval_text", "eval_tokens", "eval_seqlen", "seed")
     return {n: getattr(config, n) for n in names}
 
 
@@ -451,7 +455,7 @@ def _edit_family(kind: str, model: nn.Module, tokenizer, config: EditConfig, con
                                   config.refresh_every, config.reweight, config.lr_final,
                                   config.units if fitted_as == "units" else 0, config.seed,
                                   min(FIT_KL_WINDOWS, config.kl_windows), gates, config.fit_loss,
-                                  config.template_power)
+                                  config.template_power, config.prompt_dropout)
         cache[fitted_as], cache[f"{fitted_as}_trace"] = edit, trace
     if kind in ("caa", "ablate") and "contrast" not in cache:
         cache["contrast"] = methods.contrast(model, contexts, targets, layers)

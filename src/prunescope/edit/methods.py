@@ -8,7 +8,9 @@
   way), held at the unedited model's share (:func:`_with_elsewhere`); with several templates
   (rewordings of one table) the mean of each one's KL (with ``loss="js"`` the JS distance the
   report measures in place of each field's KL, :func:`js_to`; with ``template_power`` above 1
-  a power mean that weighs the farthest templates more, :func:`power_mean`). The marginals are read on contexts
+  a power mean that weighs the farthest templates more, :func:`power_mean`; with
+  ``prompt_dropout`` each step reads them after instructions thinned out anew,
+  :func:`~prunescope.edit.fields.with_dropped_words`). The marginals are read on contexts
   recorded from tables the edited model wrote, re-recorded every few steps; with
   ``reweight`` also importance-weighted by how much likelier the edit so far makes them
   (re-recorded as soon as the weights degenerate).
@@ -200,6 +202,7 @@ class FitTrace:
     reweighted: bool = False  # whether the importance weights were used (else only recorded)
     loss: str = "kl"  # what target_kl holds: "kl" (nats) or "js" (the JS distance), per field summed
     template_power: float = 1.0  # how target_kl combines the templates' terms (power_mean; 1: their mean)
+    prompt_dropout: float = 0.0  # the share of instruction tokens each step left out (fields.with_dropped_words)
     last_templates: tuple[float, ...] = ()  # each template's term before the last step, in the fit's order
 
 
@@ -209,7 +212,7 @@ def fit(
     max_norm: float = 0.5, recontext: Callable[[Edit, int], fields.Contexts | list[fields.Contexts]] | None = None,
     refresh_every: int = 10, reweight: bool = False, lr_final: float = 1.0, units: int = 0, seed: int = 0,
     kl_batch: int | None = None, gates: dict[int, Gate] | None = None, loss: str = "kl",
-    template_power: float = 1.0,
+    template_power: float = 1.0, prompt_dropout: float = 0.0,
 ) -> tuple[Edit, FitTrace]:
     """Fit one added vector per layer, with ``units`` also that many new MLP units per layer,
     with ``gates`` each layer's vector switched by its gate (see the module docstring).
@@ -265,6 +268,13 @@ def fit(
         template_power: how the templates' terms combine (:func:`power_mean`): 1 (the default)
             their mean; larger (a finite number) weighs the templates the edit fits worst more.
             One template: its term, whatever the power.
+        prompt_dropout: each step, each instruction token of each template's prompt is left out
+            with this probability (``[0, 1)``; drawn with ``seed``;
+            :func:`~prunescope.edit.fields.with_dropped_words`): the target term is read after
+            a new thinning of every instruction at each step, so the vectors are fitted to work
+            after many variants of each wording instead of after its exact words. 0 (the
+            default): the prompts as recorded. Contexts without a known instruction span are
+            read as recorded.
     """
     import time
 
@@ -282,8 +292,10 @@ def fit(
         raise ValueError(f"loss {loss!r} is not one of {', '.join(TARGET_LOSSES)}")
     if not math.isfinite(template_power) or template_power < 1:
         raise ValueError(f"template_power must be a finite number >= 1, got {template_power!r}")
+    if not 0 <= prompt_dropout < 1:
+        raise ValueError(f"prompt_dropout must lie in [0, 1), got {prompt_dropout!r}")
     options = _FitOptions(steps, lr, kl_weight, max_norm, refresh_every, reweight, lr_final, units, seed, batch,
-                          gates, loss, template_power)
+                          gates, loss, template_power, prompt_dropout)
     try:
         return _fit(model, _listed(contexts), targets, layers, unrelated, options, recontext, start)
     finally:
@@ -308,6 +320,7 @@ class _FitOptions:
     gates: dict[int, Gate] | None = None
     loss: str = "kl"
     template_power: float = 1.0
+    prompt_dropout: float = 0.0
 
 
 def _listed(contexts: fields.Contexts | Sequence[fields.Contexts]) -> list[fields.Contexts]:
@@ -370,6 +383,7 @@ def _fit(
     kept = _Readout()
     refreshed, since, share, terms = [], 0, 1.0, torch.zeros(0)
     layout = _check_aligned(contexts, targets)
+    thinning = torch.Generator().manual_seed(o.seed)  # the prompt dropout's draws
     offloaded = models.is_offloaded(model)  # then backward holds one layer's weights at a time
     for _step in tqdm(range(o.steps), desc="fit", unit="step", leave=False):
         if recontext is not None and _step and _due(since, o.refresh_every, share if o.reweight else None):
@@ -384,7 +398,8 @@ def _fit(
         batch, reference = windows.at(_step) if o.kl_weight else (None, None)
         recompute = models.recomputed_layers(model) if offloaded else nullcontext()
         with applied(model, edit), recompute:  # backward inside: the recomputation reruns the hooks
-            tkl, terms, fewest, share = _target_term(model, contexts, targets, kept, o.reweight, o.loss,
+            shown = [fields.with_dropped_words(c, o.prompt_dropout, thinning) for c in contexts]
+            tkl, terms, fewest, share = _target_term(model, shown, targets, kept, o.reweight, o.loss,
                                                      o.template_power)
             ukl = next_token_kl(reference, model(input_ids=batch).logits) if batch is not None \
                 else torch.zeros((), device=device)
@@ -401,7 +416,7 @@ def _fit(
                  o.loss.upper(), target_kl[-1], unrelated_kl[-1], effective[-1], _fewest_tables(contexts))
     return edit.detached(), FitTrace(tuple(target_kl), tuple(unrelated_kl), time.perf_counter() - start,
                                      tuple(effective), tuple(refreshed), o.reweight, o.loss, o.template_power,
-                                     tuple(terms.tolist()))
+                                     o.prompt_dropout, tuple(terms.tolist()))
 
 
 class _KLWindows:

@@ -95,7 +95,7 @@ def render_markdown(report: "EditReport") -> str:
             parts.append(f"## {title}\n\n{len(t['target_kl'])} steps in {t['seconds']:.0f} s: target {term} (before "
                          f"each step) {t['target_kl'][0]:.4f} -> {t['target_kl'][-1]:.4f}{unit}, unrelated KL "
                          f"{t['unrelated_kl'][0]:.5f} -> {t['unrelated_kl'][-1]:.5f}." + _refresh_line(t)
-                         + _templates_line(t, report.fit_templates))
+                         + _templates_line(t, report.fit_templates) + _dropout_line(t))
     if report.gate:
         parts.append(gate_table(report.gate))
     if report.cell_norms:
@@ -196,6 +196,12 @@ def _templates_line(trace: dict[str, Any], names: Sequence[str]) -> str:
     how = "their mean" if power == 1 else f"their power mean with exponent {power:g} (--template-power)"
     each = ", ".join(f"{n} {v:.4f}" for n, v in zip(names, terms))
     return f" Target term per fit template before the last step, combined by {how}: {each}."
+
+
+def _dropout_line(trace: dict[str, Any]) -> str:
+    rate = trace.get("prompt_dropout") or 0
+    return (f" Each step read the templates after instructions with each token left out with probability "
+            f"{rate:g} (--prompt-dropout), drawn anew." if rate else "")
 
 
 def plot_pareto(report: "EditReport", path: str | Path) -> Path:
