@@ -306,10 +306,10 @@ def test_recorded_contexts_know_their_instruction_and_dropout_thins_only_it(dtok
     assert fields.instruction_span(dtok, "no such text", people.instruction(1), False) == (0, 0)
 
     def thinned(rate: float, seed: int = 0) -> fields.Contexts:
-        return fields.with_dropped_words(contexts, rate, torch.Generator().manual_seed(seed))
+        return fields.with_thinned_instruction(contexts, rate, torch.Generator().manual_seed(seed))
 
     assert thinned(0.0) is contexts
-    assert fields.with_dropped_words(fields.Contexts(contexts.prompt, contexts.fields), 0.5,
+    assert fields.with_thinned_instruction(fields.Contexts(contexts.prompt, contexts.fields), 0.5,
                                      torch.Generator()).prompt == contexts.prompt
     n = end - first
     for rate in (0.2, 0.5):
@@ -346,6 +346,8 @@ def test_fit_with_prompt_dropout_reads_thinned_prompts_and_says_so(dtok, people)
     for bad in (-0.1, 1.0, float("nan")):
         with pytest.raises(ValueError, match="prompt_dropout must lie in"):
             fitted(bad)
+    with pytest.raises(ValueError, match="prompt_dropout and reweight do not combine"):
+        methods.fit(model, contexts, wanted, [0, 1], unrelated, steps=1, prompt_dropout=0.1, reweight=True)
 
 
 def test_a_digit_no_table_reached_is_a_clear_error(dtok, people):
@@ -710,6 +712,8 @@ def test_cli_template_power_and_prompt_dropout_default_to_off_and_name_what_is_v
     for bad in ("1", "-0.1", "nan"):
         with pytest.raises(PrunescopeError, match=r"prompt-dropout must be a share in \[0, 1\) .* got"):
             _config(parser.parse_args(base + ["--prompt-dropout", bad]))
+    with pytest.raises(PrunescopeError, match="--prompt-dropout and --reweight do not combine"):
+        _config(parser.parse_args(base + ["--prompt-dropout", "0.1", "--reweight"]))
 
 
 @pytest.mark.parametrize(

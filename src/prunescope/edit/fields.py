@@ -72,7 +72,7 @@ class FieldContexts:
 class Contexts:
     """The shared prompt and every targeted field's contexts, recorded from the unedited model;
     ``instruction``: the prompt's token indices ``[first, end)`` that spell the instruction
-    (``(0, 0)`` when unknown), which :func:`with_dropped_words` may thin out."""
+    (``(0, 0)`` when unknown), which :func:`with_thinned_instruction` may thin out."""
 
     prompt: tuple[int, ...]
     fields: tuple[FieldContexts, ...]
@@ -96,7 +96,7 @@ def instruction_span(tokenizer, prompt_text: str, instruction: str, add_special_
     return (inside[0], inside[-1] + 1) if inside else (0, 0)
 
 
-def with_dropped_words(contexts: Contexts, rate: float, generator: torch.Generator) -> Contexts:
+def with_thinned_instruction(contexts: Contexts, rate: float, generator: torch.Generator) -> Contexts:
     """``contexts`` with each of its instruction's tokens left out of the prompt with probability
     ``rate`` (at least one kept): the same tables after a thinned-out instruction, a cheap
     stand-in for another wording of it, so a fit that sees a new thinning each step cannot lean

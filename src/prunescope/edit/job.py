@@ -122,6 +122,9 @@ class EditConfig(models.Placement):
         if not 0 <= self.prompt_dropout < 1:
             raise PrunescopeError(f"prompt-dropout must be a share in [0, 1) of the instruction's tokens (e.g. "
                                   f"0.15), got {self.prompt_dropout!r}")
+        if self.prompt_dropout and self.reweight:
+            raise PrunescopeError("--prompt-dropout and --reweight do not combine: the importance weights would "
+                                  "compare the tables' probability after one thinned instruction with another")
         if self.fit_rewordings is not None and (not isinstance(self.fit_rewordings, int) or self.fit_rewordings < 0):
             raise PrunescopeError(f"fit-rewordings must be an integer >= 0, got {self.fit_rewordings!r}")
         if self.measure_rows < self.rows:

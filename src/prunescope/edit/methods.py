@@ -10,7 +10,7 @@
   report measures in place of each field's KL, :func:`js_to`; with ``template_power`` above 1
   a power mean that weighs the farthest templates more, :func:`power_mean`; with
   ``prompt_dropout`` each step reads them after instructions thinned out anew,
-  :func:`~prunescope.edit.fields.with_dropped_words`). The marginals are read on contexts
+  :func:`~prunescope.edit.fields.with_thinned_instruction`). The marginals are read on contexts
   recorded from tables the edited model wrote, re-recorded every few steps; with
   ``reweight`` also importance-weighted by how much likelier the edit so far makes them
   (re-recorded as soon as the weights degenerate).
@@ -92,9 +92,10 @@ TARGET_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] =
 def power_mean(terms: torch.Tensor, power: float) -> torch.Tensor:
     """``(mean_t terms_t ** power) ** (1 / power)`` of non-negative ``[templates]`` terms: the
     mean at 1; above 1 a mean that weighs the larger terms more, towards their maximum as the
-    power grows (each term's gradient is ``(terms_t / result) ** (power - 1) / templates``). A fit on several
-    wordings that minimizes it spends its steps on the wordings it fits worst, instead of
-    finishing those it already fits (the reasoning of group DRO, Sagawa et al. 2020, smoothed)."""
+    power grows (each term's gradient is ``(terms_t / result) ** (power - 1) / templates``). A
+    fit on several wordings that minimizes it spends its steps on the wordings it fits worst,
+    instead of finishing those it already fits (the reasoning of group DRO, Sagawa et al. 2020,
+    smoothed)."""
     x = terms.clamp_min(0)  # [templates]; a KL a rounding error below zero counts as zero
     top = x.detach().max().clamp_min(1e-12)  # scaled by the largest term: x ** power cannot underflow
     # the mean is at least 1/templates unless every term is ~0: then clamped, its gradient 0, not nan
@@ -202,7 +203,7 @@ class FitTrace:
     reweighted: bool = False  # whether the importance weights were used (else only recorded)
     loss: str = "kl"  # what target_kl holds: "kl" (nats) or "js" (the JS distance), per field summed
     template_power: float = 1.0  # how target_kl combines the templates' terms (power_mean; 1: their mean)
-    prompt_dropout: float = 0.0  # the share of instruction tokens each step left out (fields.with_dropped_words)
+    prompt_dropout: float = 0.0  # the share of instruction tokens each step left out (fields.with_thinned_instruction)
     last_templates: tuple[float, ...] = ()  # each template's term before the last step, in the fit's order
 
 
@@ -270,11 +271,12 @@ def fit(
             One template: its term, whatever the power.
         prompt_dropout: each step, each instruction token of each template's prompt is left out
             with this probability (``[0, 1)``; drawn with ``seed``;
-            :func:`~prunescope.edit.fields.with_dropped_words`): the target term is read after
+            :func:`~prunescope.edit.fields.with_thinned_instruction`): the target term is read after
             a new thinning of every instruction at each step, so the vectors are fitted to work
             after many variants of each wording instead of after its exact words. 0 (the
             default): the prompts as recorded. Contexts without a known instruction span are
-            read as recorded.
+            read as recorded. Not with ``reweight``: the importance weights would compare the
+            drawn tokens' probability after one thinning with that after another.
     """
     import time
 
@@ -294,6 +296,8 @@ def fit(
         raise ValueError(f"template_power must be a finite number >= 1, got {template_power!r}")
     if not 0 <= prompt_dropout < 1:
         raise ValueError(f"prompt_dropout must lie in [0, 1), got {prompt_dropout!r}")
+    if prompt_dropout and reweight:
+        raise ValueError("prompt_dropout and reweight do not combine: the weights would compare two thinnings")
     options = _FitOptions(steps, lr, kl_weight, max_norm, refresh_every, reweight, lr_final, units, seed, batch,
                           gates, loss, template_power, prompt_dropout)
     try:
@@ -398,7 +402,7 @@ def _fit(
         batch, reference = windows.at(_step) if o.kl_weight else (None, None)
         recompute = models.recomputed_layers(model) if offloaded else nullcontext()
         with applied(model, edit), recompute:  # backward inside: the recomputation reruns the hooks
-            shown = [fields.with_dropped_words(c, o.prompt_dropout, thinning) for c in contexts]
+            shown = [fields.with_thinned_instruction(c, o.prompt_dropout, thinning) for c in contexts]
             tkl, terms, fewest, share = _target_term(model, shown, targets, kept, o.reweight, o.loss,
                                                      o.template_power)
             ukl = next_token_kl(reference, model(input_ids=batch).logits) if batch is not None \
