@@ -203,7 +203,7 @@ class FitTrace:
     reweighted: bool = False  # whether the importance weights were used (else only recorded)
     loss: str = "kl"  # what target_kl holds: "kl" (nats) or "js" (the JS distance), per field summed
     template_power: float = 1.0  # how target_kl combines the templates' terms (power_mean; 1: their mean)
-    prompt_dropout: float = 0.0  # the share of instruction tokens each step left out (fields.with_thinned_instruction)
+    prompt_dropout: float = 0.0  # the share of instruction tokens left out each step (with_thinned_instruction)
     last_templates: tuple[float, ...] = ()  # each template's term before the last step, in the fit's order
 
 
