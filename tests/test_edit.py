@@ -303,7 +303,18 @@ def test_recorded_contexts_know_their_instruction_and_dropout_thins_only_it(dtok
     contexts = fields.record_contexts(digit_model(dtok), dtok, people, _targets(people, "Gender=uniform"), 1, 2, 0, 2)
     first, end = contexts.instruction
     assert dtok.decode(list(contexts.prompt[first:end])) == people.instruction(1)
-    assert fields.instruction_span(dtok, "no such text", people.instruction(1), False) == (0, 0)
+    ids, span = fields.encode_prompt(dtok, "no such text", people.instruction(1), False)
+    assert span == (0, 0) and ids == dtok("no such text", add_special_tokens=False)["input_ids"]
+
+    class Slow:  # a slow tokenizer: no offsets, the same ids
+        def __call__(self, text: str, add_special_tokens: bool, return_offsets_mapping: bool = False):
+            if return_offsets_mapping:
+                raise NotImplementedError("no offsets")
+            return dtok(text, add_special_tokens=add_special_tokens)
+
+    text = "before " + people.instruction(1)
+    assert fields.encode_prompt(Slow(), text, people.instruction(1), False) == (
+        dtok(text, add_special_tokens=False)["input_ids"], (0, 0))
 
     def thinned(rate: float, seed: int = 0) -> fields.Contexts:
         return fields.with_thinned_instruction(contexts, rate, torch.Generator().manual_seed(seed))

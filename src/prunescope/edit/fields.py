@@ -79,21 +79,23 @@ class Contexts:
     instruction: tuple[int, int] = (0, 0)
 
 
-def instruction_span(tokenizer, prompt_text: str, instruction: str, add_special_tokens: bool) -> tuple[int, int]:
-    """The token indices ``[first, end)`` of ``prompt_text``'s tokens whose characters lie inside
-    the instruction's text (by the fast tokenizer's offsets); ``(0, 0)`` when the tokenizer
-    gives no offsets or the instruction is not found."""
+def encode_prompt(tokenizer, prompt_text: str, instruction: str,
+                  add_special_tokens: bool) -> tuple[list[int], tuple[int, int]]:
+    """``prompt_text``'s token ids and the indices ``[first, end)`` of its tokens whose characters
+    lie inside the instruction's text, from one encoding with the fast tokenizer's offsets; the
+    span is ``(0, 0)`` when the tokenizer gives no offsets (a slow one: then encoded without) or
+    the instruction is not found."""
+    try:
+        encoded = tokenizer(prompt_text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError):  # a slow tokenizer has no offsets
+        return list(tokenizer(prompt_text, add_special_tokens=add_special_tokens)["input_ids"]), (0, 0)
+    ids = list(encoded["input_ids"])
     begin = prompt_text.find(instruction)
     if begin < 0 or not instruction:
-        return (0, 0)
-    try:
-        offsets = tokenizer(prompt_text, add_special_tokens=add_special_tokens,
-                            return_offsets_mapping=True)["offset_mapping"]
-    except (NotImplementedError, ValueError):  # a slow tokenizer has no offsets
-        return (0, 0)
+        return ids, (0, 0)
     end = begin + len(instruction)
-    inside = [i for i, (a, b) in enumerate(offsets) if begin <= a < b <= end]
-    return (inside[0], inside[-1] + 1) if inside else (0, 0)
+    inside = [i for i, (a, b) in enumerate(encoded["offset_mapping"]) if begin <= a < b <= end]
+    return ids, ((inside[0], inside[-1] + 1) if inside else (0, 0))
 
 
 def with_thinned_instruction(contexts: Contexts, rate: float, generator: torch.Generator) -> Contexts:
@@ -133,8 +135,8 @@ def record_contexts(
     add = not bool(getattr(tokenizer, "chat_template", None))
     # the prompt's last token starts every suffix, so even a table's first cell has its first
     # value token predicted inside the teacher-forced pass
-    shared = (list(tokenizer(prompt_text, add_special_tokens=add)["input_ids"]) + vocab.row_start)[:-1]
-    span = instruction_span(tokenizer, prompt_text, instruction, add)
+    ids, span = encode_prompt(tokenizer, prompt_text, instruction, add)
+    shared = (ids + vocab.row_start)[:-1]
     wanted = {(r, _column_index(template, t.key.column)) for t in targets for r in _rows(t, rows)}
     seen: dict[tuple[int, int], list[list[int]]] = {w: [] for w in wanted}
     starts: dict[tuple[int, int], list[int]] = {}  # (row, column) -> per table, suffix index of the cell's start
