@@ -103,6 +103,7 @@ EDIT_OPTIONS = {
     "--fit-loss": st.sampled_from(["kl", "js", "l2", ""]),
     "--template-power": st.sampled_from(["1", "4", "0.5", "nan", "inf", "x"]),
     "--prompt-dropout": st.sampled_from(["0", "0.15", "1", "-0.1", "nan", "x"]),
+    "--prompt-dropout-unit": st.sampled_from(["token", "word", "letter", ""]),
     "--kl-weight": NUMBERS,
     "--max-norm": NUMBERS,
     "--units": SMALL,

@@ -4,7 +4,9 @@ exact readout, each kind of edit doing what it says, the job and the command end
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -303,8 +305,8 @@ def test_recorded_contexts_know_their_instruction_and_dropout_thins_only_it(dtok
     contexts = fields.record_contexts(digit_model(dtok), dtok, people, _targets(people, "Gender=uniform"), 1, 2, 0, 2)
     first, end = contexts.instruction
     assert dtok.decode(list(contexts.prompt[first:end])) == people.instruction(1)
-    ids, span = fields.encode_prompt(dtok, "no such text", people.instruction(1), False)
-    assert span == (0, 0) and ids == dtok("no such text", add_special_tokens=False)["input_ids"]
+    ids, span, words = fields.encode_prompt(dtok, "no such text", people.instruction(1), False)
+    assert span == (0, 0) and words == () and ids == dtok("no such text", add_special_tokens=False)["input_ids"]
 
     class Slow:  # a slow tokenizer: no offsets, the same ids
         def __call__(self, text: str, add_special_tokens: bool, return_offsets_mapping: bool = False):
@@ -314,7 +316,7 @@ def test_recorded_contexts_know_their_instruction_and_dropout_thins_only_it(dtok
 
     text = "before " + people.instruction(1)
     assert fields.encode_prompt(Slow(), text, people.instruction(1), False) == (
-        dtok(text, add_special_tokens=False)["input_ids"], (0, 0))
+        dtok(text, add_special_tokens=False)["input_ids"], (0, 0), ())
 
     def thinned(rate: float, seed: int = 0) -> fields.Contexts:
         return fields.with_thinned_instruction(contexts, rate, torch.Generator().manual_seed(seed))
@@ -335,6 +337,35 @@ def test_recorded_contexts_know_their_instruction_and_dropout_thins_only_it(dtok
     assert thinned(0.99999).instruction[1] - first == 1  # all drawn out: one kept
 
 
+def _word_pieces(contexts: fields.Contexts) -> list[tuple[int, ...]]:
+    first, end = contexts.instruction
+    starts = list(contexts.words) + [end - first]
+    return [contexts.prompt[first + a:first + b] for a, b in zip(starts, starts[1:])]
+
+
+def test_instruction_words_and_thinning_whole_words(dtok, people):
+    """The recorded instruction's word starts cut it into its words (each with the space before
+    it, punctuation kept with its word); thinning by word leaves whole words out (what is kept
+    is a subsequence of the words, about the rate, at least one) and knows its own words; a
+    tokenizer whose offsets leave the spaces out starts a word after each gap; an unknown unit
+    is refused."""
+    contexts = fields.record_contexts(digit_model(dtok), dtok, people, _targets(people, "Gender=uniform"), 1, 2, 0, 2)
+    words = re.findall(r"\s*\S+", people.instruction(1))
+    assert [dtok.decode(list(p)) for p in _word_pieces(contexts)] == words and len(words) > 10
+    for rate in (0.2, 0.5):
+        out = fields.with_thinned_instruction(contexts, rate, torch.Generator().manual_seed(3), "word")
+        kept = [dtok.decode(list(p)) for p in _word_pieces(out)]
+        rest = iter(words)
+        assert all(w in rest for w in kept) and 0 < len(kept) < len(words)
+        assert abs((len(words) - len(kept)) / len(words) - rate) < 0.25
+        assert out.prompt[out.instruction[1]:] == contexts.prompt[contexts.instruction[1]:]
+    one = fields.with_thinned_instruction(contexts, 0.99999, torch.Generator(), "word")
+    assert len(_word_pieces(one)) == 1 and dtok.decode(list(_word_pieces(one)[0])) in words
+    assert fields._word_starts("ab cd,e", [(0, 2), (3, 5), (5, 6), (6, 7)]) == (0, 1)  # spaces outside the tokens
+    with pytest.raises(ValueError, match="unit 'letter' is not one of token, word"):
+        fields.with_thinned_instruction(contexts, 0.2, torch.Generator(), "letter")
+
+
 def test_fit_with_prompt_dropout_reads_thinned_prompts_and_says_so(dtok, people):
     """With ``prompt_dropout`` the first step's target term is read after a thinned instruction
     (so it differs from the term on the recorded prompt), the trace records the rate, the
@@ -345,8 +376,9 @@ def test_fit_with_prompt_dropout_reads_thinned_prompts_and_says_so(dtok, people)
     contexts = fields.record_contexts(model, dtok, people, targets, 1, 3, 0, 3)
     unrelated = torch.randint(0, 300, (2, 16))
 
-    def fitted(rate: float, steps: int = 1):
-        return methods.fit(model, contexts, wanted, [0, 1], unrelated, steps=steps, lr=0.2, prompt_dropout=rate)[1]
+    def fitted(rate: float, steps: int = 1, unit: str = "token"):
+        return methods.fit(model, contexts, wanted, [0, 1], unrelated, steps=steps, lr=0.2, prompt_dropout=rate,
+                           prompt_dropout_unit=unit)[1]
 
     recorded = contexts.prompt
     plain, thinned = fitted(0.0), fitted(0.5)
@@ -354,6 +386,11 @@ def test_fit_with_prompt_dropout_reads_thinned_prompts_and_says_so(dtok, people)
     assert thinned.target_kl[0] != pytest.approx(plain.target_kl[0], rel=1e-4)
     assert fitted(0.5).target_kl == thinned.target_kl  # the draws come from the seed
     assert contexts.prompt == recorded
+    by_word = fitted(0.5, unit="word")
+    assert by_word.prompt_dropout_unit == "word" and plain.prompt_dropout_unit == "token"
+    assert by_word.target_kl[0] != pytest.approx(plain.target_kl[0], rel=1e-4)
+    with pytest.raises(ValueError, match="prompt_dropout_unit 'line' is not one of token, word"):
+        fitted(0.5, unit="line")
     for bad in (-0.1, 1.0, float("nan")):
         with pytest.raises(ValueError, match="prompt_dropout must lie in"):
             fitted(bad)
@@ -660,13 +697,14 @@ def test_cli_gated_fit_reports_its_gates_and_saves_a_wider_mlp(digit_model_dir, 
                    "--layers", "0-1", "--steps", "2", "--fit-tables", "2", "--fit-rewordings", "1",
                    "--measure-tables", "2", "--match-ppl", "1000", "--eval-text", str(_unrelated_text(tmp_path)),
                    "--eval-tokens", "512", "--eval-seqlen", "16", "--fit-loss", "js", "--template-power", "2",
-                   "--prompt-dropout", "0.2", "--save", "--out", str(out)])
+                   "--prompt-dropout", "0.2", "--prompt-dropout-unit", "word", "--save", "--out", str(out)])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     (result,) = report["results"]
     assert report["options"]["fit_loss"] == "js" and report["gated_trace"]["loss"] == "js"
     assert report["options"]["template_power"] == 2.0 and report["gated_trace"]["template_power"] == 2.0
     assert report["options"]["prompt_dropout"] == 0.2 and report["gated_trace"]["prompt_dropout"] == 0.2
+    assert report["options"]["prompt_dropout_unit"] == report["gated_trace"]["prompt_dropout_unit"] == "word"
     assert len(report["gated_trace"]["last_templates"]) == len(report["fit_templates"]) == 2
     assert result["kind"] == "gated" and result["strength"] == 1.0 and result["matched_ppl_change"] is None
     assert len(report["gated_trace"]["target_kl"]) == 2 and report["fit_trace"] is None
@@ -677,7 +715,7 @@ def test_cli_gated_fit_reports_its_gates_and_saves_a_wider_mlp(digit_model_dir, 
     text = (out / "report.md").read_text()
     assert "## Gated fit" in text and "## Gates" in text and "target JS distance (before each step)" in text
     assert "combined by their power mean with exponent 2 (--template-power): people 0." in text
-    assert "each token left out with probability 0.2 (--prompt-dropout)" in text
+    assert "each word left out with probability 0.2 (--prompt-dropout)" in text
     folded = AutoModelForCausalLM.from_pretrained(out / "model")
     assert folded.config.intermediate_size == base + 2 and folded.config.mlp_bias
 
@@ -725,6 +763,10 @@ def test_cli_template_power_and_prompt_dropout_default_to_off_and_name_what_is_v
             _config(parser.parse_args(base + ["--prompt-dropout", bad]))
     with pytest.raises(PrunescopeError, match="--prompt-dropout and --reweight do not combine"):
         _config(parser.parse_args(base + ["--prompt-dropout", "0.1", "--reweight"]))
+    assert _config(parser.parse_args(base)).prompt_dropout_unit == "token"
+    assert _config(parser.parse_args(base + ["--prompt-dropout-unit", "word"])).prompt_dropout_unit == "word"
+    with pytest.raises(PrunescopeError, match="prompt-dropout-unit must be token or word, got 'line'"):
+        dataclasses.replace(_config(parser.parse_args(base)), prompt_dropout_unit="line")
 
 
 @pytest.mark.parametrize(
@@ -1312,7 +1354,6 @@ def test_cell_norms_are_the_direct_forward_passes_norms(dtok, people):
     cell over the median over its table's positions == what ``output_hidden_states`` of a plain
     forward pass over the prompt and each suffix gives (hidden_states[i] enters layer i), with
     suffixes of different lengths (the batch's pads left out)."""
-    import dataclasses
 
     model = digit_model(dtok, seed=1)
     contexts = fields.record_contexts(model, dtok, people, _targets(people, "Gender=uniform", "Age.digit1=uniform:2-6"),

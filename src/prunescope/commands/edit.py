@@ -104,6 +104,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "probability F, drawn anew at each fit step (the chat markup and the table header "
                         "kept): the edit is fitted after many thinned variants of each wording instead of its "
                         "exact words (default 0: the prompts as written)")
+    parser.add_argument("--prompt-dropout-unit", choices=("token", "word"), default="token",
+                        help="what --prompt-dropout leaves out: each token (default) or each word, its tokens "
+                        "together (a token alone can split a word: 'markdown' -> 'mark')")
     parser.add_argument("--kl-weight", type=float, default=10.0,
                         help="weight of KL(original || edited) on unrelated text in the fit (default 10)")
     parser.add_argument("--kl-windows", type=int, default=8, metavar="N",
@@ -171,7 +174,8 @@ def _config(args: argparse.Namespace):
         fit_tables=args.fit_tables, measure_tables=args.measure_tables, steps=args.steps,
         refresh_every=args.refresh_every, reweight=args.reweight, lr=args.lr, lr_final=args.lr_final,
         fit_loss=args.fit_loss, template_power=args.template_power,
-        prompt_dropout=args.prompt_dropout, kl_weight=args.kl_weight, max_norm=args.max_norm, units=args.units,
+        prompt_dropout=args.prompt_dropout, prompt_dropout_unit=args.prompt_dropout_unit,
+        kl_weight=args.kl_weight, max_norm=args.max_norm, units=args.units,
         kl_windows=args.kl_windows, holds=tuple(args.hold), gate_negatives=tuple(args.gate_negative),
         match_ppl=_floats(args.match_ppl, "--match-ppl") or (), heldout=tuple(args.heldout),
         fit_rewordings=args.fit_rewordings, fit_template_files=tuple(args.fit_template),

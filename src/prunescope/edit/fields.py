@@ -27,6 +27,7 @@ gradient also reaches the earlier cells through those log-probabilities.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -72,47 +73,78 @@ class FieldContexts:
 class Contexts:
     """The shared prompt and every targeted field's contexts, recorded from the unedited model;
     ``instruction``: the prompt's token indices ``[first, end)`` that spell the instruction
-    (``(0, 0)`` when unknown), which :func:`with_thinned_instruction` may thin out."""
+    (``(0, 0)`` when unknown), which :func:`with_thinned_instruction` may thin out; ``words``:
+    the indices (counted from ``first``) of the instruction's tokens that begin a word, the
+    first always among them (empty when unknown)."""
 
     prompt: tuple[int, ...]
     fields: tuple[FieldContexts, ...]
     instruction: tuple[int, int] = (0, 0)
+    words: tuple[int, ...] = ()
 
 
 def encode_prompt(tokenizer, prompt_text: str, instruction: str,
-                  add_special_tokens: bool) -> tuple[list[int], tuple[int, int]]:
-    """``prompt_text``'s token ids and the indices ``[first, end)`` of its tokens whose characters
-    lie inside the instruction's text, from one encoding with the fast tokenizer's offsets; the
-    span is ``(0, 0)`` when the tokenizer gives no offsets (a slow one: then encoded without) or
-    the instruction is not found."""
+                  add_special_tokens: bool) -> tuple[list[int], tuple[int, int], tuple[int, ...]]:
+    """``prompt_text``'s token ids, the indices ``[first, end)`` of its tokens whose characters
+    lie inside the instruction's text and the indices (from ``first``) of those that begin a
+    word (:func:`_word_starts`), from one encoding with the fast tokenizer's offsets; the span
+    is ``(0, 0)`` and the words ``()`` when the tokenizer gives no offsets (a slow one: then
+    encoded without) or the instruction is not found."""
     try:
         encoded = tokenizer(prompt_text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     except (NotImplementedError, ValueError):  # a slow tokenizer has no offsets
-        return list(tokenizer(prompt_text, add_special_tokens=add_special_tokens)["input_ids"]), (0, 0)
+        return list(tokenizer(prompt_text, add_special_tokens=add_special_tokens)["input_ids"]), (0, 0), ()
     ids = list(encoded["input_ids"])
     begin = prompt_text.find(instruction)
     if begin < 0 or not instruction:
-        return ids, (0, 0)
+        return ids, (0, 0), ()
     end = begin + len(instruction)
-    inside = [i for i, (a, b) in enumerate(encoded["offset_mapping"]) if begin <= a < b <= end]
-    return ids, ((inside[0], inside[-1] + 1) if inside else (0, 0))
+    offsets = [tuple(o) for o in encoded["offset_mapping"]]
+    inside = [i for i, (a, b) in enumerate(offsets) if begin <= a < b <= end]
+    if not inside:
+        return ids, (0, 0), ()
+    first, last = inside[0], inside[-1] + 1
+    return ids, (first, last), _word_starts(prompt_text, offsets[first:last])
 
 
-def with_thinned_instruction(contexts: Contexts, rate: float, generator: torch.Generator) -> Contexts:
-    """``contexts`` with each of its instruction's tokens left out of the prompt with probability
-    ``rate`` (at least one kept): the same tables after a thinned-out instruction, a cheap
-    stand-in for another wording of it, so a fit that sees a new thinning each step cannot lean
-    on one wording's exact state. The tables' tokens and the prompt outside the instruction (the
-    chat markup, the table header) stay as they are."""
+def _word_starts(text: str, offsets: list[tuple[int, int]]) -> tuple[int, ...]:
+    """The indices of the tokens at character ``offsets`` in ``text`` that begin a word: the
+    first, one whose characters start with white space (byte-level BPE keeps the space before a
+    word in its token) and one after a gap (a tokenizer whose offsets leave the space out)."""
+    starts = [0]
+    for i in range(1, len(offsets)):
+        (_a, end_before), (a, b) = offsets[i - 1], offsets[i]
+        if text[a:b][:1].isspace() or a > end_before:
+            starts.append(i)
+    return tuple(starts)
+
+
+def with_thinned_instruction(contexts: Contexts, rate: float, generator: torch.Generator,
+                             unit: str = "token") -> Contexts:
+    """``contexts`` with each of its instruction's tokens (``unit`` "token") or words ("word":
+    the tokens from one of ``contexts.words`` to the next; each token when they are unknown)
+    left out of the prompt with probability ``rate`` (at least one kept): the same tables after
+    a thinned-out instruction, a cheap stand-in for another wording of it, so a fit that sees a
+    new thinning each step cannot lean on one wording's exact state. The tables' tokens and the
+    prompt outside the instruction (the chat markup, the table header) stay as they are."""
+    if unit not in THINNING_UNITS:
+        raise ValueError(f"unit {unit!r} is not one of {', '.join(THINNING_UNITS)}")
     first, end = contexts.instruction
     if rate <= 0 or end <= first:
         return contexts
-    keep = torch.rand(end - first, generator=generator) >= rate  # [instruction tokens]
+    starts = list(contexts.words) if unit == "word" and contexts.words else list(range(end - first))
+    keep = torch.rand(len(starts), generator=generator) >= rate  # [words or tokens]
     if not keep.any():
-        keep[int(torch.randint(end - first, (1,), generator=generator))] = True
-    kept = [t for t, k in zip(contexts.prompt[first:end], keep.tolist()) if k]
-    prompt = contexts.prompt[:first] + tuple(kept) + contexts.prompt[end:]
-    return Contexts(prompt, contexts.fields, (first, first + len(kept)))
+        keep[int(torch.randint(len(starts), (1,), generator=generator))] = True
+    instruction = contexts.prompt[first:end]
+    pieces = [instruction[a:b] for a, b, k in zip(starts, starts[1:] + [end - first], keep.tolist()) if k]
+    kept = tuple(t for piece in pieces for t in piece)
+    words = tuple(itertools.accumulate([0] + [len(piece) for piece in pieces[:-1]])) if unit == "word" else ()
+    prompt = contexts.prompt[:first] + kept + contexts.prompt[end:]
+    return Contexts(prompt, contexts.fields, (first, first + len(kept)), words)
+
+
+THINNING_UNITS = ("token", "word")  # what with_thinned_instruction leaves out
 
 
 def _column_index(template: Template, name: str) -> int:
@@ -135,7 +167,7 @@ def record_contexts(
     add = not bool(getattr(tokenizer, "chat_template", None))
     # the prompt's last token starts every suffix, so even a table's first cell has its first
     # value token predicted inside the teacher-forced pass
-    ids, span = encode_prompt(tokenizer, prompt_text, instruction, add)
+    ids, span, words = encode_prompt(tokenizer, prompt_text, instruction, add)
     shared = (ids + vocab.row_start)[:-1]
     wanted = {(r, _column_index(template, t.key.column)) for t in targets for r in _rows(t, rows)}
     seen: dict[tuple[int, int], list[list[int]]] = {w: [] for w in wanted}
@@ -154,7 +186,7 @@ def record_contexts(
             c = _column_index(template, t.key.column)
             drawn = _drawn_before(written, starts, (r, c), template, vocab)
             fields.append(_field(t, r, seen[(r, c)], drawn, written, c, vocab, template))
-    return Contexts(tuple(shared), tuple(fields), span)
+    return Contexts(tuple(shared), tuple(fields), span, words)
 
 
 def _drawn_before(written: Tables, starts: dict[tuple[int, int], list[int]], cell: tuple[int, int],

@@ -76,6 +76,7 @@ class EditConfig(models.Placement):
     fit_loss: str = "kl"  # the fit's target term per field: "kl" or "js" (methods.TARGET_LOSSES)
     template_power: float = 1.0  # how the fit combines its templates' terms (methods.power_mean; 1: the mean)
     prompt_dropout: float = 0.0  # the share of instruction tokens the fit leaves out, anew each step
+    prompt_dropout_unit: str = "token"  # what it leaves out: "token" or "word" (fields.THINNING_UNITS)
     kl_weight: float = 10.0
     max_norm: float = 0.5
     units: int = 8
@@ -125,6 +126,9 @@ class EditConfig(models.Placement):
         if self.prompt_dropout and self.reweight:
             raise PrunescopeError("--prompt-dropout and --reweight do not combine: the importance weights would "
                                   "compare the tables' probability after one thinned instruction with another")
+        if self.prompt_dropout_unit not in fields.THINNING_UNITS:
+            raise PrunescopeError(f"prompt-dropout-unit must be {' or '.join(fields.THINNING_UNITS)}, got "
+                                  f"{self.prompt_dropout_unit!r}")
         if self.fit_rewordings is not None and (not isinstance(self.fit_rewordings, int) or self.fit_rewordings < 0):
             raise PrunescopeError(f"fit-rewordings must be an integer >= 0, got {self.fit_rewordings!r}")
         if self.measure_rows < self.rows:
@@ -240,8 +244,9 @@ def run_options(config: EditConfig) -> dict[str, Any]:
     measurement's), so a report says how to make it again (as the config holds them: the JSON
     writer turns tuples into lists)."""
     names = ("steps", "lr", "lr_final", "kl_weight", "kl_windows", "max_norm", "units", "holds", "gate_negatives",
-             "refresh_every", "reweight", "fit_loss", "template_power", "prompt_dropout", "fit_tables",
-             "measure_tables", "match_ppl", "strengths", "eval_text", "eval_tokens", "eval_seqlen", "seed")
+             "refresh_every", "reweight", "fit_loss", "template_power", "prompt_dropout",
+             "prompt_dropout_unit", "fit_tables", "measure_tables", "match_ppl", "strengths", "eval_text",
+             "eval_tokens", "eval_seqlen", "seed")
     return {n: getattr(config, n) for n in names}
 
 
@@ -458,7 +463,7 @@ def _edit_family(kind: str, model: nn.Module, tokenizer, config: EditConfig, con
                                   config.refresh_every, config.reweight, config.lr_final,
                                   config.units if fitted_as == "units" else 0, config.seed,
                                   min(FIT_KL_WINDOWS, config.kl_windows), gates, config.fit_loss,
-                                  config.template_power, config.prompt_dropout)
+                                  config.template_power, config.prompt_dropout, config.prompt_dropout_unit)
         cache[fitted_as], cache[f"{fitted_as}_trace"] = edit, trace
     if kind in ("caa", "ablate") and "contrast" not in cache:
         cache["contrast"] = methods.contrast(model, contexts, targets, layers)

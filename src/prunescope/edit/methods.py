@@ -9,7 +9,8 @@
   (rewordings of one table) the mean of each one's KL (with ``loss="js"`` the JS distance the
   report measures in place of each field's KL, :func:`js_to`; with ``template_power`` above 1
   a power mean that weighs the farthest templates more, :func:`power_mean`; with
-  ``prompt_dropout`` each step reads them after instructions thinned out anew,
+  ``prompt_dropout`` each step reads them after instructions thinned out anew, token by token
+  or word by word,
   :func:`~prunescope.edit.fields.with_thinned_instruction`). The marginals are read on contexts
   recorded from tables the edited model wrote, re-recorded every few steps; with
   ``reweight`` also importance-weighted by how much likelier the edit so far makes them
@@ -203,8 +204,9 @@ class FitTrace:
     reweighted: bool = False  # whether the importance weights were used (else only recorded)
     loss: str = "kl"  # what target_kl holds: "kl" (nats) or "js" (the JS distance), per field summed
     template_power: float = 1.0  # how target_kl combines the templates' terms (power_mean; 1: their mean)
-    prompt_dropout: float = 0.0  # the share of instruction tokens left out each step (with_thinned_instruction)
+    prompt_dropout: float = 0.0  # the share of instruction tokens (or words) left out each step
     last_templates: tuple[float, ...] = ()  # each template's term before the last step, in the fit's order
+    prompt_dropout_unit: str = "token"  # what the dropout leaves out: "token" or "word"
 
 
 def fit(
@@ -213,7 +215,7 @@ def fit(
     max_norm: float = 0.5, recontext: Callable[[Edit, int], fields.Contexts | list[fields.Contexts]] | None = None,
     refresh_every: int = 10, reweight: bool = False, lr_final: float = 1.0, units: int = 0, seed: int = 0,
     kl_batch: int | None = None, gates: dict[int, Gate] | None = None, loss: str = "kl",
-    template_power: float = 1.0, prompt_dropout: float = 0.0,
+    template_power: float = 1.0, prompt_dropout: float = 0.0, prompt_dropout_unit: str = "token",
 ) -> tuple[Edit, FitTrace]:
     """Fit one added vector per layer, with ``units`` also that many new MLP units per layer,
     with ``gates`` each layer's vector switched by its gate (see the module docstring).
@@ -277,6 +279,9 @@ def fit(
             default): the prompts as recorded. Contexts without a known instruction span are
             read as recorded. Not with ``reweight``: the importance weights would compare the
             drawn tokens' probability after one thinning with that after another.
+        prompt_dropout_unit: what ``prompt_dropout`` leaves out: "token" (the default) or "word"
+            (a word's tokens together, as a rewording would: a token alone can split a word,
+            "markdown" -> "mark").
     """
     import time
 
@@ -298,8 +303,11 @@ def fit(
         raise ValueError(f"prompt_dropout must lie in [0, 1), got {prompt_dropout!r}")
     if prompt_dropout and reweight:
         raise ValueError("prompt_dropout and reweight do not combine: the weights would compare two thinnings")
+    if prompt_dropout_unit not in fields.THINNING_UNITS:
+        raise ValueError(f"prompt_dropout_unit {prompt_dropout_unit!r} is not one of "
+                         f"{', '.join(fields.THINNING_UNITS)}")
     options = _FitOptions(steps, lr, kl_weight, max_norm, refresh_every, reweight, lr_final, units, seed, batch,
-                          gates, loss, template_power, prompt_dropout)
+                          gates, loss, template_power, prompt_dropout, prompt_dropout_unit)
     try:
         return _fit(model, _listed(contexts), targets, layers, unrelated, options, recontext, start)
     finally:
@@ -325,6 +333,7 @@ class _FitOptions:
     loss: str = "kl"
     template_power: float = 1.0
     prompt_dropout: float = 0.0
+    prompt_dropout_unit: str = "token"
 
 
 def _listed(contexts: fields.Contexts | Sequence[fields.Contexts]) -> list[fields.Contexts]:
@@ -402,7 +411,8 @@ def _fit(
         batch, reference = windows.at(_step) if o.kl_weight else (None, None)
         recompute = models.recomputed_layers(model) if offloaded else nullcontext()
         with applied(model, edit), recompute:  # backward inside: the recomputation reruns the hooks
-            shown = [fields.with_thinned_instruction(c, o.prompt_dropout, thinning) for c in contexts]
+            shown = [fields.with_thinned_instruction(c, o.prompt_dropout, thinning, o.prompt_dropout_unit)
+                     for c in contexts]
             tkl, terms, fewest, share = _target_term(model, shown, targets, kept, o.reweight, o.loss,
                                                      o.template_power)
             ukl = next_token_kl(reference, model(input_ids=batch).logits) if batch is not None \
@@ -420,7 +430,7 @@ def _fit(
                  o.loss.upper(), target_kl[-1], unrelated_kl[-1], effective[-1], _fewest_tables(contexts))
     return edit.detached(), FitTrace(tuple(target_kl), tuple(unrelated_kl), time.perf_counter() - start,
                                      tuple(effective), tuple(refreshed), o.reweight, o.loss, o.template_power,
-                                     o.prompt_dropout, tuple(terms.tolist()))
+                                     o.prompt_dropout, tuple(terms.tolist()), o.prompt_dropout_unit)
 
 
 class _KLWindows:

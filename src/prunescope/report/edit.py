@@ -200,7 +200,8 @@ def _templates_line(trace: dict[str, Any], names: Sequence[str]) -> str:
 
 def _dropout_line(trace: dict[str, Any]) -> str:
     rate = trace.get("prompt_dropout") or 0
-    return (f" Each step read the templates after instructions with each token left out with probability "
+    unit = trace.get("prompt_dropout_unit") or "token"
+    return (f" Each step read the templates after instructions with each {unit} left out with probability "
             f"{rate:g} (--prompt-dropout), drawn anew." if rate else "")
 
 
