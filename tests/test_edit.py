@@ -767,6 +767,11 @@ def test_cli_template_power_and_prompt_dropout_default_to_off_and_name_what_is_v
     assert _config(parser.parse_args(base + ["--prompt-dropout-unit", "word"])).prompt_dropout_unit == "word"
     with pytest.raises(PrunescopeError, match="prompt-dropout-unit must be token or word, got 'line'"):
         dataclasses.replace(_config(parser.parse_args(base)), prompt_dropout_unit="line")
+    # the command lists its choices as literals (it imports no torch to parse): they must be the library's
+    sub = parser._subparsers._group_actions[0].choices["edit"]
+    choices = {a.dest: tuple(a.choices) for a in sub._actions if a.choices}
+    assert choices["fit_loss"] == tuple(methods.TARGET_LOSSES)
+    assert choices["prompt_dropout_unit"] == fields.THINNING_UNITS
 
 
 @pytest.mark.parametrize(
