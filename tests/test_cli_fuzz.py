@@ -104,6 +104,7 @@ EDIT_OPTIONS = {
     "--template-power": st.sampled_from(["1", "4", "0.5", "nan", "inf", "x"]),
     "--prompt-dropout": st.sampled_from(["0", "0.15", "1", "-0.1", "nan", "x"]),
     "--prompt-dropout-unit": st.sampled_from(["token", "word", "letter", ""]),
+    "--average-last": st.sampled_from(["1", "2", "0", "-1", "1000", "x"]),
     "--kl-weight": NUMBERS,
     "--max-norm": NUMBERS,
     "--units": SMALL,

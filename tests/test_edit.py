@@ -398,6 +398,34 @@ def test_fit_with_prompt_dropout_reads_thinned_prompts_and_says_so(dtok, people)
         methods.fit(model, contexts, wanted, [0, 1], unrelated, steps=1, prompt_dropout=0.1, reweight=True)
 
 
+def test_fit_average_last_keeps_the_mean_of_the_last_steps_vectors(dtok, people):
+    """With ``average_last`` K the edit kept is the mean of the vectors after each of the last K
+    steps: with a constant step size and fixed contexts a fit of n steps is the first n steps of
+    a longer one, so it equals the mean of the fits of steps-K+1 ... steps; K = 1 is the last
+    step's; K outside 1..steps is refused."""
+    model = digit_model(dtok, seed=3)
+    targets = _targets(people, "Age.digit1=3:1", "Gender=uniform")
+    wanted = [torch.tensor(t.probs) for t in targets]
+    contexts = fields.record_contexts(model, dtok, people, targets, 1, 3, 0, 3)
+    unrelated = torch.randint(0, 300, (2, 16))
+
+    def vectors(steps: int, last: int = 1) -> list[torch.Tensor]:
+        edit, trace = methods.fit(model, contexts, wanted, [0, 1], unrelated, steps=steps, lr=0.2, average_last=last)
+        assert trace.average_last == last
+        return [e.add for e in edit.layers]
+
+    alone = [vectors(n) for n in (2, 3, 4)]
+    mean = [torch.stack(v).mean(0) for v in zip(*alone)]
+    for got, want in zip(vectors(4, 3), mean):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(alone[0][0], alone[2][0])  # the steps moved: the mean is not any one of them
+    for got, want in zip(vectors(4, 1), alone[2]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for bad in (0, 5, 1.5):
+        with pytest.raises(ValueError, match=r"average_last must be an integer in 1..steps \(4\)"):
+            vectors(4, bad)
+
+
 def test_a_digit_no_table_reached_is_a_clear_error(dtok, people):
     from prunescope.errors import PrunescopeError
 
@@ -697,7 +725,8 @@ def test_cli_gated_fit_reports_its_gates_and_saves_a_wider_mlp(digit_model_dir, 
                    "--layers", "0-1", "--steps", "2", "--fit-tables", "2", "--fit-rewordings", "1",
                    "--measure-tables", "2", "--match-ppl", "1000", "--eval-text", str(_unrelated_text(tmp_path)),
                    "--eval-tokens", "512", "--eval-seqlen", "16", "--fit-loss", "js", "--template-power", "2",
-                   "--prompt-dropout", "0.2", "--prompt-dropout-unit", "word", "--save", "--out", str(out)])
+                   "--prompt-dropout", "0.2", "--prompt-dropout-unit", "word", "--average-last", "2", "--save",
+                   "--out", str(out)])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     (result,) = report["results"]
@@ -705,6 +734,7 @@ def test_cli_gated_fit_reports_its_gates_and_saves_a_wider_mlp(digit_model_dir, 
     assert report["options"]["template_power"] == 2.0 and report["gated_trace"]["template_power"] == 2.0
     assert report["options"]["prompt_dropout"] == 0.2 and report["gated_trace"]["prompt_dropout"] == 0.2
     assert report["options"]["prompt_dropout_unit"] == report["gated_trace"]["prompt_dropout_unit"] == "word"
+    assert report["options"]["average_last"] == report["gated_trace"]["average_last"] == 2
     assert len(report["gated_trace"]["last_templates"]) == len(report["fit_templates"]) == 2
     assert result["kind"] == "gated" and result["strength"] == 1.0 and result["matched_ppl_change"] is None
     assert len(report["gated_trace"]["target_kl"]) == 2 and report["fit_trace"] is None
@@ -716,6 +746,7 @@ def test_cli_gated_fit_reports_its_gates_and_saves_a_wider_mlp(digit_model_dir, 
     assert "## Gated fit" in text and "## Gates" in text and "target JS distance (before each step)" in text
     assert "combined by their power mean with exponent 2 (--template-power): people 0." in text
     assert "each word left out with probability 0.2 (--prompt-dropout)" in text
+    assert "the mean of the vectors after each of the last 2 steps (--average-last)" in text
     folded = AutoModelForCausalLM.from_pretrained(out / "model")
     assert folded.config.intermediate_size == base + 2 and folded.config.mlp_bias
 
@@ -770,6 +801,11 @@ def test_cli_template_power_and_prompt_dropout_default_to_off_and_name_what_is_v
     # the command lists its choices as literals (it imports no torch to parse): they must be the library's
     sub = parser._subparsers._group_actions[0].choices["edit"]
     choices = {a.dest: tuple(a.choices) for a in sub._actions if a.choices}
+    assert _config(parser.parse_args(base)).average_last == 1
+    assert _config(parser.parse_args(base + ["--average-last", "30"])).average_last == 30
+    for bad in ("0", "31"):
+        with pytest.raises(PrunescopeError, match=rf"average-last must be an integer from 1 .* \(30\), got {bad}"):
+            _config(parser.parse_args(base + ["--average-last", bad]))
     assert choices["fit_loss"] == tuple(methods.TARGET_LOSSES)
     assert choices["prompt_dropout_unit"] == fields.THINNING_UNITS
 

@@ -107,6 +107,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt-dropout-unit", choices=("token", "word"), default="token",
                         help="what --prompt-dropout leaves out: each token (default) or each word, its tokens "
                         "together (a token alone can split a word: 'markdown' -> 'mark')")
+    parser.add_argument("--average-last", type=int, default=1, metavar="K",
+                        help="keep the mean of the fitted vectors after each of the last K steps, 1 to --steps "
+                        "(default 1: the last step's), so the edit does not carry the last step's noise (new "
+                        "tables every --refresh-every steps, new thinnings with --prompt-dropout)")
     parser.add_argument("--kl-weight", type=float, default=10.0,
                         help="weight of KL(original || edited) on unrelated text in the fit (default 10)")
     parser.add_argument("--kl-windows", type=int, default=8, metavar="N",
@@ -175,6 +179,7 @@ def _config(args: argparse.Namespace):
         refresh_every=args.refresh_every, reweight=args.reweight, lr=args.lr, lr_final=args.lr_final,
         fit_loss=args.fit_loss, template_power=args.template_power,
         prompt_dropout=args.prompt_dropout, prompt_dropout_unit=args.prompt_dropout_unit,
+        average_last=args.average_last,
         kl_weight=args.kl_weight, max_norm=args.max_norm, units=args.units,
         kl_windows=args.kl_windows, holds=tuple(args.hold), gate_negatives=tuple(args.gate_negative),
         match_ppl=_floats(args.match_ppl, "--match-ppl") or (), heldout=tuple(args.heldout),

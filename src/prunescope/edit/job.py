@@ -77,6 +77,7 @@ class EditConfig(models.Placement):
     template_power: float = 1.0  # how the fit combines its templates' terms (methods.power_mean; 1: the mean)
     prompt_dropout: float = 0.0  # the share of instruction tokens the fit leaves out, anew each step
     prompt_dropout_unit: str = "token"  # what it leaves out: "token" or "word" (fields.THINNING_UNITS)
+    average_last: int = 1  # the fitted edit kept: the mean of the vectors after each of the last this many steps
     kl_weight: float = 10.0
     max_norm: float = 0.5
     units: int = 8
@@ -126,6 +127,9 @@ class EditConfig(models.Placement):
         if self.prompt_dropout and self.reweight:
             raise PrunescopeError("--prompt-dropout and --reweight do not combine: the importance weights would "
                                   "compare the tables' probability after one thinned instruction with another")
+        if not isinstance(self.average_last, int) or not 1 <= self.average_last <= self.steps:
+            raise PrunescopeError(f"average-last must be an integer from 1 (the last step's vectors) to --steps "
+                                  f"({self.steps}), got {self.average_last!r}")
         if self.prompt_dropout_unit not in fields.THINNING_UNITS:
             raise PrunescopeError(f"prompt-dropout-unit must be {' or '.join(fields.THINNING_UNITS)}, got "
                                   f"{self.prompt_dropout_unit!r}")
@@ -244,9 +248,9 @@ def run_options(config: EditConfig) -> dict[str, Any]:
     measurement's), so a report says how to make it again (as the config holds them: the JSON
     writer turns tuples into lists)."""
     names = ("steps", "lr", "lr_final", "kl_weight", "kl_windows", "max_norm", "units", "holds", "gate_negatives",
-             "refresh_every", "reweight", "fit_loss", "template_power", "prompt_dropout",
-             "prompt_dropout_unit", "fit_tables", "measure_tables", "match_ppl", "strengths", "eval_text",
-             "eval_tokens", "eval_seqlen", "seed")
+             "refresh_every", "reweight", "fit_loss", "template_power", "prompt_dropout", "prompt_dropout_unit",
+             "average_last", "fit_tables", "measure_tables", "match_ppl", "strengths", "eval_text", "eval_tokens",
+             "eval_seqlen", "seed")
     return {n: getattr(config, n) for n in names}
 
 
@@ -463,7 +467,8 @@ def _edit_family(kind: str, model: nn.Module, tokenizer, config: EditConfig, con
                                   config.refresh_every, config.reweight, config.lr_final,
                                   config.units if fitted_as == "units" else 0, config.seed,
                                   min(FIT_KL_WINDOWS, config.kl_windows), gates, config.fit_loss,
-                                  config.template_power, config.prompt_dropout, config.prompt_dropout_unit)
+                                  config.template_power, config.prompt_dropout, config.prompt_dropout_unit,
+                                  config.average_last)
         cache[fitted_as], cache[f"{fitted_as}_trace"] = edit, trace
     if kind in ("caa", "ablate") and "contrast" not in cache:
         cache["contrast"] = methods.contrast(model, contexts, targets, layers)

@@ -11,7 +11,8 @@
   a power mean that weighs the farthest templates more, :func:`power_mean`; with
   ``prompt_dropout`` each step reads them after instructions thinned out anew, token by token
   or word by word,
-  :func:`~prunescope.edit.fields.with_thinned_instruction`). The marginals are read on contexts
+  :func:`~prunescope.edit.fields.with_thinned_instruction`; with ``average_last`` the edit
+  kept is the mean of the last steps' parameters). The marginals are read on contexts
   recorded from tables the edited model wrote, re-recorded every few steps; with
   ``reweight`` also importance-weighted by how much likelier the edit so far makes them
   (re-recorded as soon as the weights degenerate).
@@ -207,6 +208,7 @@ class FitTrace:
     prompt_dropout: float = 0.0  # the share of instruction tokens (or words) left out each step
     last_templates: tuple[float, ...] = ()  # each template's term before the last step, in the fit's order
     prompt_dropout_unit: str = "token"  # what the dropout leaves out: "token" or "word"
+    average_last: int = 1  # the edit kept: the mean of the parameters after each of the last this many steps
 
 
 def fit(
@@ -216,6 +218,7 @@ def fit(
     refresh_every: int = 10, reweight: bool = False, lr_final: float = 1.0, units: int = 0, seed: int = 0,
     kl_batch: int | None = None, gates: dict[int, Gate] | None = None, loss: str = "kl",
     template_power: float = 1.0, prompt_dropout: float = 0.0, prompt_dropout_unit: str = "token",
+    average_last: int = 1,
 ) -> tuple[Edit, FitTrace]:
     """Fit one added vector per layer, with ``units`` also that many new MLP units per layer,
     with ``gates`` each layer's vector switched by its gate (see the module docstring).
@@ -282,6 +285,12 @@ def fit(
         prompt_dropout_unit: what ``prompt_dropout`` leaves out: "token" (the default) or "word"
             (a word's tokens together, as a rewording would: a token alone can split a word,
             "markdown" -> "mark").
+        average_last: the edit returned is the mean of the parameters (vectors, units) after
+            each of the last ``average_last`` steps (an integer in ``1..steps``; 1, the default:
+            the last step's). Each step reads new tables every ``refresh_every`` steps, and with
+            ``prompt_dropout`` new thinnings, so the last step's vectors carry that step's noise;
+            their mean over the last steps keeps where the steps hover instead (Polyak
+            averaging; the mean of vectors within the norm bound is within it).
     """
     import time
 
@@ -303,11 +312,13 @@ def fit(
         raise ValueError(f"prompt_dropout must lie in [0, 1), got {prompt_dropout!r}")
     if prompt_dropout and reweight:
         raise ValueError("prompt_dropout and reweight do not combine: the weights would compare two thinnings")
+    if not isinstance(average_last, int) or not 1 <= average_last <= steps:
+        raise ValueError(f"average_last must be an integer in 1..steps ({steps}), got {average_last!r}")
     if prompt_dropout_unit not in fields.THINNING_UNITS:
         raise ValueError(f"prompt_dropout_unit {prompt_dropout_unit!r} is not one of "
                          f"{', '.join(fields.THINNING_UNITS)}")
     options = _FitOptions(steps, lr, kl_weight, max_norm, refresh_every, reweight, lr_final, units, seed, batch,
-                          gates, loss, template_power, prompt_dropout, prompt_dropout_unit)
+                          gates, loss, template_power, prompt_dropout, prompt_dropout_unit, average_last)
     try:
         return _fit(model, _listed(contexts), targets, layers, unrelated, options, recontext, start)
     finally:
@@ -334,6 +345,7 @@ class _FitOptions:
     template_power: float = 1.0
     prompt_dropout: float = 0.0
     prompt_dropout_unit: str = "token"
+    average_last: int = 1
 
 
 def _listed(contexts: fields.Contexts | Sequence[fields.Contexts]) -> list[fields.Contexts]:
@@ -397,6 +409,7 @@ def _fit(
     refreshed, since, share, terms = [], 0, 1.0, torch.zeros(0)
     layout = _check_aligned(contexts, targets)
     thinning = torch.Generator().manual_seed(o.seed)  # the prompt dropout's draws
+    mean = _LastSteps(o.steps, o.average_last)
     offloaded = models.is_offloaded(model)  # then backward holds one layer's weights at a time
     for _step in tqdm(range(o.steps), desc="fit", unit="step", leave=False):
         if recontext is not None and _step and _due(since, o.refresh_every, share if o.reweight else None):
@@ -423,14 +436,48 @@ def _fit(
         opt.step()
         schedule.step()
         _bound(edit, o.max_norm, norms)
+        mean.add(_step, opt)
         target_kl.append(float(tkl.detach()))
         unrelated_kl.append(float(ukl.detach()))
         effective.append(fewest)
         log.info("fit step %d: target %s %.4f, unrelated KL %.5f, effective tables %.1f of %d", _step + 1,
                  o.loss.upper(), target_kl[-1], unrelated_kl[-1], effective[-1], _fewest_tables(contexts))
+    mean.put(opt)
     return edit.detached(), FitTrace(tuple(target_kl), tuple(unrelated_kl), time.perf_counter() - start,
                                      tuple(effective), tuple(refreshed), o.reweight, o.loss, o.template_power,
-                                     o.prompt_dropout, tuple(terms.tolist()), o.prompt_dropout_unit)
+                                     o.prompt_dropout, tuple(terms.tolist()), o.prompt_dropout_unit,
+                                     o.average_last)
+
+
+class _LastSteps:
+    """The running mean of the optimizer's parameters after each of the last ``last`` of
+    ``steps`` steps (:func:`fit`'s ``average_last``), put back into the parameters at the end."""
+
+    def __init__(self, steps: int, last: int) -> None:
+        self.first, self.count = steps - last, 0
+        self.mean: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def add(self, step: int, opt: torch.optim.Optimizer) -> None:
+        """Count the parameters after ``step`` (0-based) when it is one of the last."""
+        if step < self.first:
+            return
+        params = [p for group in opt.param_groups for p in group["params"]]
+        self.count += 1
+        if self.count == 1:
+            self.mean = [p.detach().clone() for p in params]
+            return
+        for m, p in zip(self.mean, params):
+            m.add_(p.detach() - m, alpha=1 / self.count)  # the running mean
+
+    @torch.no_grad()
+    def put(self, opt: torch.optim.Optimizer) -> None:
+        """Set the parameters to their mean over the steps counted (unchanged after one step)."""
+        if self.count <= 1:
+            return
+        params = [p for group in opt.param_groups for p in group["params"]]
+        for m, p in zip(self.mean, params):
+            p.copy_(m)
 
 
 class _KLWindows:

@@ -95,7 +95,7 @@ def render_markdown(report: "EditReport") -> str:
             parts.append(f"## {title}\n\n{len(t['target_kl'])} steps in {t['seconds']:.0f} s: target {term} (before "
                          f"each step) {t['target_kl'][0]:.4f} -> {t['target_kl'][-1]:.4f}{unit}, unrelated KL "
                          f"{t['unrelated_kl'][0]:.5f} -> {t['unrelated_kl'][-1]:.5f}." + _refresh_line(t)
-                         + _templates_line(t, report.fit_templates) + _dropout_line(t))
+                         + _templates_line(t, report.fit_templates) + _dropout_line(t) + _average_line(t))
     if report.gate:
         parts.append(gate_table(report.gate))
     if report.cell_norms:
@@ -203,6 +203,12 @@ def _dropout_line(trace: dict[str, Any]) -> str:
     unit = trace.get("prompt_dropout_unit") or "token"
     return (f" Each step read the templates after instructions with each {unit} left out with probability "
             f"{rate:g} (--prompt-dropout), drawn anew." if rate else "")
+
+
+def _average_line(trace: dict[str, Any]) -> str:
+    last = trace.get("average_last") or 1
+    return (f" The edit kept is the mean of the vectors after each of the last {last} steps (--average-last)."
+            if last > 1 else "")
 
 
 def plot_pareto(report: "EditReport", path: str | Path) -> Path:
