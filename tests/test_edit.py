@@ -746,7 +746,7 @@ def test_cli_gated_fit_reports_its_gates_and_saves_a_wider_mlp(digit_model_dir, 
     assert "## Gated fit" in text and "## Gates" in text and "target JS distance (before each step)" in text
     assert "combined by their power mean with exponent 2 (--template-power): people 0." in text
     assert "each word left out with probability 0.2 (--prompt-dropout)" in text
-    assert "the mean of the vectors after each of the last 2 steps (--average-last)" in text
+    assert "the mean of the fitted parameters after each of the last 2 steps (--average-last)" in text
     folded = AutoModelForCausalLM.from_pretrained(out / "model")
     assert folded.config.intermediate_size == base + 2 and folded.config.mlp_bias
 

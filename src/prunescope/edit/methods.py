@@ -10,11 +10,10 @@
   report measures in place of each field's KL, :func:`js_to`; with ``template_power`` above 1
   a power mean that weighs the farthest templates more, :func:`power_mean`; with
   ``prompt_dropout`` each step reads them after instructions thinned out anew, token by token
-  or word by word,
-  :func:`~prunescope.edit.fields.with_thinned_instruction`; with ``average_last`` the edit
-  kept is the mean of the last steps' parameters). The marginals are read on contexts
-  recorded from tables the edited model wrote, re-recorded every few steps; with
-  ``reweight`` also importance-weighted by how much likelier the edit so far makes them
+  or word by word, :func:`~prunescope.edit.fields.with_thinned_instruction`; with
+  ``average_last`` the edit kept is the mean of the last steps' parameters). The marginals are
+  read on contexts recorded from tables the edited model wrote, re-recorded every few steps;
+  with ``reweight`` also importance-weighted by how much likelier the edit so far makes them
   (re-recorded as soon as the weights degenerate).
 * ``units``: the same fit with ``k`` new units per chosen layer's gated MLP beside each vector
   (:class:`~prunescope.edit.hooks.Units`, gate and up rows drawn like the layer's own, down

@@ -207,7 +207,8 @@ def _dropout_line(trace: dict[str, Any]) -> str:
 
 def _average_line(trace: dict[str, Any]) -> str:
     last = trace.get("average_last") or 1
-    return (f" The edit kept is the mean of the vectors after each of the last {last} steps (--average-last)."
+    return (f" The edit kept is the mean of the fitted parameters after each of the last {last} steps "
+            f"(--average-last)."
             if last > 1 else "")
 
 
