@@ -798,14 +798,14 @@ def test_cli_template_power_and_prompt_dropout_default_to_off_and_name_what_is_v
     assert _config(parser.parse_args(base + ["--prompt-dropout-unit", "word"])).prompt_dropout_unit == "word"
     with pytest.raises(PrunescopeError, match="prompt-dropout-unit must be token or word, got 'line'"):
         dataclasses.replace(_config(parser.parse_args(base)), prompt_dropout_unit="line")
-    # the command lists its choices as literals (it imports no torch to parse): they must be the library's
-    sub = parser._subparsers._group_actions[0].choices["edit"]
-    choices = {a.dest: tuple(a.choices) for a in sub._actions if a.choices}
     assert _config(parser.parse_args(base)).average_last == 1
     assert _config(parser.parse_args(base + ["--average-last", "30"])).average_last == 30
     for bad in ("0", "31"):
         with pytest.raises(PrunescopeError, match=rf"average-last must be an integer from 1 .* \(30\), got {bad}"):
             _config(parser.parse_args(base + ["--average-last", bad]))
+    # the command lists its choices as literals (it imports no torch to parse): they must be the library's
+    sub = parser._subparsers._group_actions[0].choices["edit"]
+    choices = {a.dest: tuple(a.choices) for a in sub._actions if a.choices}
     assert choices["fit_loss"] == tuple(methods.TARGET_LOSSES)
     assert choices["prompt_dropout_unit"] == fields.THINNING_UNITS
 
@@ -1395,7 +1395,6 @@ def test_cell_norms_are_the_direct_forward_passes_norms(dtok, people):
     cell over the median over its table's positions == what ``output_hidden_states`` of a plain
     forward pass over the prompt and each suffix gives (hidden_states[i] enters layer i), with
     suffixes of different lengths (the batch's pads left out)."""
-
     model = digit_model(dtok, seed=1)
     contexts = fields.record_contexts(model, dtok, people, _targets(people, "Gender=uniform", "Age.digit1=uniform:2-6"),
                                       rows=1, tables=4, seed=3)
