@@ -408,7 +408,7 @@ def _fit(
     refreshed, since, share, terms = [], 0, 1.0, torch.zeros(0)
     layout = _check_aligned(contexts, targets)
     thinning = torch.Generator().manual_seed(o.seed)  # the prompt dropout's draws
-    mean = _LastSteps(o.steps, o.average_last)
+    mean = _LastSteps([p for group in groups for p in group["params"]], o.steps, o.average_last)
     offloaded = models.is_offloaded(model)  # then backward holds one layer's weights at a time
     for _step in tqdm(range(o.steps), desc="fit", unit="step", leave=False):
         if recontext is not None and _step and _due(since, o.refresh_every, share if o.reweight else None):
@@ -435,13 +435,13 @@ def _fit(
         opt.step()
         schedule.step()
         _bound(edit, o.max_norm, norms)
-        mean.add(_step, opt)
+        mean.add(_step)
         target_kl.append(float(tkl.detach()))
         unrelated_kl.append(float(ukl.detach()))
         effective.append(fewest)
         log.info("fit step %d: target %s %.4f, unrelated KL %.5f, effective tables %.1f of %d", _step + 1,
                  o.loss.upper(), target_kl[-1], unrelated_kl[-1], effective[-1], _fewest_tables(contexts))
-    mean.put(opt)
+    mean.put()
     return edit.detached(), FitTrace(tuple(target_kl), tuple(unrelated_kl), time.perf_counter() - start,
                                      tuple(effective), tuple(refreshed), o.reweight, o.loss, o.template_power,
                                      o.prompt_dropout, tuple(terms.tolist()), o.prompt_dropout_unit,
@@ -449,33 +449,31 @@ def _fit(
 
 
 class _LastSteps:
-    """The running mean of the optimizer's parameters after each of the last ``last`` of
-    ``steps`` steps (:func:`fit`'s ``average_last``), put back into the parameters at the end."""
+    """The running mean of the fitted ``params`` after each of the last ``last`` of ``steps``
+    steps (:func:`fit`'s ``average_last``), put back into them at the end."""
 
-    def __init__(self, steps: int, last: int) -> None:
-        self.first, self.count = steps - last, 0
+    def __init__(self, params: list[torch.Tensor], steps: int, last: int) -> None:
+        self.params, self.first, self.count = params, steps - last, 0
         self.mean: list[torch.Tensor] = []
 
     @torch.no_grad()
-    def add(self, step: int, opt: torch.optim.Optimizer) -> None:
+    def add(self, step: int) -> None:
         """Count the parameters after ``step`` (0-based) when it is one of the last."""
         if step < self.first:
             return
-        params = [p for group in opt.param_groups for p in group["params"]]
         self.count += 1
         if self.count == 1:
-            self.mean = [p.detach().clone() for p in params]
+            self.mean = [p.detach().clone() for p in self.params]
             return
-        for m, p in zip(self.mean, params):
+        for m, p in zip(self.mean, self.params):
             m.add_(p.detach() - m, alpha=1 / self.count)  # the running mean
 
     @torch.no_grad()
-    def put(self, opt: torch.optim.Optimizer) -> None:
+    def put(self) -> None:
         """Set the parameters to their mean over the steps counted (unchanged after one step)."""
         if self.count <= 1:
             return
-        params = [p for group in opt.param_groups for p in group["params"]]
-        for m, p in zip(self.mean, params):
+        for m, p in zip(self.mean, self.params):
             p.copy_(m)
 
 
