@@ -760,6 +760,24 @@ def test_cli_reweighting_is_off_unless_asked_for():
     assert _config(parser.parse_args(base + ["--reweight"])).reweight
 
 
+def test_cli_help_example_is_a_valid_command_of_the_recipe_the_readme_measures(capsys):
+    """The example in ``edit --help`` parses into the configuration of the README's gated runs
+    (so a renamed or removed option breaks this test, not a user's copy of the example)."""
+    import shlex
+
+    from prunescope.commands.edit import _config
+
+    with pytest.raises(SystemExit):
+        cli.main(["edit", "--help"])
+    text = capsys.readouterr().out
+    command = text[text.index("  prunescope edit "):].split("\n\n")[0].replace("\\\n", " ")
+    config = _config(cli.build_parser().parse_args(shlex.split(command)[1:]))
+    assert config.kinds == ("gated",) and config.holds == ("Age.digit2", "Age.digit3")
+    assert (config.steps, config.fit_tables, config.fit_loss) == (120, 48, "js")
+    assert (config.prompt_dropout, config.average_last, config.match_ppl) == (0.15, 30, (1.0, 2.0))
+    assert config.targets == ("Age.digit1=uniform:2-6", "Gender=Male:0.5,Female:0.5")
+
+
 def test_cli_fit_loss_is_kl_unless_asked_for_and_names_what_is_valid(capsys):
     from prunescope.commands.edit import _config
     from prunescope.errors import PrunescopeError

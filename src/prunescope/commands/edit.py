@@ -10,6 +10,37 @@ from prunescope import cli
 
 log = logging.getLogger(__name__)
 
+_DESCRIPTION = """\
+Measure the exact per-row distributions of a table template's fields (as 'prunescope probe'
+does), build edits that move chosen fields towards a target distribution, and measure each edit
+on the same footing: the target distance on the fitted rows, on held-out rewordings of the
+template and on later rows; perplexity, KL and top-1 agreement against the original on unrelated
+text; the change of the fields no target names. Kinds: fit (vectors added to the residual
+stream, optimized on the exact distributions), units (the fit with new MLP units beside each
+vector: a change that depends on the hidden state, saved by widening the MLP), gated (the fit
+with each vector switched by a gate read from the hidden state: a linear classifier of the MLP's
+input, trained first on the fit's tables against unrelated text, opens the vector on tables and
+shuts it on text; saved as two new MLP units per layer), caa (contrastive mean difference),
+ablate (a direction projected out of what the layers write), weight / weight-null (rank-one
+down_proj edits writing the fitted vectors: ROME-style, and AlphaEdit-style in the null space of
+unrelated keys). Writes report.json, report.md, pareto.png, cell-norms.png and, with --save, the
+edited model as a plain Hugging Face folder (vectors folded into biases and weights, units and
+gated vectors into a wider MLP). With --offload the weights stay on disk: each module's are read
+while it runs, and the fit runs every decoder layer again in its backward pass so that it holds
+one layer's weights at a time.
+
+Example: on the bundled model, the gated fit that brings row 1's ages (tens digit uniform over
+2-6) and genders (50/50) under 0.05 Jensen-Shannon distance on held-out rewordings, with
+WikiText-2 perplexity within 0.01% (four seeds: 0.037-0.043; about half an hour on 2 cores):
+
+  prunescope edit --target Age.digit1=uniform:2-6 --target Gender=Male:0.5,Female:0.5 \\
+      --method gated --hold Age.digit2 --hold Age.digit3 --layers 9-13 --fit-tables 48 \\
+      --fit-loss js --steps 120 --prompt-dropout 0.15 --average-last 30 --match-ppl 1,2 \\
+      --eval-text WIKITEXT2_TEST.txt --out runs/gated
+
+The defaults (the vector fit, 30 steps) run in minutes and stop farther away (README).
+"""
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``edit`` subcommand."""
@@ -17,23 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "edit",
         help="edit hidden outputs (steering vectors, ablated directions) or weights to move the "
         "values a model writes into random tables towards a target, and measure the side effects",
-        description="Measure the exact per-row distributions of a table template's fields (as "
-        "'prunescope probe' does), build edits that move chosen fields towards a target distribution, "
-        "and measure each edit on the same footing: the target distance on the fitted rows, on held-out "
-        "rewordings of the template and on later rows; perplexity, KL and top-1 agreement against the "
-        "original on unrelated text; the change of the fields no target names. Kinds: fit (vectors "
-        "added to the residual stream, optimized on the exact distributions), units (the fit with "
-        "new MLP units beside each vector: a change that depends on the hidden state, saved by widening the "
-        "MLP), gated (the fit with each vector switched by a gate read from the hidden state: a linear "
-        "classifier of the MLP's input, trained first on the fit's tables against unrelated text, opens "
-        "the vector on tables and shuts it on text; saved as two new MLP units per layer), caa (contrastive mean "
-        "difference), ablate (a direction projected out of what the layers write), weight / weight-null "
-        "(rank-one down_proj edits writing the fitted vectors: ROME-style, and AlphaEdit-style in the "
-        "null space of unrelated keys). Writes report.json, report.md, pareto.png, cell-norms.png and, with --save, the "
-        "edited model as a plain Hugging Face folder (vectors folded into biases and weights, units and "
-        "gated vectors into a wider MLP). With --offload the weights stay on disk: each module's are read "
-        "while it runs, and the fit runs every decoder layer again in its backward pass so that it holds one "
-        "layer's weights at a time.",
+        description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cli.add_model_argument(parser)
     parser.add_argument("--template", default="people", help="built-in 'people' (default) or a YAML/JSON file")
