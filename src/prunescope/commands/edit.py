@@ -38,7 +38,9 @@ WikiText-2 perplexity within 0.01% (four seeds: 0.037-0.043; about half an hour 
       --fit-loss js --steps 120 --prompt-dropout 0.15 --average-last 30 --match-ppl 1,2 \\
       --eval-text WIKITEXT2_TEST.txt --out runs/gated
 
-The defaults (the vector fit, 30 steps) run in minutes and stop farther away (README).
+WIKITEXT2_TEST.txt is WikiText-2's test split as plain text (without --eval-text the perplexity is
+read on the bundled text). The defaults (the vector fit, 30 steps) run in minutes and stop
+farther away (README).
 """
 
 
